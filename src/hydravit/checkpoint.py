@@ -1,0 +1,128 @@
+"""Safe, atomic checkpoint files.
+
+Weights live in safetensors files whose metadata carries the model's :class:`HydraViTConfig`, so a
+checkpoint rebuilds its model without any code object. Legacy ``.pth`` files are read with
+``torch.load(weights_only=True)`` only: nothing is ever unpickled beyond tensors and plain types.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from .model import HydraViT, HydraViTConfig
+
+__all__ = [
+    'CheckpointError', 'atomic_write', 'save_model', 'load_model', 'load_state_dict_file', 'read_metadata',
+]
+
+PathLike = Union[str, os.PathLike]
+CONFIG_KEY = 'hydravit_config'
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read safely or does not describe a HydraViT."""
+
+
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` then rename over ``path``: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, 'rb') as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_model(path: PathLike, model: HydraViT, metadata: Optional[Mapping[str, str]] = None) -> Path:
+    """Write ``model``'s weights and config to a self-describing safetensors file, atomically."""
+    meta = {CONFIG_KEY: json.dumps(model.config.to_dict()), 'format': 'pt', **(metadata or {})}
+    state = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
+    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+
+
+def read_metadata(path: PathLike) -> Dict[str, str]:
+    """The string metadata of a safetensors file ({} if it has none)."""
+    try:
+        with safe_open(str(path), framework='pt') as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f'{path}: not a readable safetensors file ({e})') from e
+
+
+def load_state_dict_file(path: PathLike, map_location: str = 'cpu') -> Dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file, or of a ``.pth``/``.pt``/``.bin`` file loaded weights-only.
+
+    A torch file holding a dict under ``state_dict``, ``model`` or ``state_dict_ema`` is unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'checkpoint {path} does not exist')
+    if path.suffix == '.safetensors':
+        try:
+            return load_file(str(path), device=map_location)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f'{path}: not a readable safetensors file ({e})') from e
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f'{path} holds Python objects other than tensors and plain containers; refusing to unpickle it. '
+            'Re-save it as a state dict of tensors or as .safetensors') from e
+    except (RuntimeError, EOFError) as e:
+        raise CheckpointError(f'{path}: not a readable torch checkpoint ({e})') from e
+    if isinstance(obj, Mapping):
+        for key in ('state_dict', 'model', 'state_dict_ema'):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f'{path} is not a state dict: expected a mapping of parameter names to tensors')
+    return {str(k).removeprefix('module.'): v for k, v in obj.items()}
+
+
+def load_model(path: PathLike, map_location: str = 'cpu', **overrides: Any) -> HydraViT:
+    """Rebuild a HydraViT from a checkpoint written by :func:`save_model` (config in its metadata).
+
+    ``overrides`` change non-architectural settings, e.g. ``drop_path_rate`` or a wider ``k_choices``.
+    """
+    config, state = load_config_and_state(path, map_location)
+    model = HydraViT(**{**config.to_dict(), **overrides})
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f'{path}: weights do not match the config stored with them ({e})') from e
+    return model
+
+
+def load_config_and_state(path: PathLike, map_location: str = 'cpu') -> Tuple[HydraViTConfig, Dict[str, torch.Tensor]]:
+    """The :class:`HydraViTConfig` and tensors stored in a HydraViT checkpoint file."""
+    path = Path(path)
+    if path.suffix != '.safetensors':
+        raise CheckpointError(
+            f'{path}: HydraViT checkpoints are .safetensors files with the model config in their metadata; '
+            'to start from a timm ViT/DeiT state dict use hydravit.subnet.init_from_vit')
+    meta = read_metadata(path)
+    if CONFIG_KEY not in meta:
+        raise CheckpointError(
+            f'{path} has no {CONFIG_KEY!r} metadata: it is not a HydraViT checkpoint '
+            '(a timm ViT/DeiT state dict can initialise one through hydravit.subnet.init_from_vit)')
+    try:
+        config = HydraViTConfig(**json.loads(meta[CONFIG_KEY]))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f'{path}: invalid model config in metadata ({e})') from e
+    return config, load_state_dict_file(path, map_location)

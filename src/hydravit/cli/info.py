@@ -1,0 +1,43 @@
+"""``hydravit info``: the shape, size and cost of every subnetwork of a model."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import timm
+
+from ..costs import cost_table
+from ..registry import create_model_or_load
+
+COLUMNS = ('k', 'embed_dim', 'num_heads', 'mlp_hidden', 'params_m', 'gmacs')
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser('info', help='per-k embed width, heads, MLP width, params and GMACs',
+                       description='Print one row per subnetwork k: embed_dim, num_heads, mlp_hidden, '
+                                   'params (M) and GMACs (analytic, per image).')
+    src = p.add_mutually_exclusive_group()
+    src.add_argument('--model', default='hydravit_base_patch16_224',
+                     help='registered model name (see --list); default: %(default)s')
+    src.add_argument('--checkpoint', help='a HydraViT .safetensors checkpoint instead of a model name')
+    p.add_argument('--k', nargs='+', type=int, help='subnetworks to list (default: the model\'s k choices)')
+    p.add_argument('--format', choices=('table', 'json'), default='table')
+    p.add_argument('--list', action='store_true', help='list the registered HydraViT models and exit')
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list:
+        print('\n'.join(timm.list_models('hydravit_*')))
+        return 0
+    model = create_model_or_load(model_name=args.model, checkpoint=args.checkpoint)
+    ks = [model.resolve_k(k) for k in args.k] if args.k else None
+    rows = [c.to_dict() for c in cost_table(model.config, ks)]
+    if args.format == 'json':
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f'{"k":>3} {"embed_dim":>9} {"num_heads":>9} {"mlp_hidden":>10} {"params (M)":>11} {"GMACs":>8}')
+    for r in rows:
+        print(f'{r["k"]:>3} {r["embed_dim"]:>9} {r["num_heads"]:>9} {r["mlp_hidden"]:>10} '
+              f'{r["params"] / 1e6:>11.3f} {r["macs"] / 1e9:>8.3f}')
+    return 0

@@ -1,0 +1,65 @@
+"""Analytic size and cost of every subnetwork (SPEC §4): exact parameter counts and MACs per image.
+
+FLOP counters miss fused attention, so the formula is the reference and a counter only a cross-check.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Dict, Iterable, List, Optional
+
+from .model import HydraViTConfig, mlp_hidden_dim
+
+__all__ = ['SubnetCost', 'subnet_cost', 'cost_table']
+
+
+@dataclass(frozen=True)
+class SubnetCost:
+    k: int
+    embed_dim: int
+    num_heads: int
+    mlp_hidden: int
+    params: int
+    macs: int
+
+    @property
+    def params_m(self) -> float:
+        return self.params / 1e6
+
+    @property
+    def gmacs(self) -> float:
+        return self.macs / 1e9
+
+    def to_dict(self) -> Dict[str, float]:
+        return {**asdict(self), 'params_m': round(self.params_m, 3), 'gmacs': round(self.gmacs, 3)}
+
+
+def _params(cfg: HydraViTConfig, d: int, hidden: int) -> int:
+    patch = cfg.in_chans * cfg.patch_size ** 2 * d + d
+    tokens = cfg.num_tokens * d + (d if cfg.class_token else 0)
+    qkv_bias = 3 * d if cfg.qkv_bias else 0
+    block = 4 * d + (3 * d * d + qkv_bias) + (d * d + d) + (hidden * d + hidden) + (hidden * d + d)
+    final_norm = 2 * d
+    head = d * cfg.num_classes + cfg.num_classes if cfg.num_classes > 0 else 0
+    return patch + tokens + cfg.depth * block + final_norm + head
+
+
+def _macs(cfg: HydraViTConfig, d: int, hidden: int) -> int:
+    n = cfg.num_tokens
+    patch = cfg.in_chans * cfg.patch_size ** 2 * d * cfg.num_patches
+    block = 4 * n * d * d + 2 * n * hidden * d + 2 * n * n * d  # qkv+proj, MLP, q@k^T and attn@v
+    return patch + cfg.depth * block + cfg.num_classes * d
+
+
+def subnet_cost(cfg: HydraViTConfig, k: int) -> SubnetCost:
+    """Parameters and MACs of the standalone ViT equal to subnetwork ``k`` (1 MAC = multiply + add)."""
+    if not 1 <= k <= cfg.num_heads:
+        raise ValueError(f'k={k} outside 1..{cfg.num_heads}')
+    d = k * cfg.head_dim
+    hidden = mlp_hidden_dim(d, cfg.mlp_ratio)
+    return SubnetCost(k=k, embed_dim=d, num_heads=k, mlp_hidden=hidden,
+                      params=_params(cfg, d, hidden), macs=_macs(cfg, d, hidden))
+
+
+def cost_table(cfg: HydraViTConfig, ks: Optional[Iterable[int]] = None) -> List[SubnetCost]:
+    """One :class:`SubnetCost` per k (default: the model's ``k_choices``)."""
+    return [subnet_cost(cfg, k) for k in (cfg.k_choices if ks is None else ks)]

@@ -1,0 +1,197 @@
+"""Subnetworks as data: pure functions between HydraViT and timm ``VisionTransformer`` state dicts.
+
+``subnet_state_dict`` cuts subnetwork k out of a universal state dict (SPEC §2); ``inflate_state_dict``
+goes the other way and writes a smaller (or equal-width) timm ViT into the leading slices.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Dict, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
+
+from .model import HydraViT, HydraViTConfig, SubnetShape, mlp_hidden_dim
+
+__all__ = [
+    'subnet_state_dict', 'subnet_vit_kwargs', 'extract_subnet', 'inflate_state_dict', 'init_from_vit',
+    'CheckpointMismatchError',
+]
+
+StateDict = Dict[str, torch.Tensor]
+
+
+class CheckpointMismatchError(ValueError):
+    """A state dict that does not fit the architecture it is loaded into."""
+
+
+def _shape_of(state_dict: Mapping[str, torch.Tensor], k: int, head_dim: int,
+              mlp_ratio: Optional[float]) -> SubnetShape:
+    full_dim = state_dict['patch_embed.proj.weight'].shape[0]
+    if full_dim % head_dim:
+        raise CheckpointMismatchError(f'embedding width {full_dim} is not a multiple of head_dim {head_dim}')
+    num_heads = full_dim // head_dim
+    if not 1 <= k <= num_heads:
+        raise ValueError(f'k={k} outside 1..{num_heads} for a state dict with {num_heads} heads of {head_dim}')
+    if mlp_ratio is None:
+        mlp_ratio = state_dict['blocks.0.mlp.fc1.weight'].shape[0] / full_dim
+    dim = k * head_dim
+    return SubnetShape(k=k, embed_dim=dim, num_heads=k, mlp_hidden=mlp_hidden_dim(dim, mlp_ratio))
+
+
+def _slice_rules(shape: SubnetShape, full_dim: int) -> Dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """Parameter-name pattern -> slicing of that tensor for subnetwork ``shape`` (SPEC §2)."""
+    d, h = shape.embed_dim, shape.mlp_hidden
+    return {
+        r'patch_embed\.proj\.(weight|bias)': lambda t: t[:d],
+        r'(cls_token|pos_embed)': lambda t: t[..., :d],
+        r'(blocks\.\d+\.norm[12]|norm|fc_norm)\.(weight|bias)': lambda t: t[:d],
+        r'blocks\.\d+\.attn\.qkv\.weight': lambda t: t.view(3, full_dim, full_dim)[:, :d, :d].reshape(3 * d, d),
+        r'blocks\.\d+\.attn\.qkv\.bias': lambda t: t.view(3, full_dim)[:, :d].reshape(3 * d),
+        r'blocks\.\d+\.attn\.proj\.weight': lambda t: t[:d, :d],
+        r'blocks\.\d+\.(attn\.proj|mlp\.fc2)\.bias': lambda t: t[:d],
+        r'blocks\.\d+\.mlp\.fc1\.weight': lambda t: t[:h, :d],
+        r'blocks\.\d+\.mlp\.fc1\.bias': lambda t: t[:h],
+        r'blocks\.\d+\.mlp\.fc2\.weight': lambda t: t[:d, :h],
+        r'head\.weight': lambda t: t[:, :d],
+        r'head\.bias': lambda t: t,
+    }
+
+
+def subnet_state_dict(
+        state_dict: Mapping[str, torch.Tensor],
+        k: int,
+        *,
+        head_dim: int,
+        mlp_ratio: Optional[float] = None,
+) -> StateDict:
+    """The tensors of subnetwork ``k`` (contiguous copies), named as timm's ``VisionTransformer``.
+
+    A model built with ``embed_dim=k*head_dim, num_heads=k`` loads the result with ``strict=True``.
+    Separate per-k classifiers (``heads.<k>.*``) become ``head.*``.
+    """
+    shape = _shape_of(state_dict, k, head_dim, mlp_ratio)
+    full_dim = state_dict['patch_embed.proj.weight'].shape[0]
+    rules = [(re.compile(p), fn) for p, fn in _slice_rules(shape, full_dim).items()]
+    out: StateDict = {}
+    for name, tensor in state_dict.items():
+        separate = re.fullmatch(r'heads\.(\d+)\.(weight|bias)', name)
+        if separate:
+            if int(separate.group(1)) == k:
+                out[f'head.{separate.group(2)}'] = tensor.detach().clone().contiguous()
+            continue
+        fn = next((fn for pattern, fn in rules if pattern.fullmatch(name)), None)
+        if fn is None:
+            raise CheckpointMismatchError(
+                f'unexpected tensor {name!r}: not a parameter of a HydraViT / timm VisionTransformer')
+        out[name] = fn(tensor.detach()).clone().contiguous()
+    return out
+
+
+def subnet_vit_kwargs(config: HydraViTConfig, k: int) -> Dict[str, object]:
+    """Constructor arguments of the standalone timm ``VisionTransformer`` equal to subnetwork ``k``."""
+    return dict(
+        img_size=config.img_size, patch_size=config.patch_size, in_chans=config.in_chans,
+        num_classes=config.num_classes, global_pool=config.global_pool, embed_dim=k * config.head_dim,
+        depth=config.depth, num_heads=k, mlp_ratio=config.mlp_ratio, qkv_bias=config.qkv_bias,
+        class_token=config.class_token, drop_rate=config.drop_rate, pos_drop_rate=config.pos_drop_rate,
+        attn_drop_rate=config.attn_drop_rate, proj_drop_rate=config.proj_drop_rate,
+    )
+
+
+def extract_subnet(model: HydraViT, k: int) -> VisionTransformer:
+    """Subnetwork ``k`` as an ordinary timm ``VisionTransformer`` in eval mode (weights copied)."""
+    k = model.resolve_k(k)
+    vit = VisionTransformer(**subnet_vit_kwargs(model.config, k))
+    sd = subnet_state_dict(model.state_dict(), k, head_dim=model.config.head_dim,
+                           mlp_ratio=model.config.mlp_ratio)
+    vit.load_state_dict(sd, strict=True)
+    if hasattr(model, 'pretrained_cfg'):
+        vit.pretrained_cfg = dict(model.pretrained_cfg)
+    return vit.to(next(model.parameters()).device).eval()
+
+
+def _leading_slice(dst: torch.Tensor, src: torch.Tensor, name: str) -> torch.Tensor:
+    """Index of ``dst`` that ``src`` occupies: the leading block of every dimension."""
+    if dst.ndim != src.ndim or any(s > t for s, t in zip(src.shape, dst.shape)):
+        raise CheckpointMismatchError(
+            f'{name}: source shape {tuple(src.shape)} does not fit into target shape {tuple(dst.shape)}')
+    return dst[tuple(slice(0, s) for s in src.shape)]
+
+
+def inflate_state_dict(
+        source: Mapping[str, torch.Tensor],
+        target: Mapping[str, torch.Tensor],
+        *,
+        head_dim: int,
+        ignore_head: bool = False,
+) -> StateDict:
+    """``target`` with a narrower or equal-width ViT's tensors written into its leading slices.
+
+    q/k/v blocks each go into their own block, so subnetwork ``D_src/head_dim`` of the result *is*
+    the source model. Tensors the source lacks keep their target values.
+    """
+    src_dim, dst_dim = source['patch_embed.proj.weight'].shape[0], target['patch_embed.proj.weight'].shape[0]
+    _check_compatible(source, target, head_dim, src_dim, dst_dim, ignore_head)
+    out = {name: t.detach().clone() for name, t in target.items()}
+    for name, src in source.items():
+        if name.startswith('head.') and ignore_head:
+            continue
+        if name not in out:
+            raise CheckpointMismatchError(f'source tensor {name!r} has no counterpart in the HydraViT')
+        dst = out[name]
+        if name.endswith('attn.qkv.weight'):
+            dst.view(3, dst_dim, dst_dim)[:, :src_dim, :src_dim].copy_(src.view(3, src_dim, src_dim))
+        elif name.endswith('attn.qkv.bias'):
+            dst.view(3, dst_dim)[:, :src_dim].copy_(src.view(3, src_dim))
+        else:
+            _leading_slice(dst, src, name).copy_(src)
+    return out
+
+
+def _check_compatible(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], head_dim: int,
+                      src_dim: int, dst_dim: int, ignore_head: bool) -> None:
+    def depth(sd: Mapping[str, torch.Tensor]) -> int:
+        return len({n.split('.')[1] for n in sd if n.startswith('blocks.')})
+
+    if src_dim > dst_dim or src_dim % head_dim:
+        raise CheckpointMismatchError(
+            f'source width {src_dim} must be a multiple of head_dim {head_dim} and at most {dst_dim}')
+    if depth(source) != depth(target):
+        raise CheckpointMismatchError(f'depth mismatch: source has {depth(source)} blocks, HydraViT {depth(target)}')
+    src_patch, dst_patch = source['patch_embed.proj.weight'].shape[1:], target['patch_embed.proj.weight'].shape[1:]
+    if src_patch != dst_patch:
+        raise CheckpointMismatchError(
+            f'patch embedding mismatch: source (in_chans, p, p) = {tuple(src_patch)}, HydraViT {tuple(dst_patch)}')
+    if 'pos_embed' in source and source['pos_embed'].shape[1] != target['pos_embed'].shape[1]:
+        raise CheckpointMismatchError(
+            f"token count mismatch: source pos_embed has {source['pos_embed'].shape[1]} tokens, "
+            f"HydraViT {target['pos_embed'].shape[1]} (different image size or class token)")
+    if not ignore_head and 'head.weight' in source and 'head.weight' in target \
+            and source['head.weight'].shape[0] != target['head.weight'].shape[0]:
+        raise CheckpointMismatchError(
+            f"classifier mismatch: source has {source['head.weight'].shape[0]} classes, HydraViT "
+            f"{target['head.weight'].shape[0]}; pass ignore_head=True to keep the HydraViT's head")
+
+
+def init_from_vit(model: HydraViT, source: Union[nn.Module, Mapping[str, torch.Tensor]], *,
+                  ignore_head: bool = False) -> HydraViT:
+    """Initialise ``model`` in place from a timm ViT/DeiT (model or state dict) of the same head size.
+
+    DeiT-Ti into ``hydravit_base_patch16_224`` makes subnetwork k=3 equal to DeiT-Ti at step 0.
+    """
+    if isinstance(source, nn.Module):
+        attn = getattr(source.blocks[0], 'attn', None) if hasattr(source, 'blocks') else None
+        if attn is None or not hasattr(attn, 'head_dim'):
+            raise CheckpointMismatchError(f'{type(source).__name__} is not a timm VisionTransformer')
+        if attn.head_dim != model.config.head_dim:
+            raise CheckpointMismatchError(
+                f'head_dim mismatch: source heads have {attn.head_dim} channels, HydraViT {model.config.head_dim}')
+        source = source.state_dict()
+    if model.config.separate_heads and not ignore_head and 'head.weight' in source:
+        k_source = source['patch_embed.proj.weight'].shape[0] // model.config.head_dim
+        source = {(f'heads.{k_source}.{n[5:]}' if n.startswith('head.') else n): t for n, t in source.items()}
+    state = inflate_state_dict(source, model.state_dict(), head_dim=model.config.head_dim, ignore_head=ignore_head)
+    model.load_state_dict(state, strict=True)
+    return model
