@@ -1,0 +1,143 @@
+"""Accuracy of every subnetwork k of one universal model: top-1, top-5 and loss per k.
+
+The same rows serve the trainer (validation each epoch), ``hydravit eval`` and the report, so their
+keys follow timm's ``validate.py`` (``top1``, ``top1_err``, ``top5``, ``top5_err``; percentages).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Literal, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .costs import subnet_cost
+from .model import HydraViT, HydraViTConfig
+from .subnet import extract_subnet
+
+__all__ = ['evaluate_subnets', 'add_costs', 'label_map', 'EVAL_MODES']
+
+EVAL_MODES = ('sliced', 'extracted')
+Mode = Literal['sliced', 'extracted']
+
+
+@dataclass
+class _Tally:
+    """Running sums for one k; percentages only at the end so batches of any size weigh correctly."""
+    correct1: int = 0
+    correct5: int = 0
+    loss_sum: float = 0.0
+    count: int = 0
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        logits = logits.float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top.eq(target[:, None])
+        self.correct1 += int(hits[:, 0].sum())
+        self.correct5 += int(hits.any(dim=1).sum())
+        self.loss_sum += float(F.cross_entropy(logits, target, reduction='sum'))
+        self.count += target.shape[0]
+
+    def row(self, k: int) -> Dict[str, float]:
+        if self.count == 0:
+            raise ValueError('the evaluation loader yielded no samples')
+        top1, top5 = 100.0 * self.correct1 / self.count, 100.0 * self.correct5 / self.count
+        return dict(k=k, top1=top1, top1_err=100.0 - top1, top5=top5, top5_err=100.0 - top5,
+                    loss=self.loss_sum / self.count, num_samples=self.count)
+
+
+def label_map(class_indices: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Full-class label -> position in ``class_indices`` (-1 where absent), for logits restricted to them."""
+    indices = [int(i) for i in class_indices]
+    bad = [i for i in indices if not 0 <= i < num_classes]
+    if bad:
+        raise ValueError(f'class_indices {bad[:5]} outside 0..{num_classes - 1} (the model has {num_classes} classes)')
+    if len(set(indices)) != len(indices):
+        raise ValueError('class_indices contains duplicates')
+    mapping = torch.full((num_classes,), -1, dtype=torch.long)
+    mapping[torch.tensor(indices, dtype=torch.long)] = torch.arange(len(indices))
+    return mapping
+
+
+def _subnet_fns(model: HydraViT, ks: Sequence[int], mode: Mode) -> Iterable[tuple]:
+    """(k, forward function) pairs; extracted subnets are built one at a time to bound memory."""
+    for k in ks:
+        if mode == 'extracted':
+            yield k, extract_subnet(model, k)
+        else:
+            yield k, (lambda x, k=k: model(x, k=k))
+
+
+def _batches(loader: Iterable, device: torch.device, mapping: Optional[torch.Tensor]) -> Iterable[tuple]:
+    for batch in loader:
+        images, target = batch[0], batch[1]
+        images, target = images.to(device, non_blocking=True), torch.as_tensor(target).to(device)
+        if mapping is not None:
+            target = mapping[target]
+            if bool((target < 0).any()):
+                raise ValueError('a label is not among class_indices: the dataset holds classes the '
+                                 'restricted evaluation does not score')
+        yield images, target
+
+
+def evaluate_subnets(
+        model: HydraViT,
+        loader: Iterable,
+        ks: Optional[Sequence[int]] = None,
+        *,
+        device: str | torch.device = 'cpu',
+        amp_dtype: Optional[torch.dtype] = None,
+        class_indices: Optional[Sequence[int]] = None,
+        mode: Mode = 'sliced',
+) -> List[Dict[str, float]]:
+    """One row per k: ``k, top1, top1_err, top5, top5_err, loss, num_samples`` (percentages).
+
+    ``mode='extracted'`` scores the standalone timm ViT of each k instead of the sliced model (they
+    agree; this is the check). ``class_indices`` restricts the logits to those classes (ImageNet-R/-A
+    style test sets); labels stay indices into the full class list. With fewer than 5 classes "top5"
+    is top-C. Sliced mode reads the loader once for all k.
+    """
+    if mode not in EVAL_MODES:
+        raise ValueError(f'mode must be one of {EVAL_MODES}, got {mode!r}')
+    ks = [model.resolve_k(k) for k in (model.k_choices if ks is None else ks)]
+    if not ks:
+        raise ValueError('no k to evaluate')
+    device = torch.device(device)
+    mapping = label_map(class_indices, model.num_classes).to(device) if class_indices is not None else None
+    columns = torch.as_tensor(list(class_indices), dtype=torch.long, device=device) if class_indices is not None else None
+    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+                else contextlib.nullcontext())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), autocast:
+            if mode == 'sliced':
+                tallies = {k: _Tally() for k in ks}
+                for images, target in _batches(loader, device, mapping):
+                    for k in ks:
+                        tallies[k].update(_restrict(model(images, k=k), columns), target)
+                return [tallies[k].row(k) for k in ks]
+            rows = []
+            for k, net in _subnet_fns(model, ks, mode):
+                tally = _Tally()
+                for images, target in _batches(loader, device, mapping):
+                    tally.update(_restrict(net(images), columns), target)
+                rows.append(tally.row(k))
+                del net
+            return rows
+    finally:
+        model.train(was_training)
+
+
+def _restrict(logits: torch.Tensor, columns: Optional[torch.Tensor]) -> torch.Tensor:
+    return logits if columns is None else logits.index_select(1, columns)
+
+
+def add_costs(rows: Iterable[Dict], config: HydraViTConfig, **extra) -> List[Dict]:
+    """Rows with timm's ``param_count`` (millions) and analytic ``gmacs`` per k, plus ``extra`` columns."""
+    out = []
+    for row in rows:
+        cost = subnet_cost(config, int(row['k']))
+        out.append({**row, 'param_count': cost.params_m, 'gmacs': cost.gmacs, **extra})
+    return out

@@ -1,0 +1,229 @@
+"""Results files, tables and the accuracy-cost Pareto plots of one or several runs.
+
+Rows are plain dicts (one per k, or per k and mode) so eval, benchmark and trainer output mix freely.
+Plots use matplotlib's Agg canvas directly: no pyplot global state, no display needed.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+from .checkpoint import atomic_write
+
+__all__ = [
+    'write_results', 'read_results', 'format_table', 'markdown_table', 'plot_accuracy', 'join_results',
+    'write_report', 'result_label', 'RESULT_FORMATS', 'PLOT_AXES',
+]
+
+PathLike = Union[str, os.PathLike]
+Row = Dict[str, Any]
+RESULT_FORMATS = ('csv', 'json')
+PLOT_AXES = {
+    'gmacs': 'GMACs per image (analytic)',
+    'infer_samples_per_sec': 'inference throughput (images/s)',
+    'param_count': 'parameters (M)',
+    'infer_latency_ms': 'latency at batch 1 (ms)',
+}
+REPORT_COLUMNS = ('method', 'k', 'top1', 'top5', 'loss', 'param_count', 'gmacs', 'infer_samples_per_sec',
+                  'infer_latency_ms', 'peak_mem_mb')
+
+
+def _columns(rows: Sequence[Row]) -> List[str]:
+    """Union of the rows' keys in first-seen order (rows may differ, e.g. optional train throughput)."""
+    seen: Dict[str, None] = {}
+    for row in rows:
+        seen.update(dict.fromkeys(row))
+    return list(seen)
+
+
+def _round(value: Any) -> Any:
+    return float(f'{value:.6g}') if isinstance(value, float) and math.isfinite(value) else value
+
+
+def _cell(value: Any) -> str:
+    if value is None or value == '':
+        return '-'
+    if isinstance(value, float):
+        return f'{value:.1f}' if abs(value) >= 1000 else f'{value:.2f}' if abs(value) >= 1 else f'{value:.4g}'
+    return str(value)
+
+
+def format_table(rows: Sequence[Row], columns: Optional[Sequence[str]] = None) -> str:
+    """An aligned plain-text table (numbers right-aligned)."""
+    columns = list(columns or _columns(rows))
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(line[i]) for line in cells]) for i, c in enumerate(columns)]
+    lines = [' '.join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += [' '.join(v.rjust(w) for v, w in zip(line, widths)) for line in cells]
+    return '\n'.join(lines)
+
+
+def markdown_table(rows: Sequence[Row], columns: Optional[Sequence[str]] = None) -> str:
+    columns = list(columns or _columns(rows))
+    lines = ['| ' + ' | '.join(columns) + ' |', '|' + '|'.join('---:' for _ in columns) + '|']
+    lines += ['| ' + ' | '.join(_cell(r.get(c)) for c in columns) + ' |' for r in rows]
+    return '\n'.join(lines)
+
+
+def write_results(rows: Sequence[Row], out_dir: PathLike, name: str = 'results', fmt: str = 'csv',
+                  *, verbose: bool = True) -> Path:
+    """Write ``rows`` to ``out_dir/name.{csv,json}`` atomically and print them as an aligned table."""
+    if fmt not in RESULT_FORMATS:
+        raise ValueError(f'results format must be one of {RESULT_FORMATS}, got {fmt!r}')
+    if not rows:
+        raise ValueError('no result rows to write')
+    rows = [{k: _round(v) for k, v in r.items()} for r in rows]
+    columns = _columns(rows)
+    if fmt == 'json':
+        text = json.dumps(rows, indent=2) + '\n'
+    else:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator='\n')
+        writer.writeheader()
+        writer.writerows(rows)
+        text = buf.getvalue()
+    path = atomic_write(Path(out_dir) / f'{name}.{fmt}', lambda tmp: Path(tmp).write_text(text))
+    if verbose:
+        print(format_table(rows, columns))
+    return path
+
+
+def _parse(value: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return None if value == '' else value
+
+
+def read_results(path: PathLike) -> List[Row]:
+    """Rows of a results file written by :func:`write_results` (CSV numbers parsed back)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'results file {path} does not exist')
+    if path.suffix == '.json':
+        data = json.loads(path.read_text())
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise ValueError(f'{path}: expected a JSON list of row objects')
+        return data
+    if path.suffix != '.csv':
+        raise ValueError(f'{path}: results files are .csv or .json')
+    with open(path, newline='') as f:
+        return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def result_label(path: PathLike) -> str:
+    """Default label of a results file: its stem without an eval/benchmark suffix, else its folder name.
+
+    ``run1/eval.csv`` and ``run1/benchmark.csv`` both get ``run1``, so they are joined in one series.
+    """
+    path = Path(path)
+    stem = path.stem
+    for suffix in ('eval', 'benchmark', 'bench', 'results'):
+        for sep in ('_', '-', '.'):
+            if stem.endswith(sep + suffix):
+                return stem[:-len(suffix) - 1]
+        if stem == suffix:
+            return path.resolve().parent.name
+    return stem
+
+
+def join_results(eval_rows: Sequence[Row], bench_rows: Sequence[Row] = (), bench_mode: str = 'sliced') -> List[Row]:
+    """Eval rows with the throughput, latency and memory of the same k from a benchmark (one mode)."""
+    modes = [r.get('mode') for r in bench_rows]
+    if bench_rows and bench_mode not in modes:
+        bench_mode = modes[0]
+    by_k = {int(r['k']): r for r in bench_rows if r.get('mode', bench_mode) == bench_mode}
+    joined = []
+    for row in eval_rows:
+        bench = by_k.get(int(row['k']), {})
+        extra = {c: bench[c] for c in ('param_count', 'gmacs') if c in bench and c not in row}
+        extra.update({c: bench[c] for c in ('infer_samples_per_sec', 'infer_latency_ms', 'peak_mem_mb')
+                      if c in bench})
+        joined.append({**row, **extra})
+    return joined
+
+
+def plot_accuracy(series: Mapping[str, Sequence[Row]], x: str, path: PathLike, title: Optional[str] = None,
+                  *, y: str = 'top1') -> Path:
+    """Accuracy against cost, one line per method and each point labelled with its k; a PNG file.
+
+    ``x`` is ``'gmacs'`` or ``'infer_samples_per_sec'`` (or ``param_count``/``infer_latency_ms``).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if x not in PLOT_AXES:
+        raise ValueError(f'x must be one of {list(PLOT_AXES)}, got {x!r}')
+    fig = Figure(figsize=(6.4, 4.8), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    plotted = 0
+    for label, rows in series.items():
+        points = sorted((float(r[x]), float(r[y]), int(r['k'])) for r in rows
+                        if r.get(x) is not None and r.get(y) is not None)
+        if not points:
+            continue
+        xs, ys, ks = zip(*points)
+        ax.plot(xs, ys, marker='o', label=label)
+        for px, py, k in points:
+            ax.annotate(f'k={k}', (px, py), textcoords='offset points', xytext=(4, -10), fontsize=7)
+        plotted += 1
+    if not plotted:
+        raise ValueError(f'no rows with both {x!r} and {y!r}: nothing to plot')
+    ax.set_xlabel(PLOT_AXES[x])
+    ax.set_ylabel(f'{y} accuracy (%)' if y.startswith('top') else y)
+    ax.set_title(title or f'{y} vs {PLOT_AXES[x].split(" (")[0]}')
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc='lower right')
+    fig.tight_layout()
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format='png'))
+
+
+def write_report(eval_rows_by_label: Mapping[str, Sequence[Row]],
+                 bench_rows_by_label: Optional[Mapping[str, Sequence[Row]]] = None,
+                 out_dir: PathLike = '.', *, config: Any = None, title: str = 'HydraViT accuracy-cost report',
+                 ) -> Dict[str, Path]:
+    """Markdown table, joined CSV and the two Pareto plots of one or several methods.
+
+    ``config`` (a :class:`HydraViTConfig`) fills ``param_count``/``gmacs`` for rows that lack them
+    (e.g. the trainer's per-epoch rows). The throughput plot is written when a benchmark is given.
+    Returns ``{'markdown', 'csv', 'plot_gmacs'[, 'plot_throughput']}`` -> paths.
+    """
+    if not eval_rows_by_label:
+        raise ValueError('no evaluation results to report')
+    bench_rows_by_label = bench_rows_by_label or {}
+    unknown = sorted(set(bench_rows_by_label) - set(eval_rows_by_label))
+    if unknown and len(eval_rows_by_label) == 1 and len(bench_rows_by_label) == 1:
+        bench_rows_by_label = {next(iter(eval_rows_by_label)): next(iter(bench_rows_by_label.values()))}
+    elif unknown:
+        raise ValueError(f'benchmark labels {unknown} match no evaluation label {sorted(eval_rows_by_label)}')
+    series = {}
+    for label, rows in eval_rows_by_label.items():
+        rows = join_results(rows, bench_rows_by_label.get(label, ()))
+        if config is not None:
+            from .evaluate import add_costs
+            rows = [r if 'gmacs' in r else add_costs([r], config)[0] for r in rows]
+        series[label] = sorted(rows, key=lambda r: int(r['k']))
+    out_dir = Path(out_dir)
+    table = [{'method': label, **r} for label, rows in series.items() for r in rows]
+    columns = [c for c in REPORT_COLUMNS if any(c in r for r in table)]
+    paths = {'csv': write_results(table, out_dir, 'report', 'csv', verbose=False)}
+    if any('gmacs' in r for r in table):
+        paths['plot_gmacs'] = plot_accuracy(series, 'gmacs', out_dir / 'accuracy_vs_gmacs.png',
+                                            'Top-1 accuracy vs GMACs')
+    if any('infer_samples_per_sec' in r for r in table):
+        paths['plot_throughput'] = plot_accuracy(series, 'infer_samples_per_sec',
+                                                 out_dir / 'accuracy_vs_throughput.png',
+                                                 'Top-1 accuracy vs inference throughput')
+    text = [f'# {title}', '', markdown_table(table, columns), '']
+    text += [f'![{p.stem}]({p.name})' for key, p in paths.items() if key.startswith('plot')]
+    paths['markdown'] = atomic_write(out_dir / 'report.md', lambda tmp: Path(tmp).write_text('\n'.join(text) + '\n'))
+    print(format_table(table, columns))
+    return paths
