@@ -1,0 +1,307 @@
+"""Speed, memory and switching cost of every subnetwork k, in three modes measured in one run.
+
+Modes: ``sliced`` (the universal model run at k), ``extracted`` (``subnet.extract_subnet``) and ``timm``
+(a fresh timm ``VisionTransformer`` of the same shape). Ratios between them are only meaningful within
+one run, so modes are timed in interleaved rounds and reported side by side.
+
+CPU memory is the peak resident set of a fresh child process per (k, mode) above its start-up RSS: a
+high-water mark cannot be reset inside one process once a bigger model has run. Children are forked
+from a ``forkserver`` that has only imported torch, so they start in milliseconds and never inherit
+an OpenMP thread pool. They rebuild the model from its config: memory does not depend on weight values.
+
+On CPU, glibc's malloc returns large blocks to the OS after every free, so each forward pays page
+faults that depend on the allocation history more than on the model; :data:`MALLOC_ENV` fixes the
+thresholds so all modes are timed alike. The variables are read once at process start, which is why
+the CLI re-executes itself with them (:func:`reexec_with_malloc_env`) before anything is timed.
+"""
+from __future__ import annotations
+
+import copy
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import VisionTransformer
+from torch.utils.flop_counter import FlopCounterMode
+
+from .costs import subnet_cost
+from .model import HydraViT, HydraViTConfig
+from .subnet import extract_subnet, subnet_vit_kwargs
+
+__all__ = [
+    'BENCH_MODES', 'MALLOC_ENV', 'benchmark_subnets', 'measure_switching', 'build_runner', 'flop_counter_gmacs',
+    'peak_memory_mb', 'reexec_with_malloc_env',
+]
+
+BENCH_MODES = ('sliced', 'extracted', 'timm')
+MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': str(1 << 28), 'MALLOC_TRIM_THRESHOLD_': str(1 << 28)}
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+def reexec_with_malloc_env(argv: Sequence[str]) -> None:
+    """Restart this Python process with :data:`MALLOC_ENV` set, unless it is set already (no return then)."""
+    if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, *argv], {**os.environ, **MALLOC_ENV})
+
+
+def build_runner(model: HydraViT, k: int, mode: str) -> nn.Module | Runner:
+    """The callable that runs subnetwork ``k`` in ``mode`` (eval mode)."""
+    if mode == 'sliced':
+        model.eval()
+        return lambda x: model(x, k=k)
+    if mode == 'extracted':
+        return extract_subnet(model, k)
+    if mode == 'timm':
+        device = next(model.parameters()).device
+        return VisionTransformer(**subnet_vit_kwargs(model.config, k)).to(device).eval()
+    raise ValueError(f'mode must be one of {BENCH_MODES}, got {mode!r}')
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Runner, x: torch.Tensor, iters: int) -> List[float]:
+    """Seconds of each of ``iters`` calls."""
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn(x)
+        _sync(x.device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    values = sorted(values)
+    pos = q * (len(values) - 1)
+    lo, hi = int(pos), min(int(pos) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+
+
+def _throughputs(runners: Dict[str, Runner], x: torch.Tensor, rounds: int, min_seconds: float,
+                 warmup: int) -> Dict[str, float]:
+    """Median images/s per mode over interleaved rounds of about ``min_seconds`` each."""
+    with torch.inference_mode():
+        per_call = {}
+        for mode, fn in runners.items():
+            _timed(fn, x, warmup)
+            per_call[mode] = statistics.median(_timed(fn, x, 2))
+        iters = {m: max(1, round(min_seconds / max(t, 1e-6))) for m, t in per_call.items()}
+        samples: Dict[str, List[float]] = {m: [] for m in runners}
+        for _ in range(rounds):
+            for mode, fn in runners.items():
+                samples[mode].append(iters[mode] * x.shape[0] / sum(_timed(fn, x, iters[mode])))
+    return {m: statistics.median(s) for m, s in samples.items()}
+
+
+def _latencies(fn: Runner, x: torch.Tensor, iters: int, warmup: int) -> Dict[str, float]:
+    with torch.inference_mode():
+        _timed(fn, x, warmup)
+        times = [t * 1e3 for t in _timed(fn, x, iters)]
+    return dict(infer_latency_ms=statistics.median(times), infer_latency_ms_p10=_percentile(times, 0.1),
+                infer_latency_ms_p90=_percentile(times, 0.9))
+
+
+def _train_throughput(model: HydraViT, k: int, mode: str, x: torch.Tensor, iters: int, warmup: int) -> float:
+    """Images/s of forward + backward + SGD step, on a copy so the caller's weights never move."""
+    net = copy.deepcopy(model) if mode == 'sliced' else build_runner(model, k, mode)
+    net.train()
+    fn = (lambda t: net(t, k=k)) if mode == 'sliced' else net
+    opt = torch.optim.SGD(net.parameters(), lr=1e-6)
+    target = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+
+    def step(t: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(fn(t), target).backward()
+        opt.step()
+
+    _timed(step, x, warmup)
+    return iters * x.shape[0] / sum(_timed(step, x, iters))
+
+
+def flop_counter_gmacs(model: nn.Module | Runner, x: torch.Tensor) -> Optional[float]:
+    """GMACs per image by PyTorch's FlopCounterMode, or None if it fails (it misses fused attention)."""
+    try:
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            model(x[:1])
+        return counter.get_total_flops() / 2 / 1e9
+    except Exception:  # a cross-check only: an unsupported op must not stop the benchmark
+        return None
+
+
+# ------------------------------------------------------------------------------------------ memory
+def _rss_kb(field: str) -> int:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1])
+    raise RuntimeError(f'{field} missing from /proc/self/status')
+
+
+def _memory_child(config: dict, k: int, mode: str, batch_size: int, threads: int, queue) -> None:
+    try:
+        torch.set_num_threads(threads)
+        start = _rss_kb('VmRSS')
+        model = HydraViT(**config).eval()
+        fn = build_runner(model, k, mode)
+        if mode != 'sliced':
+            del model  # a deployed standalone model does not keep the universal one
+        cfg = HydraViTConfig(**config)
+        with torch.inference_mode():
+            fn(torch.randn(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size))
+        queue.put((_rss_kb('VmHWM') - start) / 1024)
+    except Exception as e:  # reported to the parent, which raises it
+        queue.put(f'{type(e).__name__}: {e}')
+
+
+def peak_memory_mb(config: HydraViTConfig, k: int, mode: str, batch_size: int, threads: int = 1) -> float:
+    """Peak resident memory (MB) of one inference at ``batch_size`` in a fresh child process, above its start."""
+    if not os.path.exists('/proc/self/status'):
+        raise RuntimeError('CPU peak memory needs Linux /proc; run with measure_memory=False')
+    ctx = multiprocessing.get_context('forkserver')
+    ctx.set_forkserver_preload(['torch', 'timm', 'hydravit.model'])
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_memory_child, args=(config.to_dict(), k, mode, batch_size, threads, queue))
+    proc.start()
+    result = queue.get(timeout=600)
+    proc.join()
+    if isinstance(result, str):
+        raise RuntimeError(f'memory child for k={k} mode={mode} failed: {result}')
+    return result
+
+
+def _cuda_peak_mb(fn: Runner, x: torch.Tensor) -> float:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(x.device)
+    with torch.inference_mode():
+        fn(x)
+    torch.cuda.synchronize(x.device)
+    return torch.cuda.max_memory_allocated(x.device) / 2 ** 20
+
+
+# ------------------------------------------------------------------------------------------ main API
+def benchmark_subnets(
+        model: HydraViT,
+        ks: Optional[Sequence[int]] = None,
+        *,
+        modes: Sequence[str] = BENCH_MODES,
+        batch_size: int = 256,
+        device: str | torch.device = 'cpu',
+        rounds: int = 3,
+        min_seconds: float = 0.25,
+        warmup: int = 3,
+        latency_iters: int = 50,
+        train: bool = False,
+        train_iters: int = 5,
+        measure_memory: bool = True,
+        flop_count: bool = True,
+) -> List[Dict]:
+    """One row per (k, mode) with timm ``benchmark.py`` column names (see the module docstring).
+
+    ``infer_samples_per_sec`` at ``batch_size`` (median of interleaved rounds), ``infer_latency_ms`` at
+    batch 1 (median, p10, p90), optional ``train_samples_per_sec``, ``peak_mem_mb``, ``param_count``
+    (M, counted), analytic ``gmacs`` and ``flop_counter_gmacs`` (misses the attention matmuls).
+    """
+    bad = [m for m in modes if m not in BENCH_MODES]
+    if bad or not modes:
+        raise ValueError(f'modes must be a non-empty subset of {BENCH_MODES}, got {list(modes)}')
+    if batch_size < 1:
+        raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+    ks = [model.resolve_k(k) for k in (model.k_choices if ks is None else ks)]
+    device = torch.device(device)
+    model = model.to(device).eval()
+    cfg = model.config
+    x = torch.randn(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
+    rows = []
+    for k in ks:
+        runners = {mode: build_runner(model, k, mode) for mode in modes}
+        speed = _throughputs(runners, x, rounds, min_seconds, warmup)
+        cost = subnet_cost(cfg, k)
+        for mode, fn in runners.items():
+            params = cost.params if mode == 'sliced' else sum(p.numel() for p in fn.parameters())
+            row = dict(k=k, mode=mode, infer_samples_per_sec=speed[mode], infer_batch_size=batch_size,
+                       **_latencies(fn, x[:1], latency_iters, warmup))
+            row['train_samples_per_sec'] = _train_throughput(model, k, mode, x, train_iters, 1) if train else None
+            if measure_memory:
+                row['peak_mem_mb'] = (_cuda_peak_mb(fn, x) if device.type == 'cuda'
+                                      else peak_memory_mb(cfg, k, mode, batch_size, torch.get_num_threads()))
+            else:
+                row['peak_mem_mb'] = None
+            row.update(param_count=params / 1e6, gmacs=cost.gmacs,
+                       flop_counter_gmacs=flop_counter_gmacs(fn, x) if flop_count else None, device=str(device))
+            rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ switching
+def _first_forward_after_switch(model: HydraViT, k_from: int, k: int, x: torch.Tensor) -> float:
+    """Seconds of ``use_k(k)`` plus the first forward at k, right after running at ``k_from``."""
+    model(x, k=k_from)
+    _sync(x.device)
+    start = time.perf_counter()
+    with model.use_k(k):
+        model(x)
+    _sync(x.device)
+    return time.perf_counter() - start
+
+
+def _use_k_seconds(model: HydraViT, k: int, iters: int = 1000) -> float:
+    start = time.perf_counter()
+    for _ in range(iters):
+        with model.use_k(k):
+            pass
+    return (time.perf_counter() - start) / iters
+
+
+def _load_from_disk(path: Path, kwargs: dict, x: torch.Tensor) -> float:
+    """Seconds to build a timm ViT, load its safetensors weights and run its first forward."""
+    start = time.perf_counter()
+    vit = VisionTransformer(**kwargs)
+    vit.load_state_dict(load_file(str(path)), strict=True)
+    vit.to(x.device).eval()
+    vit(x)
+    _sync(x.device)
+    return time.perf_counter() - start
+
+
+def measure_switching(model: HydraViT, ks: Optional[Sequence[int]] = None, *, batch_size: int = 1,
+                      device: str | torch.device = 'cpu', repeats: int = 5) -> List[Dict]:
+    """Per k: cost of switching the in-memory universal model to k vs loading a model of that size.
+
+    ``switch_ms`` = ``use_k`` cost + (first forward after switching - steady forward), i.e. what the
+    switch itself adds; ``load_ms`` = build + load_state_dict from a safetensors file + first forward
+    (the paper's loading-latency table). Medians over ``repeats``; switching from the largest other k.
+    """
+    ks = [model.resolve_k(k) for k in (model.k_choices if ks is None else ks)]
+    device = torch.device(device)
+    model = model.to(device).eval()
+    cfg = model.config
+    x = torch.randn(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
+    rows = []
+    with torch.inference_mode(), tempfile.TemporaryDirectory(prefix='hydravit-switch-') as tmp:
+        for k in ks:
+            k_from = max((j for j in model.k_choices if j != k), default=k)
+            path = Path(tmp) / f'subnet_k{k}.safetensors'
+            save_file({n: t.contiguous().cpu() for n, t in extract_subnet(model, k).state_dict().items()}, str(path))
+            _load_from_disk(path, subnet_vit_kwargs(cfg, k), x)  # warm the page cache and the allocator
+            first = statistics.median(_first_forward_after_switch(model, k_from, k, x) for _ in range(repeats))
+            steady = statistics.median(_timed(lambda t: model(t, k=k), x, max(repeats, 10)))
+            use_k = _use_k_seconds(model, k)
+            load = statistics.median(_load_from_disk(path, subnet_vit_kwargs(cfg, k), x) for _ in range(repeats))
+            switch = use_k + max(first - steady, 0.0)
+            rows.append(dict(k=k, k_from=k_from, use_k_us=use_k * 1e6, first_forward_ms=first * 1e3,
+                             steady_forward_ms=steady * 1e3, switch_ms=switch * 1e3, load_ms=load * 1e3,
+                             load_vs_switch=load / max(switch, 1e-7), load_vs_forward=load / steady,
+                             batch_size=batch_size, device=str(device)))
+    return rows
