@@ -6,19 +6,24 @@ keys follow timm's ``validate.py`` (``top1``, ``top1_err``, ``top5``, ``top5_err
 from __future__ import annotations
 
 import contextlib
+import os
+import warnings
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Literal, Optional, Sequence
+from pathlib import Path
+from typing import Dict, Iterable, List, Literal, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import load_model
 from .costs import subnet_cost
 from .model import HydraViT, HydraViTConfig
 from .subnet import extract_subnet
 
-__all__ = ['evaluate_subnets', 'add_costs', 'label_map', 'EVAL_MODES']
+__all__ = ['evaluate_subnets', 'add_costs', 'label_map', 'resolve_checkpoint', 'load_for_eval', 'EVAL_MODES']
 
 EVAL_MODES = ('sliced', 'extracted')
+RUN_CHECKPOINTS = ('model_best', 'last')  # what the trainer writes in a run folder, in order of preference
 Mode = Literal['sliced', 'extracted']
 
 
@@ -141,3 +146,44 @@ def add_costs(rows: Iterable[Dict], config: HydraViTConfig, **extra) -> List[Dic
         cost = subnet_cost(config, int(row['k']))
         out.append({**row, 'param_count': cost.params_m, 'gmacs': cost.gmacs, **extra})
     return out
+
+
+def resolve_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> Path:
+    """A checkpoint file from a file or a run folder (``model_best`` then ``last``); ``_ema`` twin if asked."""
+    path = Path(path)
+    if path.is_dir():
+        found = next((path / f'{n}.safetensors' for n in RUN_CHECKPOINTS if (path / f'{n}.safetensors').is_file()),
+                     None)
+        if found is None:
+            raise FileNotFoundError(f'run folder {path} holds none of {[n + ".safetensors" for n in RUN_CHECKPOINTS]}')
+        path = found
+    elif not path.is_file():
+        raise FileNotFoundError(f'checkpoint {path} does not exist')
+    if use_ema and not path.stem.endswith('_ema'):
+        ema = path.with_name(f'{path.stem}_ema{path.suffix}')
+        if not ema.is_file():
+            raise FileNotFoundError(f'--use-ema: no EMA checkpoint {ema.name} next to {path} (train with EMA)')
+        path = ema
+    return path
+
+
+def load_for_eval(path: str | os.PathLike, ks: Optional[Sequence[int]] = None) -> Tuple[HydraViT, List[int]]:
+    """Model of a checkpoint and the k to evaluate (default: the trained ones).
+
+    A k outside the trained set but within 1..H is evaluated with a warning (the model is rebuilt with
+    every k allowed); beyond H it is an error.
+    """
+    model = load_model(path)
+    h = model.config.num_heads
+    ks = list(model.k_choices) if not ks else [int(k) for k in ks]
+    bad = [k for k in ks if not 1 <= k <= h]
+    if bad:
+        raise ValueError(f'k {bad} outside 1..{h}: the checkpoint has {h} heads (trained k: {list(model.k_choices)})')
+    untrained = [k for k in ks if k not in model.k_choices]
+    if untrained:
+        if model.config.separate_heads:
+            raise ValueError(f'k {untrained} has no classifier: this model has one classifier per trained k '
+                             f'{list(model.k_choices)}')
+        warnings.warn(f'k {untrained} not in the trained set {list(model.k_choices)}: evaluating anyway', stacklevel=2)
+        model = load_model(path, k_choices=tuple(range(1, h + 1)))
+    return model, ks

@@ -9,6 +9,9 @@ from typing import List, Optional
 # subcommand -> module defining ``add_parser(subparsers)`` and ``run(args) -> int``
 COMMANDS = {
     'info': 'hydravit.cli.info',
+    'eval': 'hydravit.cli.eval',
+    'benchmark': 'hydravit.cli.benchmark',
+    'report': 'hydravit.cli.report',
 }
 
 

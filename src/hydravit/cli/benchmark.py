@@ -1,0 +1,112 @@
+"""``hydravit benchmark``: per-k speed, memory and cost of the sliced, extracted and timm models, and switching."""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections import defaultdict
+
+import torch
+
+from ..benchmark import BENCH_MODES, benchmark_subnets, measure_switching, reexec_with_malloc_env
+from ..registry import create_model_or_load
+from ..report import RESULT_FORMATS, format_table, write_results
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser('benchmark', help='per-k throughput, latency, memory and switching time',
+                       description='Per k and mode (sliced universal model, extracted subnet, fresh timm ViT): '
+                                   'images/s, batch-1 latency, optional training images/s, peak memory, params, '
+                                   'GMACs; then switching k in memory vs loading a subnet from disk.')
+    src = p.add_mutually_exclusive_group()
+    src.add_argument('--model', default='hydravit_fmnist_patch7_28', help='registered model name (default: %(default)s)')
+    src.add_argument('--checkpoint', help='a HydraViT .safetensors checkpoint instead of --model')
+    p.add_argument('--k', nargs='+', type=int, help="subnetworks (default: the model's k choices)")
+    p.add_argument('--modes', nargs='+', choices=BENCH_MODES, default=list(BENCH_MODES))
+    p.add_argument('-b', '--batch-size', type=int, default=256, help='inference batch size (default: %(default)s)')
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--train', action='store_true', help='also measure training images/s (forward+backward+step)')
+    p.add_argument('--rounds', type=int, default=3, help='interleaved timing rounds per k (median)')
+    p.add_argument('--min-seconds', type=float, default=0.25, help='duration of one timed round per mode')
+    p.add_argument('--latency-iters', type=int, default=50, help='timed batch-1 calls per k and mode')
+    p.add_argument('--no-memory', action='store_true', help='skip the peak-memory child processes')
+    p.add_argument('--no-switching', action='store_true', help='skip the switching vs loading table')
+    p.add_argument('--threads', type=int, help='torch CPU threads (default: torch\'s)')
+    p.add_argument('--system-malloc', action='store_true', help="keep glibc's default malloc thresholds on CPU")
+    p.add_argument('--results-file', help='write rows here (.csv/.json); switching goes to <stem>_switching.<ext>')
+    p.add_argument('--results-format', choices=RESULT_FORMATS, help='default: from --results-file suffix, else csv')
+    return p
+
+
+def print_ratios(rows: list) -> None:
+    """sliced/timm and extracted/timm throughput per k, measured in this run."""
+    by_k = defaultdict(dict)
+    for r in rows:
+        by_k[r['k']][r['mode']] = r['infer_samples_per_sec']
+    if not all('timm' in m for m in by_k.values()):
+        return
+    table = [dict(k=k, **{f'{m}/timm': v / modes['timm'] for m, v in modes.items() if m != 'timm'})
+             for k, modes in by_k.items()]
+    print('\nthroughput ratios (same run):')
+    print(format_table(table))
+    for col in [c for c in table[0] if c != 'k']:
+        values = [t[col] for t in table]
+        print(f'{col}: min {min(values):.3f}, median {statistics.median(values):.3f}')
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    if device.type == 'cpu' and not args.system_malloc and sys.argv[1:2] == ['benchmark']:
+        # launched as `hydravit benchmark ...` (not main(argv) from Python): restart with fixed malloc thresholds
+        reexec_with_malloc_env(['-c', 'import sys; from hydravit.cli import main; sys.exit(main())', *sys.argv[1:]])
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError('--device cuda requested but CUDA is not available')
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = create_model_or_load(model_name=args.model, checkpoint=args.checkpoint)
+    if args.k:
+        model = _with_ks(model, args.k)
+    name = args.checkpoint or args.model
+    print(f'{name}: batch {args.batch_size}, {device}, fp32, {torch.get_num_threads()} threads, '
+          f'{args.rounds} rounds, median')
+    rows = benchmark_subnets(model, args.k, modes=args.modes, batch_size=args.batch_size, device=device,
+                             rounds=args.rounds, min_seconds=args.min_seconds, latency_iters=args.latency_iters,
+                             train=args.train, measure_memory=not args.no_memory)
+    switching = None if args.no_switching else measure_switching(model, args.k, device=device)
+    _output(args, rows, switching)
+    return 0
+
+
+def _with_ks(model, ks):
+    """Allow any k within 1..H for benchmarking (speed does not depend on whether k was trained)."""
+    h = model.config.num_heads
+    bad = [k for k in ks if not 1 <= k <= h]
+    if bad:
+        raise ValueError(f'k {bad} outside 1..{h} (num_heads)')
+    if all(k in model.k_choices for k in ks) or model.config.separate_heads:
+        return model
+    from ..model import HydraViT
+    wide = HydraViT(**{**model.config.to_dict(), 'k_choices': tuple(range(1, h + 1))})
+    wide.load_state_dict(model.state_dict(), strict=True)
+    if hasattr(model, 'pretrained_cfg'):
+        wide.pretrained_cfg = model.pretrained_cfg
+    return wide
+
+
+def _output(args: argparse.Namespace, rows: list, switching) -> None:
+    from pathlib import Path
+    if args.results_file:
+        path = Path(args.results_file)
+        fmt = args.results_format or (path.suffix[1:] if path.suffix[1:] in RESULT_FORMATS else 'csv')
+        print(f'\nper k and mode -> {write_results(rows, path.parent, path.stem, fmt)}')
+        if switching:
+            print(f'\nswitching vs loading -> {write_results(switching, path.parent, path.stem + "_switching", fmt)}')
+    else:
+        print(format_table(rows))
+        if switching:
+            print('\nswitching vs loading:')
+            print(format_table(switching))
+    print_ratios(rows)
+    if switching:
+        ratios = [s['load_vs_switch'] for s in switching]
+        print(f'load/switch: min {min(ratios):.0f}x, median {statistics.median(ratios):.0f}x')

@@ -1,0 +1,113 @@
+"""``hydravit eval``: top-1/top-5/loss of every subnetwork of a checkpoint, with params and GMACs."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from timm.data import resolve_data_config
+
+from ..checkpoint import read_metadata
+from ..evaluate import EVAL_MODES, add_costs, evaluate_subnets, load_for_eval, resolve_checkpoint
+from ..report import RESULT_FORMATS, format_table, write_report, write_results
+
+COLUMNS = ('k', 'top1', 'top1_err', 'top5', 'top5_err', 'loss', 'param_count', 'gmacs', 'img_size', 'crop_pct',
+           'interpolation', 'mode', 'num_samples', 'checkpoint')
+AMP_DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser('eval', help='per-k top-1, top-5, loss, params and GMACs of a checkpoint',
+                       description='Evaluate every subnetwork k of a HydraViT checkpoint on a data set. '
+                                   'One command for the full report: hydravit eval --checkpoint RUN '
+                                   '--dataset ... --report OUT')
+    p.add_argument('--checkpoint', required=True, help='a .safetensors checkpoint or a run folder (model_best, last)')
+    p.add_argument('--use-ema', action='store_true', help='use the *_ema.safetensors next to the checkpoint')
+    p.add_argument('--k', nargs='+', default=['all'], help="'all' (the trained k) or a list of k")
+    p.add_argument('--mode', choices=EVAL_MODES, default='sliced',
+                   help='sliced universal model, or the extracted standalone timm ViT of each k')
+    p.add_argument('--dataset', default='fashion-mnist', help='fashion-mnist, imagefolder, cifar10, cifar100')
+    p.add_argument('--data-dir', help='data root (default: the data set\'s standard location)')
+    p.add_argument('--split', default='val', help='split to evaluate (default: %(default)s)')
+    p.add_argument('--class-map', help='file mapping folder names to class indices (ImageNet-R/-A style subsets)')
+    p.add_argument('--max-samples', type=int, help='evaluate on the first N samples only (quick checks)')
+    p.add_argument('-b', '--batch-size', type=int, default=256)
+    p.add_argument('-j', '--workers', type=int, default=2)
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--amp-dtype', choices=sorted(AMP_DTYPES), help='autocast dtype (default: fp32)')
+    p.add_argument('--results-file', help='write one row per k here (.csv or .json)')
+    p.add_argument('--results-format', choices=RESULT_FORMATS, help='default: from --results-file suffix, else csv')
+    p.add_argument('--report', metavar='DIR', help='also write report.md and the two Pareto plots into DIR')
+    p.add_argument('--no-benchmark', action='store_true',
+                   help='with --report: skip the quick throughput run (only the accuracy-vs-GMACs plot)')
+    return p
+
+
+def parse_ks(values: List[str]) -> Optional[List[int]]:
+    if values == ['all']:
+        return None
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise ValueError(f"--k takes 'all' or integers, got {values}") from None
+
+
+def _checkpoint_class_names(path: Path) -> Optional[List[str]]:
+    """Training class names if the trainer stored them in the checkpoint metadata."""
+    names = read_metadata(path).get('class_names')
+    return json.loads(names) if names else None
+
+
+def build_eval_dataset(model: torch.nn.Module, args: argparse.Namespace, class_names: Optional[List[str]]):
+    """The data set with the model's eval transform (pretrained_cfg via timm's resolve_data_config)."""
+    from ..data import build_transform, load_dataset  # imported here: data sets are only needed by eval
+
+    data_config = resolve_data_config({}, model=model)
+    dataset = load_dataset(args.dataset, args.data_dir, split=args.split,
+                           transform=build_transform(data_config, is_training=False), max_samples=args.max_samples,
+                           num_classes=model.num_classes, class_names=class_names, class_map=args.class_map)
+    if dataset.num_classes != model.num_classes:
+        raise ValueError(f'data set {args.dataset!r} has {dataset.num_classes} classes but the checkpoint was '
+                         f'trained on {model.num_classes}: pass the matching data set or a --class-map')
+    return dataset, data_config
+
+
+def run(args: argparse.Namespace) -> int:
+    path = resolve_checkpoint(args.checkpoint, args.use_ema)
+    model, ks = load_for_eval(path, parse_ks(args.k))
+    dataset, data_config = build_eval_dataset(model, args, _checkpoint_class_names(path))
+    present = list(getattr(dataset, 'class_indices', None) or range(model.num_classes))
+    class_indices = present if len(present) < model.num_classes else None
+    if class_indices is not None:
+        print(f'{len(present)} of {model.num_classes} classes present: logits restricted to them')
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
+                                         num_workers=args.workers)
+    amp = AMP_DTYPES.get(args.amp_dtype) if args.amp_dtype else None
+    rows = evaluate_subnets(model.to(args.device), loader, ks, device=args.device, amp_dtype=amp,
+                            class_indices=class_indices, mode=args.mode)
+    rows = add_costs(rows, model.config, img_size=data_config['input_size'][-1], crop_pct=data_config['crop_pct'],
+                     interpolation=data_config['interpolation'], mode=args.mode, checkpoint=str(path))
+    rows = [{c: r[c] for c in COLUMNS} for r in rows]
+    _write(args, rows, model, ks, path)
+    return 0
+
+
+def _write(args: argparse.Namespace, rows: List[Dict[str, Any]], model, ks, path: Path) -> None:
+    if args.results_file:
+        out = Path(args.results_file)
+        fmt = args.results_format or (out.suffix[1:] if out.suffix[1:] in RESULT_FORMATS else 'csv')
+        print(f'-> {write_results(rows, out.parent, out.stem, fmt)}')
+    else:
+        print(format_table(rows, [c for c in COLUMNS if c != 'checkpoint']))
+    if args.report:
+        label = path.parent.name if path.stem.startswith(('model_best', 'last')) else path.stem
+        bench = None
+        if not args.no_benchmark:
+            from ..benchmark import benchmark_subnets
+            bench = {label: benchmark_subnets(model, ks, modes=('sliced',), batch_size=args.batch_size,
+                                              device=args.device, rounds=2, min_seconds=0.2, latency_iters=20,
+                                              measure_memory=False, flop_count=False)}
+        paths = write_report({label: rows}, bench, args.report)
+        print('report: ' + ', '.join(str(p) for p in paths.values()))
