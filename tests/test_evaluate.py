@@ -1,0 +1,159 @@
+import warnings
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+import hydravit  # noqa: F401
+from hydravit.checkpoint import CheckpointError, save_model
+from hydravit.evaluate import add_costs, evaluate_subnets, label_map, load_for_eval, resolve_checkpoint
+from hydravit.costs import subnet_cost
+
+
+class LogitsModel(nn.Module):
+    """Returns its input as logits at k=1 and the negated input at k=2: accuracies computable by hand."""
+    k_choices = (1, 2)
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+
+    def resolve_k(self, k):
+        if k not in self.k_choices:
+            raise ValueError(f'bad k {k}')
+        return k
+
+    def forward(self, x, k=None):
+        return x if k == 1 else -x
+
+
+def _loader(x, y, batch_size):
+    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+
+
+def test_accuracies_match_hand_computation():
+    logits = torch.tensor([[5., 1, 0, 0, 0, 0],   # argmax 0, argmin among 2..5
+                           [0., 9, 1, 2, 3, 4],   # argmax 1
+                           [1., 2, 3, 4, 5, 6],   # argmax 5, argmin 0
+                           [6., 5, 4, 3, 2, 1]])  # argmax 0, argmin 5
+    labels = torch.tensor([0, 2, 0, 5])
+    rows = evaluate_subnets(LogitsModel(6), _loader(logits, labels, 3), [1, 2])
+    k1, k2 = rows
+    # k=1: top1 hits row 0 only; top5 excludes the smallest logit, which is the label in rows 2 and 3
+    assert (k1['k'], k1['top1'], k1['top5'], k1['num_samples']) == (1, 25.0, 50.0, 4)
+    # k=2 (negated): top1 hits rows 2 (label 0 = min of x) and 3 (label 5 = min of x) -> 2/4
+    assert (k2['top1'], k2['top1_err']) == (50.0, 50.0)
+    # top5 of -x excludes the largest x: row 0 label 0 is the largest -> miss; row 1 label 2 ok
+    assert k2['top5'] == 75.0 and k2['top5_err'] == 25.0
+    assert k1['loss'] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+    assert k2['loss'] == pytest.approx(F.cross_entropy(-logits, labels).item(), rel=1e-6)
+
+
+def test_top5_is_top_c_with_fewer_classes():
+    x, y = torch.randn(7, 3), torch.randint(0, 3, (7,))
+    row, = evaluate_subnets(LogitsModel(3), _loader(x, y, 4), [1])
+    assert row['top5'] == 100.0
+    assert row['top1'] == pytest.approx(100.0 * (x.argmax(1) == y).float().mean().item())
+
+
+def test_class_subset_restricts_logits_and_maps_labels():
+    torch.manual_seed(0)
+    x = torch.randn(40, 10)
+    subset = [7, 2, 5]
+    y = torch.tensor(subset)[torch.randint(0, 3, (40,))]
+    x[:, 0] += 100.0  # class 0 would win every prediction if it were not excluded
+    row, = evaluate_subnets(LogitsModel(10), _loader(x, y, 16), [1], class_indices=subset)
+    restricted = x[:, subset]
+    expected = torch.tensor(subset)[restricted.argmax(1)] == y
+    assert row['top1'] == pytest.approx(100.0 * expected.float().mean().item())
+    assert row['top1'] > 0
+    mapped = label_map(subset, 10)[y]
+    assert row['loss'] == pytest.approx(F.cross_entropy(restricted, mapped).item(), rel=1e-5)
+    with pytest.raises(ValueError, match='not among class_indices'):
+        evaluate_subnets(LogitsModel(10), _loader(x, torch.zeros(40, dtype=torch.long), 16), [1],
+                         class_indices=subset)
+    with pytest.raises(ValueError, match='outside 0..9'):
+        label_map([3, 12], 10)
+
+
+def test_real_model_rows_equal_independent_computation(randomize):
+    model = randomize(timm.create_model('hydravit_test_patch4_16'))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(22, 3, 16, 16, generator=g), torch.randint(0, 10, (22,), generator=g)
+    model.train()
+    rows = evaluate_subnets(model, _loader(x, y, 8), None)
+    assert model.training, 'evaluation must restore the caller\'s train/eval mode'
+    assert [r['k'] for r in rows] == list(model.k_choices)
+    model.eval()
+    with torch.no_grad():
+        for row in rows:
+            logits = model(x, k=row['k'])
+            top5 = logits.topk(5, 1).indices
+            assert row['top1'] == pytest.approx(100.0 * (logits.argmax(1) == y).float().mean().item())
+            assert row['top5'] == pytest.approx(100.0 * (top5 == y[:, None]).any(1).float().mean().item())
+            assert row['loss'] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+
+
+def test_sliced_equals_extracted(randomize):
+    model = randomize(timm.create_model('hydravit_test_patch4_16'), seed=3)
+    g = torch.Generator().manual_seed(2)
+    loader = _loader(torch.randn(30, 3, 16, 16, generator=g), torch.randint(0, 10, (30,), generator=g), 16)
+    sliced = evaluate_subnets(model, loader, [1, 2, 4])
+    extracted = evaluate_subnets(model, loader, [1, 2, 4], mode='extracted')
+    for a, b in zip(sliced, extracted):
+        assert (a['k'], a['top1'], a['top5'], a['num_samples']) == (b['k'], b['top1'], b['top5'], b['num_samples'])
+        assert a['loss'] == pytest.approx(b['loss'], rel=1e-5)
+    with pytest.raises(ValueError, match='mode must be one of'):
+        evaluate_subnets(model, loader, [1], mode='onnx')
+    with pytest.raises(ValueError, match='not a valid subnetwork'):
+        evaluate_subnets(model, loader, [7])
+
+
+def test_add_costs_uses_analytic_costs():
+    model = timm.create_model('hydravit_test_patch4_16')
+    rows = add_costs([{'k': 2, 'top1': 1.0}], model.config, mode='sliced')
+    cost = subnet_cost(model.config, 2)
+    assert rows[0]['param_count'] == pytest.approx(cost.params / 1e6)
+    assert rows[0]['gmacs'] == pytest.approx(cost.macs / 1e9)
+    assert rows[0]['mode'] == 'sliced'
+
+
+def test_resolve_checkpoint_run_folder_and_ema(tmp_path):
+    model = timm.create_model('hydravit_test_patch4_16')
+    with pytest.raises(FileNotFoundError, match='model_best'):
+        resolve_checkpoint(tmp_path)
+    save_model(tmp_path / 'last.safetensors', model)
+    assert resolve_checkpoint(tmp_path).name == 'last.safetensors'
+    save_model(tmp_path / 'model_best.safetensors', model)
+    assert resolve_checkpoint(tmp_path).name == 'model_best.safetensors'
+    with pytest.raises(FileNotFoundError, match='model_best_ema.safetensors'):
+        resolve_checkpoint(tmp_path, use_ema=True)
+    save_model(tmp_path / 'model_best_ema.safetensors', model)
+    assert resolve_checkpoint(tmp_path, use_ema=True).name == 'model_best_ema.safetensors'
+    assert resolve_checkpoint(tmp_path / 'last.safetensors').name == 'last.safetensors'
+    with pytest.raises(FileNotFoundError):
+        resolve_checkpoint(tmp_path / 'missing.safetensors')
+
+
+def test_load_for_eval_untrained_k_and_bad_checkpoints(tmp_path):
+    model = timm.create_model('hydravit_test_patch4_16', k_choices=(2, 4))
+    path = save_model(tmp_path / 'm.safetensors', model)
+    loaded, ks = load_for_eval(path)
+    assert ks == [2, 4]
+    with pytest.warns(UserWarning, match=r'k \[1\] not in the trained set'):
+        loaded, ks = load_for_eval(path, [1, 4])
+    assert ks == [1, 4] and 1 in loaded.k_choices
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x, k=4), model.eval()(x, k=4))
+    with pytest.raises(ValueError, match=r'outside 1..4'):
+        load_for_eval(path, [5])
+    save_file({'w': torch.zeros(2)}, str(tmp_path / 'plain.safetensors'))
+    with pytest.raises(CheckpointError, match='not a HydraViT checkpoint'):
+        load_for_eval(tmp_path / 'plain.safetensors')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        load_for_eval(path, [2])  # a trained k: no warning
