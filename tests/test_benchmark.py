@@ -1,0 +1,92 @@
+import json
+
+import pytest
+import timm
+import torch
+
+import hydravit  # noqa: F401
+from hydravit.benchmark import BENCH_MODES, benchmark_subnets, measure_switching, peak_memory_mb
+from hydravit.cli import main
+from hydravit.costs import subnet_cost
+
+SCHEMA = ['k', 'mode', 'infer_samples_per_sec', 'infer_batch_size', 'infer_latency_ms', 'infer_latency_ms_p10',
+          'infer_latency_ms_p90', 'train_samples_per_sec', 'peak_mem_mb', 'param_count', 'gmacs',
+          'flop_counter_gmacs', 'device']
+QUICK = dict(rounds=1, min_seconds=0.005, warmup=1, latency_iters=5)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """These tests check schemas and counts, not speed: one thread avoids OpenMP stalls on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def rows(one_thread):
+    model = timm.create_model('hydravit_test_patch4_16')
+    return benchmark_subnets(model, [1, 4], batch_size=4, train=True, train_iters=2, measure_memory=False, **QUICK)
+
+
+def test_schema_one_row_per_k_and_mode(rows):
+    assert [(r['k'], r['mode']) for r in rows] == [(k, m) for k in (1, 4) for m in BENCH_MODES]
+    for r in rows:
+        assert list(r) == SCHEMA
+        assert r['infer_samples_per_sec'] > 0 and r['train_samples_per_sec'] > 0
+        assert r['infer_latency_ms_p10'] <= r['infer_latency_ms'] <= r['infer_latency_ms_p90']
+        assert r['infer_batch_size'] == 4 and r['device'] == 'cpu' and r['peak_mem_mb'] is None
+
+
+def test_params_and_gmacs_equal_analytic_costs(rows):
+    cfg = timm.create_model('hydravit_test_patch4_16').config
+    for r in rows:
+        cost = subnet_cost(cfg, r['k'])
+        assert r['param_count'] * 1e6 == pytest.approx(cost.params, abs=0.5)  # counted numel for extracted/timm
+        assert r['gmacs'] == cost.gmacs
+        # FlopCounterMode sees the linear layers and patch conv but not the fused attention matmuls
+        attention_macs = cfg.depth * 2 * cfg.num_tokens ** 2 * cost.embed_dim
+        assert r['flop_counter_gmacs'] * 1e9 == pytest.approx(cost.macs - attention_macs, rel=1e-9)
+
+
+def test_benchmark_leaves_weights_unchanged_and_rejects_bad_input():
+    model = timm.create_model('hydravit_test_patch4_16')
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    benchmark_subnets(model, [2], modes=['sliced'], batch_size=2, train=True, train_iters=1, measure_memory=False,
+                      flop_count=False, **QUICK)
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+    with pytest.raises(ValueError, match='modes must be'):
+        benchmark_subnets(model, [2], modes=['onnx'])
+    with pytest.raises(ValueError, match='not a valid subnetwork'):
+        benchmark_subnets(model, [9])
+
+
+def test_peak_memory_grows_with_batch_and_width():
+    cfg = timm.create_model('hydravit_fmnist_patch7_28').config
+    small = peak_memory_mb(cfg, 3, 'timm', batch_size=8)
+    large = peak_memory_mb(cfg, 12, 'timm', batch_size=512)
+    assert 0 < small < large
+
+
+def test_switching_table():
+    model = timm.create_model('hydravit_test_patch4_16')
+    rows = measure_switching(model, [1, 4], repeats=2)
+    assert [(r['k'], r['k_from']) for r in rows] == [(1, 4), (4, 3)]
+    for r in rows:
+        assert r['switch_ms'] >= r['use_k_us'] / 1e3 > 0
+        assert r['load_ms'] > 0
+        assert r['load_vs_switch'] == pytest.approx(r['load_ms'] / r['switch_ms'])
+
+
+def test_cli_writes_results_and_switching_files(tmp_path, capsys):
+    out = tmp_path / 'bench.json'
+    code = main(['benchmark', '--model', 'hydravit_test_patch4_16', '--k', '2', '3', '-b', '2', '--rounds', '1',
+                 '--min-seconds', '0.005', '--latency-iters', '3', '--no-memory', '--results-file', str(out)])
+    assert code == 0
+    rows = json.loads(out.read_text())
+    assert [(r['k'], r['mode']) for r in rows] == [(k, m) for k in (2, 3) for m in BENCH_MODES]
+    switching = json.loads((tmp_path / 'bench_switching.json').read_text())
+    assert [r['k'] for r in switching] == [2, 3]
+    assert 'sliced/timm' in capsys.readouterr().out
+    assert main(['benchmark', '--model', 'hydravit_test_patch4_16', '--k', '9']) == 2
