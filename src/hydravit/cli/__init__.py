@@ -12,6 +12,7 @@ COMMANDS = {
     'eval': 'hydravit.cli.eval',
     'benchmark': 'hydravit.cli.benchmark',
     'report': 'hydravit.cli.report',
+    'export': 'hydravit.cli.export',
 }
 
 

@@ -1,0 +1,37 @@
+"""``hydravit export``: standalone subnetworks (timm folder, safetensors, ONNX) from one checkpoint."""
+from __future__ import annotations
+
+import argparse
+
+from ..export import EXPORT_FORMATS, export_subnets
+from ..report import format_table
+
+COLUMNS = ('k', 'param_count', 'gmacs', 'top1', 'timm_export_s', 'safetensors_export_s', 'onnx_export_s',
+           'onnx_max_abs_diff')
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser('export', help='export subnetworks as timm folders, safetensors or ONNX',
+                       description='Cut subnetworks k out of a HydraViT checkpoint and write each as a standalone '
+                                   'model: a timm local-dir folder (DIR/k3), k3.safetensors and/or k3.onnx, plus '
+                                   'index.csv/index.json with params, GMACs and accuracy where known.')
+    p.add_argument('--checkpoint', required=True, help='HydraViT .safetensors checkpoint')
+    p.add_argument('--k', nargs='+', default=['all'], help="'all' (the trained k) or a list of k")
+    p.add_argument('--format', nargs='+', default=['timm'], metavar='FORMAT',
+                   help=f'one or more of {", ".join(EXPORT_FORMATS)} (default: timm)')
+    p.add_argument('--output', required=True, help='output folder (must not exist or be empty)')
+    p.add_argument('--overwrite', action='store_true', help='write into an existing folder, replacing same-named files')
+    p.add_argument('--results', help='per-k accuracy file (results.csv / eval .csv/.json); default: one next to '
+                                     'the checkpoint')
+    p.add_argument('--model', help='registered model whose preprocessing was used in training, if the checkpoint '
+                                   'does not record it')
+    p.add_argument('--opset', type=int, default=17, help='ONNX opset (default: %(default)s)')
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = export_subnets(args.checkpoint, args.k, args.format, args.output, results=args.results,
+                          model_name=args.model, overwrite=args.overwrite, onnx_opset=args.opset)
+    print(format_table(rows, [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]))
+    print(f'exported {len(rows)} subnetworks to {args.output} (index.csv, index.json)')
+    return 0
