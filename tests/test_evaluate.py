@@ -157,3 +157,14 @@ def test_load_for_eval_untrained_k_and_bad_checkpoints(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         load_for_eval(path, [2])  # a trained k: no warning
+
+
+def test_eval_cli_rejects_bad_checkpoint_and_k_before_reading_data(tmp_path, capsys):
+    from hydravit.cli import main
+    assert main(['eval', '--checkpoint', str(tmp_path / 'nope.safetensors')]) == 2
+    assert 'does not exist' in capsys.readouterr().err
+    path = save_model(tmp_path / 'm.safetensors', timm.create_model('hydravit_test_patch4_16'))
+    assert main(['eval', '--checkpoint', str(path), '--k', '9']) == 2
+    assert 'outside 1..4' in capsys.readouterr().err
+    assert main(['eval', '--checkpoint', str(path), '--k', 'two']) == 2
+    assert "--k takes 'all' or integers" in capsys.readouterr().err
