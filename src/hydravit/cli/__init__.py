@@ -12,7 +12,9 @@ COMMANDS = {
     'eval': 'hydravit.cli.eval',
     'benchmark': 'hydravit.cli.benchmark',
     'report': 'hydravit.cli.report',
+    'train': 'hydravit.cli.train',
     'export': 'hydravit.cli.export',
+    'select': 'hydravit.cli.select',
 }
 
 

@@ -1,0 +1,78 @@
+"""``hydravit select``: the most accurate subnetwork that meets a latency, throughput, GMACs or memory budget."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..export import read_accuracy
+from ..registry import create_model_or_load
+from ..report import format_table, read_results
+from ..selection import Budget, NoSubnetworkFits, benchmark_table, measure_table, merge_accuracy, select_subnet
+
+COLUMNS = ('k', 'fits', 'latency_ms', 'batch_size', 'infer_samples_per_sec', 'gmacs', 'peak_mem_mb', 'param_count',
+           'top1')
+DEFAULT_BATCH = {'latency_ms': 1, 'throughput': 64, 'gmacs': 1, 'memory_mb': 64}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser('select', help='pick the most accurate k that meets a budget on this device',
+                       description='Measure every subnetwork on this device (or read a benchmark file) and print '
+                                   'the most accurate k that meets the budget, with the numbers behind the choice. '
+                                   'Exit status 2 when no subnetwork fits.')
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument('--checkpoint', help='HydraViT .safetensors checkpoint')
+    src.add_argument('--model', help='registered model name (untrained weights: timing only)')
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument('--latency-ms', type=float, help='max time per batch of --batch-size (ms)')
+    budget.add_argument('--throughput', type=float, help='min images/s at --batch-size')
+    budget.add_argument('--gmacs', type=float, help='max GMACs per image (analytic; nothing is timed)')
+    budget.add_argument('--memory-mb', type=float, help='max peak inference memory at --batch-size (MB)')
+    p.add_argument('-b', '--batch-size', type=int,
+                   help='batch size of the budget (default: 1 for latency, 64 for throughput/memory; with '
+                        '--benchmark-file: the batch size it was measured at)')
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--mode', choices=('sliced', 'extracted'), default='sliced',
+                   help='serve the universal model at k (sliced) or an extracted standalone ViT')
+    p.add_argument('--k', nargs='+', type=int, help="candidate k (default: the model's k choices)")
+    p.add_argument('--benchmark-file', help='a hydravit benchmark results file (.csv/.json) instead of measuring')
+    p.add_argument('--results', help='per-k accuracy file; default: results.csv/eval.csv next to the checkpoint')
+    return p
+
+
+def _budget(args: argparse.Namespace) -> Budget:
+    for metric in ('latency_ms', 'throughput', 'gmacs', 'memory_mb'):
+        if getattr(args, metric) is not None:
+            return Budget(metric, getattr(args, metric))
+    raise ValueError('give one budget: --latency-ms, --throughput, --gmacs or --memory-mb')
+
+
+def run(args: argparse.Namespace) -> int:
+    budget = _budget(args)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f'--batch-size must be >= 1, got {args.batch_size}')
+    model = create_model_or_load(model_name=args.model, checkpoint=args.checkpoint)
+    ks = [model.resolve_k(k) for k in args.k] if args.k else list(model.k_choices)
+    if args.benchmark_file:
+        table = benchmark_table(read_results(args.benchmark_file), mode=args.mode, batch_size=args.batch_size, ks=ks)
+        print(f'numbers from {args.benchmark_file} (mode {args.mode})')
+    else:
+        batch = args.batch_size or DEFAULT_BATCH[budget.metric]
+        if budget.metric != 'gmacs':
+            print(f'measuring k={ks} on {args.device} (mode {args.mode}, batch {batch}) ...', flush=True)
+        table = measure_table(model, budget, batch_size=batch, device=args.device, mode=args.mode, ks=ks)
+    if args.checkpoint or args.results:
+        accuracy = read_accuracy(Path(args.checkpoint or '.'), args.results)
+        table = merge_accuracy(table, accuracy)
+    try:
+        choice = select_subnet(table, budget)
+    except NoSubnetworkFits:
+        print(format_table([{**r, 'fits': 'no'} for r in table], _columns(table)))
+        raise
+    rows = [{**r, 'fits': 'yes' if r['k'] in choice.fitting else 'no'} for r in table]
+    print(format_table(rows, _columns(table)))
+    print(choice.describe())
+    return 0
+
+
+def _columns(table) -> list:
+    return [c for c in COLUMNS if c == 'fits' or any(r.get(c) is not None for r in table)]
