@@ -1,0 +1,107 @@
+"""``hydravit train``: timm-style training of every subnetwork k; no arguments runs the built-in recipe.
+
+Settings come from the recipe (``--config``, default ``configs/fmnist_cpu.yaml``; with ``--resume`` the
+run's own ``args.yaml``), then from the flags given on the command line. Multi-process:
+``torchrun --nproc_per_node N -m hydravit train ...``.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..train import load_train_config, train
+
+SUPPRESS = argparse.SUPPRESS
+BOOL = argparse.BooleanOptionalAction
+
+# (flags, argparse keywords, help); flags and meaning follow timm's train.py
+OPTIONS = [
+    # model and data
+    (('--model',), {}, 'registered HydraViT model name'),
+    (('--dataset',), {}, "data set: 'fashion-mnist', 'imagefolder', 'cifar10', ..."),
+    (('--data-dir',), {}, 'data root (default: the data set\'s standard location)'),
+    (('--num-classes',), dict(type=int), 'number of classes (must match the data set)'),
+    (('--img-size',), dict(type=int), 'input size (default: the model\'s)'),
+    (('--initial-checkpoint',), {}, 'start from a HydraViT .safetensors or a smaller timm ViT/DeiT state dict'),
+    (('--separate-heads',), dict(action=BOOL), 'one classifier per k instead of the shared sliced head'),
+    (('--max-train-samples',), dict(type=int), 'train on a subset of N images (quick runs)'),
+    (('--max-val-samples',), dict(type=int), 'evaluate on a subset of N images'),
+    (('--skip-bad-images',), dict(action=BOOL), 'skip unreadable images instead of failing'),
+    (('-j', '--workers'), dict(type=int), 'data loading worker processes'),
+    # subnetwork sampling
+    (('--heads',), dict(type=int, nargs='+'), 'the set of k to train (becomes the model\'s k choices)'),
+    (('--sampler',), {}, 'uniform | weighted | sandwich | all'),
+    (('--head-weights',), dict(type=float, nargs='+'), 'one sampling weight per k of --heads (weighted sampler)'),
+    (('--num-random',), dict(type=int), 'random k per step besides largest and smallest (sandwich sampler)'),
+    (('--k-per-rank',), dict(action=BOOL), 'each process draws its own k (the reference code\'s behaviour)'),
+    (('--inplace-distill',), dict(action=BOOL), 'smaller k of a step learn from the largest k\'s output'),
+    # optimisation
+    (('-b', '--batch-size'), dict(type=int), 'batch size per process'),
+    (('--validation-batch-size',), dict(type=int), 'evaluation batch size (default: --batch-size)'),
+    (('--epochs',), dict(type=int), 'number of epochs'),
+    (('--lr',), dict(type=float), 'learning rate (default: --lr-base * global batch / 512)'),
+    (('--lr-base',), dict(type=float), 'learning rate at a global batch of 512'),
+    (('--opt',), {}, 'timm optimizer name (adamw, sgd, lamb, ...)'),
+    (('--momentum',), dict(type=float), 'SGD momentum'),
+    (('--weight-decay',), dict(type=float), 'weight decay'),
+    (('--sched',), {}, 'timm scheduler name (cosine, step, ...)'),
+    (('--warmup-epochs',), dict(type=int), 'linear warm-up epochs'),
+    (('--warmup-lr',), dict(type=float), 'learning rate at the start of the warm-up'),
+    (('--min-lr',), dict(type=float), 'lowest learning rate of the schedule'),
+    (('--cooldown-epochs',), dict(type=int), 'epochs at --min-lr after the schedule'),
+    (('--grad-accum-steps',), dict(type=int), 'micro-batches per optimizer step'),
+    (('--clip-grad',), dict(type=float), 'gradient clipping threshold (off by default)'),
+    (('--clip-mode',), {}, 'norm | value | agc'),
+    (('--amp',), dict(action=BOOL), 'mixed precision (torch.autocast)'),
+    (('--amp-dtype',), dict(choices=('float16', 'bfloat16')), 'autocast dtype'),
+    (('--model-ema',), dict(action=BOOL), 'keep an EMA of the weights (timm ModelEmaV3), evaluated too'),
+    (('--model-ema-decay',), dict(type=float), 'EMA decay'),
+    # regularisation and augmentation
+    (('--drop-path',), dict(type=float), 'stochastic depth rate'),
+    (('--smoothing',), dict(type=float), 'label smoothing'),
+    (('--mixup',), dict(type=float), 'mixup alpha (0 = off)'),
+    (('--cutmix',), dict(type=float), 'cutmix alpha (0 = off)'),
+    (('--mixup-prob',), dict(type=float), 'probability of mixup/cutmix per batch'),
+    (('--mixup-switch-prob',), dict(type=float), 'probability of cutmix instead of mixup when both are on'),
+    (('--mixup-mode',), {}, 'batch | pair | elem'),
+    (('--scale',), dict(type=float, nargs=2), 'random-resized-crop area range'),
+    (('--ratio',), dict(type=float, nargs=2), 'random-resized-crop aspect range'),
+    (('--hflip',), dict(type=float), 'horizontal flip probability'),
+    (('--vflip',), dict(type=float), 'vertical flip probability'),
+    (('--color-jitter',), dict(type=float), 'colour jitter strength'),
+    (('--aa',), {}, 'timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1'),
+    (('--reprob',), dict(type=float), 'random erasing probability'),
+    (('--remode',), {}, 'random erasing mode'),
+    # evaluation, output, checkpoints
+    (('--eval-heads',), dict(type=int, nargs='+'), 'k evaluated each epoch (default: the trained k)'),
+    (('--eval-metric',), {}, 'what model_best tracks: top1_mean or top1_k<N>'),
+    (('--val-interval',), dict(type=int), 'evaluate every N epochs (and after the last)'),
+    (('--log-interval',), dict(type=int), 'print a line every N steps when there is no progress bar'),
+    (('--output',), {}, 'parent folder of the run folders'),
+    (('--experiment',), {}, 'run folder name (default: timestamp-model-size)'),
+    (('--resume',), {}, 'continue a run: its folder or its last.state.pth'),
+    (('--checkpoint-interval-steps',), dict(type=int), 'also checkpoint every N optimizer steps (0 = per epoch)'),
+    (('--seed',), dict(type=int), 'random seed'),
+    (('--device',), {}, 'cpu or cuda'),
+]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser('train', help='train a HydraViT (default: Fashion-MNIST on CPU, ~10 min)',
+                       description=__doc__.splitlines()[0], argument_default=SUPPRESS)
+    p.add_argument('-c', '--config', help='YAML recipe with timm-style keys (default: built-in fmnist_cpu.yaml)')
+    for flags, kwargs, help_text in OPTIONS:
+        p.add_argument(*flags, help=help_text, **kwargs)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in vars(args).items() if not k.startswith('_') and k not in ('command', 'config')}
+    config_path = getattr(args, 'config', None)
+    if config_path is None and 'resume' in overrides:
+        run_args = Path(overrides['resume'])
+        run_args = (run_args if run_args.is_dir() else run_args.parent) / 'args.yaml'
+        config_path = run_args if run_args.is_file() else None
+    cfg = load_train_config(config_path, **overrides)
+    train(cfg)
+    return 0
