@@ -1,0 +1,193 @@
+"""Adaptive inference: one universal model, a k chosen per batch so that latency stays under a target.
+
+:class:`LatencyController` is the policy and knows no clock: per-k base latencies (calibrated once,
+refined slowly) times one shared load factor estimated from the latest observations predict what each
+k costs *now*. It drops k as soon as the current one is predicted to miss, climbs only with a margin
+and after a few agreeing batches (hysteresis), and now and then probes the next larger k when that is
+predicted to fit, to correct a stale estimate. :class:`AdaptivePredictor` wraps a HydraViT with it and
+times each batch with an injectable clock, so tests run on simulated time.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+
+import torch
+
+from .model import HydraViT
+
+__all__ = ['LatencyController', 'AdaptivePredictor', 'AdaptiveOutput', 'LoadPhase', 'applied_load']
+
+
+class LatencyController:
+    """Chooses k per batch to keep latency <= ``target_ms``; learns from :meth:`observe`.
+
+    Prediction for k: ``load * base[k]``. The current k is kept while its prediction stays within
+    ``down_fraction`` of the target; a move (down at once, up after ``up_patience`` agreeing batches)
+    goes to the largest k predicted within ``up_fraction`` -- the gap between the two is the hysteresis.
+    """
+
+    def __init__(
+            self,
+            ks: Sequence[int],
+            target_ms: float,
+            base_latency_ms: Mapping[int, float],
+            *,
+            up_fraction: float = 0.7,
+            down_fraction: float = 0.9,
+            up_patience: int = 3,
+            probe_every: int = 50,
+            load_smoothing: float = 0.5,
+            base_smoothing: float = 0.1,
+    ) -> None:
+        self.ks = sorted(set(int(k) for k in ks))
+        if not self.ks:
+            raise ValueError('ks must name at least one subnetwork')
+        if not target_ms > 0:
+            raise ValueError(f'target_ms must be > 0, got {target_ms}')
+        missing = [k for k in self.ks if k not in base_latency_ms]
+        if missing:
+            raise ValueError(f'base_latency_ms lacks k {missing} (needs every k of {self.ks})')
+        if not 0 < up_fraction <= down_fraction <= 1:
+            raise ValueError(f'need 0 < up_fraction <= down_fraction <= 1, got {up_fraction}, {down_fraction}')
+        if not (0 < load_smoothing <= 1 and 0 <= base_smoothing < 1):
+            raise ValueError('load_smoothing must be in (0, 1] and base_smoothing in [0, 1)')
+        self.target_ms = float(target_ms)
+        self.base = {k: self._checked(k, base_latency_ms[k]) for k in self.ks}
+        self.up_fraction, self.down_fraction, self.up_patience = up_fraction, down_fraction, max(1, int(up_patience))
+        self.probe_every = int(probe_every)
+        self.load_smoothing, self.base_smoothing = load_smoothing, base_smoothing
+        self.load = 1.0
+        self.current = self._largest_within(self.up_fraction)
+        self._streak = 0
+        self._step = 0
+
+    @staticmethod
+    def _checked(k: int, latency_ms: float) -> float:
+        if not (isinstance(latency_ms, (int, float)) and math.isfinite(latency_ms) and latency_ms > 0):
+            raise ValueError(f'latency for k={k} must be a finite number > 0 ms, got {latency_ms!r}')
+        return float(latency_ms)
+
+    def predicted_ms(self, k: int) -> float:
+        return self.load * self.base[k]
+
+    def _largest_within(self, fraction: float) -> int:
+        fits = [k for k in self.ks if self.predicted_ms(k) <= fraction * self.target_ms]
+        return max(fits) if fits else self.ks[0]
+
+    def choose(self) -> int:
+        """The k for the next batch (always one of :attr:`ks`)."""
+        self._step += 1
+        target = self._largest_within(self.up_fraction)
+        if self.predicted_ms(self.current) > self.down_fraction * self.target_ms:
+            self.current, self._streak = min(target, self.current), 0
+        elif target > self.current:
+            self._streak += 1
+            if self._streak >= self.up_patience:
+                self.current, self._streak = target, 0
+        else:
+            self._streak = 0
+        if self.probe_every > 0 and self._step % self.probe_every == 0 and self.current < self.ks[-1]:
+            larger = self.ks[self.ks.index(self.current) + 1]
+            if self.predicted_ms(larger) <= self.target_ms:
+                return larger
+        return self.current
+
+    def observe(self, k: int, latency_ms: float) -> None:
+        """Update the load factor and k's base latency from one measured batch."""
+        if k not in self.base:
+            raise ValueError(f'k={k} is not one of the controlled subnetworks {self.ks}')
+        latency_ms = self._checked(k, latency_ms)
+        a = self.load_smoothing
+        self.load = (1 - a) * self.load + a * latency_ms / self.base[k]
+        b = self.base_smoothing
+        self.base[k] = (1 - b) * self.base[k] + b * latency_ms / self.load
+
+
+@dataclass
+class AdaptiveOutput:
+    logits: torch.Tensor
+    k: int
+    latency_ms: float
+
+
+class AdaptivePredictor:
+    """A HydraViT served at a per-batch k that keeps batch latency under ``target_ms``.
+
+    Base latencies come from ``base_latency_ms`` or from :meth:`calibrate` on the first batch. Latency
+    is per batch, so batches should have similar sizes. ``clock`` returns seconds (injectable for tests).
+    """
+
+    def __init__(self, model: HydraViT, target_ms: float, *, ks: Optional[Sequence[int]] = None,
+                 base_latency_ms: Optional[Mapping[int, float]] = None,
+                 clock: Callable[[], float] = time.perf_counter, **controller_kwargs) -> None:
+        self.model = model.eval()
+        self.ks = sorted({model.resolve_k(k) for k in (ks if ks is not None else model.k_choices)})
+        if not self.ks:
+            raise ValueError(f'ks must name at least one subnetwork of {list(model.k_choices)}')
+        self.target_ms = target_ms
+        self.clock = clock
+        self._controller_kwargs = controller_kwargs
+        self.controller: Optional[LatencyController] = None
+        if base_latency_ms is not None:
+            self.controller = LatencyController(self.ks, target_ms, base_latency_ms, **controller_kwargs)
+
+    def _run(self, x: torch.Tensor, k: int) -> tuple:
+        start = self.clock()
+        with torch.inference_mode():
+            logits = self.model(x, k=k)
+        if x.device.type == 'cuda':
+            torch.cuda.synchronize(x.device)
+        return logits, (self.clock() - start) * 1e3
+
+    def calibrate(self, x: torch.Tensor, repeats: int = 3) -> Dict[int, float]:
+        """Median latency (ms) of every k on batch ``x``; (re)starts the controller from them."""
+        base = {}
+        for k in self.ks:
+            self._run(x, k)  # warm-up
+            base[k] = statistics.median(self._run(x, k)[1] for _ in range(max(1, repeats)))
+        self.controller = LatencyController(self.ks, self.target_ms, base, **self._controller_kwargs)
+        return base
+
+    def __call__(self, x: torch.Tensor) -> AdaptiveOutput:
+        if self.controller is None:
+            self.calibrate(x)
+        k = self.controller.choose()
+        logits, latency = self._run(x, k)
+        self.controller.observe(k, latency)
+        return AdaptiveOutput(logits=logits, k=k, latency_ms=latency)
+
+
+# ------------------------------------------------------------------------------------------ load
+@dataclass(frozen=True)
+class LoadPhase:
+    """A period of changed compute: ``busy`` spinning child processes and/or fewer torch threads."""
+    name: str
+    busy: int = 0
+    threads: Optional[int] = None
+
+
+@contextmanager
+def applied_load(phase: LoadPhase) -> Iterator[List[subprocess.Popen]]:
+    """Apply ``phase`` (start its busy-loop processes, set torch threads); undo it on exit. Yields the processes."""
+    if phase.busy < 0 or (phase.threads is not None and phase.threads < 1):
+        raise ValueError(f'phase {phase.name!r}: busy must be >= 0 and threads >= 1')
+    procs: List[subprocess.Popen] = [subprocess.Popen([sys.executable, '-c', 'while True: pass'])
+                                     for _ in range(phase.busy)]
+    threads = torch.get_num_threads()
+    try:
+        if phase.threads is not None:
+            torch.set_num_threads(phase.threads)
+        yield procs
+    finally:
+        torch.set_num_threads(threads)
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
