@@ -10,6 +10,7 @@ states are saved.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -333,6 +334,12 @@ def load_initial_checkpoint(model: HydraViT, path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the run
+def effective_lr(cfg: TrainConfig, world_size: int = 1) -> float:
+    """``lr``, or timm's linear rule ``lr_base * global batch / 512`` when ``lr`` is not given."""
+    if cfg.lr is not None:
+        return cfg.lr
+    return cfg.lr_base * cfg.batch_size * world_size * cfg.grad_accum_steps / 512
+
 def _eval_metric_value(row: Mapping[str, Any], metric: str, prefix: str) -> float:
     return float(row[f'{prefix}eval_{metric}'])
 
@@ -381,8 +388,7 @@ class Trainer:
         self.updates_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum_steps)
         self.val_loader = _val_loader(val_set, cfg, env)
 
-        global_batch = cfg.batch_size * env.world_size * cfg.grad_accum_steps
-        self.lr = cfg.lr if cfg.lr is not None else cfg.lr_base * global_batch / 512
+        self.lr = effective_lr(cfg, env.world_size)
         self.optimizer = create_optimizer_v2(self.model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay,
                                              momentum=cfg.momentum)
         self.scheduler, self.num_epochs = create_scheduler_v2(
@@ -617,6 +623,8 @@ class Trainer:
             if improved:
                 self.best_metric, self.best_epoch = value, self.epoch
         self.summary.append(row)
+        if self.env.distributed:
+            self.check_replicas_in_sync()
         self.epoch, self.step = self.epoch + 1, 0
         self.loss_sum, self.loss_count = 0.0, 0
         self.save_checkpoint()
@@ -629,6 +637,21 @@ class Trainer:
                     save_model(self.out_dir / 'model_best_ema.safetensors', self.ema.module, self._metadata())
             evals = ', '.join(f'k{k}={row[f"eval_top1_k{k}"]:.2f}' for k in self.eval_ks) if rows else 'no eval'
             print(f'epoch {row["epoch"]}: train_loss {train_loss:.4f}, top1 {evals}', flush=True)
+
+    def check_replicas_in_sync(self) -> str:
+        """SHA-256 of the weights, compared across processes: DDP must keep every replica identical."""
+        digest = hashlib.sha256()
+        for name, tensor in self.model.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digests: List[Any] = [None] * self.env.world_size
+        dist.all_gather_object(digests, digest.hexdigest())
+        if len(set(digests)) != 1:
+            raise RuntimeError(f'epoch {self.epoch}: the processes hold different weights: {digests}')
+        if self.env.is_main:
+            print(f'epoch {self.epoch}: weights identical on all {self.env.world_size} processes '
+                  f'(sha256 {digests[0][:16]})', flush=True)
+        return digests[0]
 
     def _results(self, rows: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
         table = []
