@@ -153,11 +153,11 @@ def _memory_child(config: dict, k: int, mode: str, batch_size: int, threads: int
     try:
         torch.set_num_threads(threads)
         start = _rss_kb('VmRSS')
-        model = HydraViT(**config).eval()
-        fn = build_runner(model, k, mode)
-        if mode != 'sliced':
-            del model  # a deployed standalone model does not keep the universal one
         cfg = HydraViTConfig(**config)
+        if mode == 'sliced':
+            fn = build_runner(HydraViT(**config), k, mode)
+        else:  # a deployed subnet never holds the universal model; extracted and timm have the same tensors
+            fn = VisionTransformer(**subnet_vit_kwargs(cfg, k)).eval()
         with torch.inference_mode():
             fn(torch.randn(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size))
         queue.put((_rss_kb('VmHWM') - start) / 1024)

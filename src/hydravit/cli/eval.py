@@ -28,8 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--k', nargs='+', default=['all'], help="'all' (the trained k) or a list of k")
     p.add_argument('--mode', choices=EVAL_MODES, default='sliced',
                    help='sliced universal model, or the extracted standalone timm ViT of each k')
-    p.add_argument('--dataset', default='fashion-mnist', help='fashion-mnist, imagefolder, cifar10, cifar100')
-    p.add_argument('--data-dir', help='data root (default: the data set\'s standard location)')
+    p.add_argument('--dataset', help='fashion-mnist, imagefolder, cifar10, cifar100 (default: the one the '
+                                     'checkpoint was trained on, else fashion-mnist)')
+    p.add_argument('--data-dir', help='data root (default: the training one when --dataset is not given)')
     p.add_argument('--split', default='val', help='split to evaluate (default: %(default)s)')
     p.add_argument('--class-map', help='file mapping folder names to class indices (ImageNet-R/-A style subsets)')
     p.add_argument('--max-samples', type=int, help='evaluate on the first N samples only (quick checks)')
@@ -54,10 +55,12 @@ def parse_ks(values: List[str]) -> Optional[List[int]]:
         raise ValueError(f"--k takes 'all' or integers, got {values}") from None
 
 
-def _checkpoint_class_names(path: Path) -> Optional[List[str]]:
-    """Training class names if the trainer stored them in the checkpoint metadata."""
-    names = read_metadata(path).get('class_names')
-    return json.loads(names) if names else None
+def _training_metadata(path: Path) -> Dict[str, Any]:
+    """Class names and training data settings the trainer stores in checkpoint metadata ({} if none)."""
+    meta = read_metadata(path)
+    train_config = json.loads(meta.get('train_config') or '{}') or {}
+    return dict(class_names=json.loads(meta.get('class_names') or 'null'), dataset=train_config.get('dataset'),
+                data_dir=train_config.get('data_dir'))
 
 
 def build_eval_dataset(model: torch.nn.Module, args: argparse.Namespace, class_names: Optional[List[str]]):
@@ -77,7 +80,10 @@ def build_eval_dataset(model: torch.nn.Module, args: argparse.Namespace, class_n
 def run(args: argparse.Namespace) -> int:
     path = resolve_checkpoint(args.checkpoint, args.use_ema)
     model, ks = load_for_eval(path, parse_ks(args.k))
-    dataset, data_config = build_eval_dataset(model, args, _checkpoint_class_names(path))
+    trained = _training_metadata(path)
+    if args.dataset is None:
+        args.dataset, args.data_dir = trained['dataset'] or 'fashion-mnist', args.data_dir or trained['data_dir']
+    dataset, data_config = build_eval_dataset(model, args, trained['class_names'])
     present = list(getattr(dataset, 'class_indices', None) or range(model.num_classes))
     class_indices = present if len(present) < model.num_classes else None
     if class_indices is not None:
