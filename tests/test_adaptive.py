@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from hydravit import HydraViT
-from hydravit.adaptive import AdaptivePredictor, LatencyController, LoadPhase, applied_load
+from hydravit.adaptive import (AdaptivePredictor, LatencyController, LoadPhase, applied_load, run_under_load,
+                               summarize)
 
 KS = list(range(3, 13))
 TRUE_MS = {k: 2.0 + 0.25 * k * k for k in KS}  # 4.25 ms at k=3 .. 38 ms at k=12 when unloaded
@@ -169,3 +170,24 @@ def test_applied_load_restores_threads_and_stops_processes():
     with pytest.raises(ValueError, match='busy'):
         with applied_load(LoadPhase('bad', busy=-1)):
             pass
+
+
+def test_summarize_counts_batches_within_target_and_accuracy_served():
+    records = [dict(phase='quiet', policy='a', batch=0, k=4, latency_ms=5.0),
+               dict(phase='quiet', policy='a', batch=1, k=2, latency_ms=12.0),
+               dict(phase='busy', policy='a', batch=0, k=2, latency_ms=9.0),
+               dict(phase='quiet', policy='b', batch=0, k=4, latency_ms=20.0)]
+    rows = summarize(records, target_ms=10.0, accuracy={2: 70.0, 4: 80.0})
+    by = {(r['phase'], r['policy']): r for r in rows}
+    assert [(r['phase'], r['policy']) for r in rows][-2:] == [('all', 'a'), ('all', 'b')]
+    assert by['quiet', 'a']['met_target'] == 0.5 and by['quiet', 'a']['mean_top1'] == 75.0
+    assert by['all', 'a']['batches'] == 3 and by['all', 'a']['met_target'] == pytest.approx(2 / 3)
+    assert by['quiet', 'b']['met_target'] == 0.0 and by['all', 'a']['mean_k'] == pytest.approx(8 / 3)
+
+
+def test_run_under_load_interleaves_policies_per_batch():
+    calls = []
+    policies = {name: (lambda x, name=name: calls.append(name) or (3, 1.0)) for name in ('p', 'q')}
+    records = run_under_load(policies, torch.zeros(1), [LoadPhase('one'), LoadPhase('two')], batches_per_phase=2)
+    assert calls == ['p', 'q'] * 4
+    assert [(r['phase'], r['batch']) for r in records[:4]] == [('one', 0), ('one', 0), ('one', 1), ('one', 1)]

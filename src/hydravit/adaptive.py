@@ -22,7 +22,10 @@ import torch
 
 from .model import HydraViT
 
-__all__ = ['LatencyController', 'AdaptivePredictor', 'AdaptiveOutput', 'LoadPhase', 'applied_load']
+__all__ = [
+    'LatencyController', 'AdaptivePredictor', 'AdaptiveOutput', 'LoadPhase', 'applied_load', 'DEFAULT_PHASES',
+    'fixed_k_policy', 'adaptive_policy', 'run_under_load', 'summarize', 'calibrate_latencies',
+]
 
 
 class LatencyController:
@@ -110,6 +113,26 @@ class LatencyController:
         self.base[k] = (1 - b) * self.base[k] + b * latency_ms / self.load
 
 
+def _timed_forward(model: HydraViT, x: torch.Tensor, k: int, clock: Callable[[], float]) -> tuple:
+    """(logits, milliseconds) of one forward at k."""
+    start = clock()
+    with torch.inference_mode():
+        logits = model(x, k=k)
+    if x.device.type == 'cuda':
+        torch.cuda.synchronize(x.device)
+    return logits, (clock() - start) * 1e3
+
+
+def calibrate_latencies(model: HydraViT, x: torch.Tensor, ks: Sequence[int], *, repeats: int = 3,
+                        clock: Callable[[], float] = time.perf_counter) -> Dict[int, float]:
+    """Median latency (ms) of batch ``x`` at every k, after one warm-up call each."""
+    base = {}
+    for k in ks:
+        _timed_forward(model, x, k, clock)
+        base[k] = statistics.median(_timed_forward(model, x, k, clock)[1] for _ in range(max(1, repeats)))
+    return base
+
+
 @dataclass
 class AdaptiveOutput:
     logits: torch.Tensor
@@ -139,19 +162,11 @@ class AdaptivePredictor:
             self.controller = LatencyController(self.ks, target_ms, base_latency_ms, **controller_kwargs)
 
     def _run(self, x: torch.Tensor, k: int) -> tuple:
-        start = self.clock()
-        with torch.inference_mode():
-            logits = self.model(x, k=k)
-        if x.device.type == 'cuda':
-            torch.cuda.synchronize(x.device)
-        return logits, (self.clock() - start) * 1e3
+        return _timed_forward(self.model, x, k, self.clock)
 
     def calibrate(self, x: torch.Tensor, repeats: int = 3) -> Dict[int, float]:
         """Median latency (ms) of every k on batch ``x``; (re)starts the controller from them."""
-        base = {}
-        for k in self.ks:
-            self._run(x, k)  # warm-up
-            base[k] = statistics.median(self._run(x, k)[1] for _ in range(max(1, repeats)))
+        base = calibrate_latencies(self.model, x, self.ks, repeats=repeats, clock=self.clock)
         self.controller = LatencyController(self.ks, self.target_ms, base, **self._controller_kwargs)
         return base
 
@@ -191,3 +206,59 @@ def applied_load(phase: LoadPhase) -> Iterator[List[subprocess.Popen]]:
             p.kill()
         for p in procs:
             p.wait()
+
+
+# ------------------------------------------------------------------------------------------ load runs
+Policy = Callable[[torch.Tensor], tuple]  # batch -> (k served, latency ms)
+
+DEFAULT_PHASES = (LoadPhase('quiet'), LoadPhase('2 busy procs', busy=2), LoadPhase('1 thread', threads=1),
+                  LoadPhase('quiet again'))
+
+
+def fixed_k_policy(model: HydraViT, k: int, clock: Callable[[], float] = time.perf_counter) -> Policy:
+    """Always serve ``k``: the baseline an adaptive policy is compared with."""
+    k = model.resolve_k(k)
+    return lambda x: (k, _timed_forward(model, x, k, clock)[1])
+
+
+def adaptive_policy(predictor: AdaptivePredictor) -> Policy:
+    def serve(x: torch.Tensor) -> tuple:
+        out = predictor(x)
+        return out.k, out.latency_ms
+    return serve
+
+
+def run_under_load(policies: Mapping[str, Policy], x: torch.Tensor, phases: Sequence[LoadPhase] = DEFAULT_PHASES,
+                   batches_per_phase: int = 30) -> List[Dict]:
+    """Serve ``batches_per_phase`` batches per phase with every policy, interleaved batch by batch.
+
+    Interleaving makes every policy see the same load. One record per batch: phase, policy, k, latency_ms.
+    """
+    records = []
+    for phase in phases:
+        with applied_load(phase):
+            for i in range(batches_per_phase):
+                for name, policy in policies.items():
+                    k, latency = policy(x)
+                    records.append(dict(phase=phase.name, policy=name, batch=i, k=k, latency_ms=latency))
+    return records
+
+
+def summarize(records: Sequence[Mapping], target_ms: float,
+              accuracy: Optional[Mapping[int, float]] = None) -> List[Dict]:
+    """Per (phase, policy) and overall per policy: share of batches within target, mean k and accuracy served."""
+    groups: Dict[tuple, List[Mapping]] = {}
+    for r in records:
+        groups.setdefault((r['phase'], r['policy']), []).append(r)
+    for r in records:
+        groups.setdefault(('all', r['policy']), []).append(r)
+    rows = []
+    for (phase, policy), rs in groups.items():
+        lat = sorted(r['latency_ms'] for r in rs)
+        row = dict(phase=phase, policy=policy, batches=len(rs),
+                   met_target=sum(v <= target_ms for v in lat) / len(lat), mean_k=statistics.mean(r['k'] for r in rs),
+                   p50_ms=statistics.median(lat), p90_ms=lat[min(len(lat) - 1, int(0.9 * len(lat)))])
+        if accuracy:
+            row['mean_top1'] = statistics.mean(accuracy[r['k']] for r in rs)
+        rows.append(row)
+    return rows

@@ -15,6 +15,7 @@ COMMANDS = {
     'train': 'hydravit.cli.train',
     'export': 'hydravit.cli.export',
     'select': 'hydravit.cli.select',
+    'serve-demo': 'hydravit.cli.adaptive',
 }
 
 

@@ -1,0 +1,54 @@
+"""``hydravit serve-demo``: adaptive inference under changing load, one universal model, k chosen per batch."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..adaptive import (DEFAULT_PHASES, AdaptivePredictor, LoadPhase, adaptive_policy, calibrate_latencies,
+                        fixed_k_policy, run_under_load, summarize)
+from ..export import read_accuracy
+from ..registry import create_model_or_load
+from ..report import format_table
+
+AUTO_TARGET_SLACK = 1.1  # auto target: the largest k fits (within up_fraction) when the machine is as calibrated
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser('serve-demo', help='demo: adaptive k per batch to hold a latency target as load changes',
+                       description='Serve random batches with an AdaptivePredictor through load phases (quiet, busy '
+                                   'child processes, one torch thread, quiet) and print per phase the share of '
+                                   'batches within the target and the k served.')
+    src = p.add_mutually_exclusive_group()
+    src.add_argument('--model', default='hydravit_fmnist_patch7_28', help='registered model (default: %(default)s)')
+    src.add_argument('--checkpoint', help='a HydraViT .safetensors checkpoint instead of --model')
+    p.add_argument('--target-ms', type=float,
+                   help='latency target per batch; default: the largest k just fits on the quiet machine')
+    p.add_argument('-b', '--batch-size', type=int, default=32)
+    p.add_argument('--batches', type=int, default=30, help='batches per load phase (default: %(default)s)')
+    p.add_argument('--busy', type=int, default=2, help='busy-loop processes in the loaded phase (default: %(default)s)')
+    p.add_argument('--compare', action='store_true', help='also serve always-largest and always-smallest k')
+    p.add_argument('--results', help='per-k accuracy file, to report the mean accuracy served')
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1 or args.batches < 1 or args.busy < 0:
+        raise ValueError('--batch-size and --batches must be >= 1, --busy >= 0')
+    model = create_model_or_load(model_name=args.model, checkpoint=args.checkpoint).eval()
+    c = model.config
+    x = torch.randn(args.batch_size, c.in_chans, c.img_size, c.img_size)
+    ks = list(model.k_choices)
+    base = calibrate_latencies(model, x, ks)
+    target = args.target_ms or max(base.values()) / 0.7 * AUTO_TARGET_SLACK
+    print('calibrated ms per batch: ' + ', '.join(f'k{k}={v:.1f}' for k, v in base.items()))
+    print(f'target {target:.1f} ms per batch of {args.batch_size}')
+    policies = {'adaptive': adaptive_policy(AdaptivePredictor(model, target, base_latency_ms=base))}
+    if args.compare:
+        policies.update({f'always k={ks[-1]}': fixed_k_policy(model, ks[-1]), f'always k={ks[0]}': fixed_k_policy(model, ks[0])})
+    phases = [p if p.busy == 0 else LoadPhase(f'{args.busy} busy procs', busy=args.busy) for p in DEFAULT_PHASES]
+    records = run_under_load(policies, x, phases, args.batches)
+    accuracy = read_accuracy(args.checkpoint, args.results) if (args.checkpoint or args.results) else {}
+    rows = summarize(records, target, {k: v['top1'] for k, v in accuracy.items() if 'top1' in v} or None)
+    print(format_table(rows))
+    return 0
