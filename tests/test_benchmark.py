@@ -75,6 +75,7 @@ def test_switching_table():
     assert [(r['k'], r['k_from']) for r in rows] == [(1, 4), (4, 3)]
     for r in rows:
         assert r['switch_ms'] >= r['use_k_us'] / 1e3 > 0
+        assert r['switch_ms'] == pytest.approx(r['use_k_us'] / 1e3 + max(r['switch_overhead_ms'], 0))
         assert r['load_ms'] > 0
         assert r['load_vs_switch'] == pytest.approx(r['load_ms'] / r['switch_ms'])
 

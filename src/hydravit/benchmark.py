@@ -199,9 +199,9 @@ def benchmark_subnets(
         batch_size: int = 256,
         device: str | torch.device = 'cpu',
         rounds: int = 3,
-        min_seconds: float = 0.25,
+        min_seconds: float = 0.2,
         warmup: int = 3,
-        latency_iters: int = 50,
+        latency_iters: int = 30,
         train: bool = False,
         train_iters: int = 5,
         measure_memory: bool = True,
@@ -245,15 +245,18 @@ def benchmark_subnets(
 
 
 # ------------------------------------------------------------------------------------------ switching
-def _first_forward_after_switch(model: HydraViT, k_from: int, k: int, x: torch.Tensor) -> float:
-    """Seconds of ``use_k(k)`` plus the first forward at k, right after running at ``k_from``."""
+def _switch_pair(model: HydraViT, k_from: int, k: int, x: torch.Tensor) -> tuple:
+    """(seconds of use_k(k) + the first forward at k right after running at k_from, seconds of the next one)."""
     model(x, k=k_from)
     _sync(x.device)
-    start = time.perf_counter()
-    with model.use_k(k):
-        model(x)
-    _sync(x.device)
-    return time.perf_counter() - start
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        with model.use_k(k):
+            model(x)
+        _sync(x.device)
+        times.append(time.perf_counter() - start)
+    return tuple(times)
 
 
 def _use_k_seconds(model: HydraViT, k: int, iters: int = 1000) -> float:
@@ -276,12 +279,13 @@ def _load_from_disk(path: Path, kwargs: dict, x: torch.Tensor) -> float:
 
 
 def measure_switching(model: HydraViT, ks: Optional[Sequence[int]] = None, *, batch_size: int = 1,
-                      device: str | torch.device = 'cpu', repeats: int = 5) -> List[Dict]:
+                      device: str | torch.device = 'cpu', repeats: int = 10) -> List[Dict]:
     """Per k: cost of switching the in-memory universal model to k vs loading a model of that size.
 
-    ``switch_ms`` = ``use_k`` cost + (first forward after switching - steady forward), i.e. what the
-    switch itself adds; ``load_ms`` = build + load_state_dict from a safetensors file + first forward
-    (the paper's loading-latency table). Medians over ``repeats``; switching from the largest other k.
+    Each repeat runs the largest other k, then two forwards at k: the first pays any switching cost,
+    the second is steady state. ``switch_overhead_ms`` is the median of their difference (noise can
+    make it negative), ``switch_ms`` = ``use_k`` cost + max(overhead, 0). ``load_ms`` = build a timm
+    ViT + load_state_dict from a safetensors file + first forward (the paper's loading latency).
     """
     ks = [model.resolve_k(k) for k in (model.k_choices if ks is None else ks)]
     device = torch.device(device)
@@ -295,13 +299,15 @@ def measure_switching(model: HydraViT, ks: Optional[Sequence[int]] = None, *, ba
             path = Path(tmp) / f'subnet_k{k}.safetensors'
             save_file({n: t.contiguous().cpu() for n, t in extract_subnet(model, k).state_dict().items()}, str(path))
             _load_from_disk(path, subnet_vit_kwargs(cfg, k), x)  # warm the page cache and the allocator
-            first = statistics.median(_first_forward_after_switch(model, k_from, k, x) for _ in range(repeats))
-            steady = statistics.median(_timed(lambda t: model(t, k=k), x, max(repeats, 10)))
+            pairs = [_switch_pair(model, k_from, k, x) for _ in range(repeats)]
+            first = statistics.median(p[0] for p in pairs)
+            steady = statistics.median(p[1] for p in pairs)
+            overhead = statistics.median(p[0] - p[1] for p in pairs)
             use_k = _use_k_seconds(model, k)
             load = statistics.median(_load_from_disk(path, subnet_vit_kwargs(cfg, k), x) for _ in range(repeats))
-            switch = use_k + max(first - steady, 0.0)
+            switch = use_k + max(overhead, 0.0)
             rows.append(dict(k=k, k_from=k_from, use_k_us=use_k * 1e6, first_forward_ms=first * 1e3,
-                             steady_forward_ms=steady * 1e3, switch_ms=switch * 1e3, load_ms=load * 1e3,
-                             load_vs_switch=load / max(switch, 1e-7), load_vs_forward=load / steady,
-                             batch_size=batch_size, device=str(device)))
+                             steady_forward_ms=steady * 1e3, switch_overhead_ms=overhead * 1e3,
+                             switch_ms=switch * 1e3, load_ms=load * 1e3, load_vs_switch=load / switch,
+                             load_vs_forward=load / steady, batch_size=batch_size, device=str(device)))
     return rows
