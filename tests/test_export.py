@@ -18,6 +18,7 @@ from hydravit.registry import create_model
 
 TRAIN_CFG = dict(mean=[0.1, 0.2, 0.3], std=[0.5, 0.6, 0.7], interpolation='bilinear', crop_pct=0.9,
                  input_size=[3, 16, 16])
+CLASSES = [f'class{i}' for i in range(10)]
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def checkpoint(tmp_path, randomize):
     """A trained-looking run folder: checkpoint with training preprocessing in its metadata + results.csv."""
     model = randomize(create_model('hydravit_test_patch4_16')).eval()
     path = save_model(tmp_path / 'run' / 'model_best.safetensors', model,
-                      metadata={'pretrained_cfg': json.dumps(TRAIN_CFG)})
+                      metadata={'pretrained_cfg': json.dumps(TRAIN_CFG), 'class_names': json.dumps(CLASSES)})
     rows = [dict(k=k, top1=50.0 + k, top5=90.0 + k / 10, loss=1.0 / k) for k in model.k_choices]
     with open(path.parent / 'results.csv', 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -45,6 +46,7 @@ def test_timm_folder_loads_with_local_dir_and_matches(checkpoint, tmp_path):
         with torch.no_grad():
             assert (vit(x) - model(x, k=k)).abs().max().item() <= 1e-5
         cfg = vit.pretrained_cfg
+        assert list(cfg['label_names']) == CLASSES
         assert tuple(cfg['mean']) == pytest.approx(TRAIN_CFG['mean']) and tuple(cfg['std']) == pytest.approx(
             TRAIN_CFG['std'])
         assert tuple(cfg['input_size']) == (3, 16, 16) and cfg['interpolation'] == 'bilinear'
@@ -93,6 +95,13 @@ def test_preprocessing_falls_back_to_the_registered_model(tmp_path, randomize):
     cfg = preprocessing_config(path, model)
     assert cfg['mean'] == model.pretrained_cfg['mean'] and cfg['input_size'] == (1, 28, 28)
     assert cfg['interpolation'] == 'bilinear' and 'hydravit_fmnist_patch7_28' in cfg['source']
+
+
+def test_preprocessing_from_the_trainers_config(tmp_path, randomize):
+    model = create_model('hydravit_fmnist_patch7_28', depth=1)
+    meta = {'train_config': json.dumps({'model': 'hydravit_fmnist_patch7_28'})}
+    path = save_model(tmp_path / 'ck.safetensors', model, meta)
+    assert 'training config' in preprocessing_config(path, model)['source']
 
 
 def test_unknown_preprocessing_is_an_error_unless_named(tmp_path):

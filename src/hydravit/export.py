@@ -45,6 +45,7 @@ TIMM_ARCHITECTURE = 'vit_base_patch16_224'
 PREPROCESSING_KEYS = ('input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std', 'num_classes',
                       'fixed_input_size', 'first_conv', 'classifier')
 PRETRAINED_CFG_KEY = 'pretrained_cfg'  # optional safetensors metadata written by training
+TRAIN_CONFIG_KEY = 'train_config'  # the trainer's config (JSON, with the registered model name)
 RESULTS_NAMES = ('results.csv', 'results.json', 'eval.csv', 'eval.json')
 ACCURACY_KEYS = ('top1', 'top1_err', 'top5', 'top5_err', 'loss')
 ONNX_ATOL = 1e-4
@@ -89,8 +90,8 @@ def preprocessing_config(checkpoint: str | os.PathLike, model: HydraViT,
     """The preprocessing used in training (mean/std/input size/interpolation/crop), and where it came from.
 
     In order: ``pretrained_cfg`` JSON in the checkpoint metadata; the default cfg of ``model_name``; of
-    the ``model`` named in the run's ``args.yaml``; of the one registered HydraViT whose input size and
-    class count match. Anything else is an error: guessing normalisation silently costs accuracy.
+    the ``model`` named in the trainer's ``train_config`` metadata or in the run's ``args.yaml``; of the
+    one registered HydraViT whose input size and class count match. Anything else is an error: guessing normalisation silently costs accuracy.
     """
     path = Path(checkpoint)
     meta = read_metadata(path)
@@ -99,6 +100,9 @@ def preprocessing_config(checkpoint: str | os.PathLike, model: HydraViT,
         source, cfg = f'{path.name} metadata', json.loads(meta[PRETRAINED_CFG_KEY])
     elif model_name:
         source, cfg = f'model {model_name}', _registered_cfg(model_name)
+    elif json.loads(meta.get(TRAIN_CONFIG_KEY, '{}')).get('model'):
+        name = json.loads(meta[TRAIN_CONFIG_KEY])['model']
+        source, cfg = f'model {name} (training config in {path.name})', _registered_cfg(name)
     elif (path.parent / 'args.yaml').is_file():
         name = (yaml.safe_load((path.parent / 'args.yaml').read_text()) or {}).get('model')
         if name:
@@ -184,12 +188,13 @@ def _write_json(path: Path, data: Any) -> Path:
 
 
 def export_timm(model: HydraViT, k: int, folder: str | os.PathLike, preprocessing: Mapping[str, Any],
-                info: Optional[Mapping[str, Any]] = None) -> Path:
+                info: Optional[Mapping[str, Any]] = None, label_names: Optional[Sequence[str]] = None) -> Path:
     """``folder`` loadable with ``timm.create_model('local-dir:' + folder, pretrained=True)``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vit = _timm_vit(model, model.resolve_k(k), preprocessing)
-    atomic_write(folder / 'config.json', lambda tmp: save_config_for_hf(vit, tmp))
+    extra = {'label_names': list(label_names)} if label_names else None
+    atomic_write(folder / 'config.json', lambda tmp: save_config_for_hf(vit, tmp, model_config=extra))
     atomic_write(folder / 'model.safetensors', lambda tmp: save_file(vit.state_dict(), tmp))
     _write_json(folder / 'hydravit.json', {'k': k, **(info or {})})
     return folder
@@ -290,6 +295,7 @@ def export_subnets(
     output = Path(output)
     preprocessing = preprocessing_config(checkpoint, model, model_name)
     accuracy = read_accuracy(checkpoint, results)
+    label_names = json.loads(read_metadata(checkpoint).get('class_names') or 'null')
     _prepare_output(output, overwrite)
     parent = {'parent_checkpoint': str(checkpoint.resolve()), 'parent_sha256': file_sha256(checkpoint),
               'parent_config': model.config.to_dict()}
@@ -302,7 +308,7 @@ def export_subnets(
         for fmt in formats:
             start = time.perf_counter()
             if fmt == 'timm':
-                row['timm_dir'] = str(export_timm(model, k, output / f'k{k}', preprocessing, info))
+                row['timm_dir'] = str(export_timm(model, k, output / f'k{k}', preprocessing, info, label_names))
             elif fmt == 'safetensors':
                 row['safetensors'] = str(export_safetensors(model, k, output / f'k{k}.safetensors', preprocessing,
                                                             info))

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     print(f'target {target:.1f} ms per batch of {args.batch_size}')
     policies = {'adaptive': adaptive_policy(AdaptivePredictor(model, target, base_latency_ms=base))}
     if args.compare:
-        policies.update({f'always k={ks[-1]}': fixed_k_policy(model, ks[-1]), f'always k={ks[0]}': fixed_k_policy(model, ks[0])})
+        policies.update({f'always k={k}': fixed_k_policy(model, k) for k in (ks[-1], ks[0])})
     phases = [p if p.busy == 0 else LoadPhase(f'{args.busy} busy procs', busy=args.busy) for p in DEFAULT_PHASES]
     records = run_under_load(policies, x, phases, args.batches)
     accuracy = read_accuracy(args.checkpoint, args.results) if (args.checkpoint or args.results) else {}
