@@ -91,7 +91,8 @@ def preprocessing_config(checkpoint: str | os.PathLike, model: HydraViT,
 
     In order: ``pretrained_cfg`` JSON in the checkpoint metadata; the default cfg of ``model_name``; of
     the ``model`` named in the trainer's ``train_config`` metadata or in the run's ``args.yaml``; of the
-    one registered HydraViT whose input size and class count match. Anything else is an error: guessing normalisation silently costs accuracy.
+    one registered HydraViT whose input size and class count match. Anything else is an error:
+    guessing the normalisation silently costs accuracy.
     """
     path = Path(checkpoint)
     meta = read_metadata(path)
