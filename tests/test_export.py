@@ -139,3 +139,14 @@ def test_existing_output_needs_overwrite(checkpoint, tmp_path, capsys):
     assert main(['export', '--checkpoint', str(path), '--k', 'all', '--format', 'safetensors', '--output', str(out),
                  '--overwrite']) == 0
     assert sorted(p.name for p in out.glob('k*.safetensors')) == [f'k{k}.safetensors' for k in (1, 2, 3, 4)]
+
+
+def test_read_accuracy_uses_ema_columns_for_an_ema_checkpoint(tmp_path):
+    from hydravit.export import read_accuracy
+    from hydravit.report import write_results
+    write_results([dict(k=3, top1=70.0, ema_top1=72.0, mode='sliced'), dict(k=3, top1=1.0, mode='extracted'),
+                   dict(k=6, top1=75.0, ema_top1=None, mode='sliced')], tmp_path, 'results', verbose=False)
+    assert read_accuracy(tmp_path / 'last.safetensors')[3]['top1'] == 70.0
+    ema = read_accuracy(tmp_path / 'last_ema.safetensors')
+    assert ema[3]['top1'] == 72.0 and ema[6]['top1'] == 75.0  # no EMA number for k=6: the plain one
+    assert read_accuracy(tmp_path / 'sub' / 'x.safetensors') == {}
