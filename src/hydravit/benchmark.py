@@ -279,12 +279,13 @@ def _load_from_disk(path: Path, kwargs: dict, x: torch.Tensor) -> float:
 
 
 def measure_switching(model: HydraViT, ks: Optional[Sequence[int]] = None, *, batch_size: int = 1,
-                      device: str | torch.device = 'cpu', repeats: int = 10) -> List[Dict]:
+                      device: str | torch.device = 'cpu', repeats: int = 30) -> List[Dict]:
     """Per k: cost of switching the in-memory universal model to k vs loading a model of that size.
 
     Each repeat runs the largest other k, then two forwards at k: the first pays any switching cost,
-    the second is steady state. ``switch_overhead_ms`` is the median of their difference (noise can
-    make it negative), ``switch_ms`` = ``use_k`` cost + max(overhead, 0). ``load_ms`` = build a timm
+    the second is steady state. A control repeat does the same without switching (run at k first), so
+    ``switch_overhead_ms`` = median(first - second) - median(control first - second); noise can make
+    it negative. ``switch_ms`` = ``use_k`` cost + max(overhead, 0). ``load_ms`` = build a timm
     ViT + load_state_dict from a safetensors file + first forward (the paper's loading latency).
     """
     ks = [model.resolve_k(k) for k in (model.k_choices if ks is None else ks)]
@@ -299,10 +300,14 @@ def measure_switching(model: HydraViT, ks: Optional[Sequence[int]] = None, *, ba
             path = Path(tmp) / f'subnet_k{k}.safetensors'
             save_file({n: t.contiguous().cpu() for n, t in extract_subnet(model, k).state_dict().items()}, str(path))
             _load_from_disk(path, subnet_vit_kwargs(cfg, k), x)  # warm the page cache and the allocator
-            pairs = [_switch_pair(model, k_from, k, x) for _ in range(repeats)]
+            pairs, controls = [], []
+            for _ in range(repeats):  # interleaved, so both see the same machine load
+                pairs.append(_switch_pair(model, k_from, k, x))
+                controls.append(_switch_pair(model, k, k, x))
             first = statistics.median(p[0] for p in pairs)
             steady = statistics.median(p[1] for p in pairs)
-            overhead = statistics.median(p[0] - p[1] for p in pairs)
+            control = statistics.median(c[0] - c[1] for c in controls)
+            overhead = statistics.median(p[0] - p[1] for p in pairs) - control
             use_k = _use_k_seconds(model, k)
             load = statistics.median(_load_from_disk(path, subnet_vit_kwargs(cfg, k), x) for _ in range(repeats))
             switch = use_k + max(overhead, 0.0)

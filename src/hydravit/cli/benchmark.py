@@ -31,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--latency-iters', type=int, default=30, help='timed batch-1 calls per k and mode')
     p.add_argument('--no-memory', action='store_true', help='skip the peak-memory child processes')
     p.add_argument('--no-switching', action='store_true', help='skip the switching vs loading table')
+    p.add_argument('--switch-repeats', type=int, default=30, help='paired switch/steady forwards per k (median)')
     p.add_argument('--threads', type=int, help='torch CPU threads (default: torch\'s)')
     p.add_argument('--system-malloc', action='store_true', help="keep glibc's default malloc thresholds on CPU")
     p.add_argument('--results-file', help='write rows here (.csv/.json); switching goes to <stem>_switching.<ext>')
@@ -72,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     rows = benchmark_subnets(model, args.k, modes=args.modes, batch_size=args.batch_size, device=device,
                              rounds=args.rounds, min_seconds=args.min_seconds, latency_iters=args.latency_iters,
                              train=args.train, measure_memory=not args.no_memory)
-    switching = None if args.no_switching else measure_switching(model, args.k, device=device)
+    switching = (None if args.no_switching else
+                 measure_switching(model, args.k, device=device, repeats=args.switch_repeats))
     _output(args, rows, switching)
     return 0
 
