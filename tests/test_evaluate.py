@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 
 import hydravit  # noqa: F401
 from hydravit.checkpoint import CheckpointError, save_model
-from hydravit.evaluate import add_costs, evaluate_subnets, label_map, load_for_eval, resolve_checkpoint
+from hydravit.evaluate import (add_costs, evaluate_dataset, evaluate_subnets, label_map, load_for_eval,
+                               resolve_checkpoint)
 from hydravit.costs import subnet_cost
 
 
@@ -168,3 +169,63 @@ def test_eval_cli_rejects_bad_checkpoint_and_k_before_reading_data(tmp_path, cap
     assert 'outside 1..4' in capsys.readouterr().err
     assert main(['eval', '--checkpoint', str(path), '--k', 'two']) == 2
     assert "--k takes 'all' or integers" in capsys.readouterr().err
+
+
+class TensorSet(torch.utils.data.Dataset):
+    """A data set as load_dataset returns it: items (image, label), num_classes and the labels present."""
+
+    def __init__(self, x, y, num_classes, class_indices=None):
+        self.x, self.y, self.num_classes = x, y, num_classes
+        self.class_indices = class_indices
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def test_evaluate_dataset_scores_a_class_subset_like_imagenet_r(randomize):
+    model = randomize(timm.create_model('hydravit_test_patch4_16'), seed=5).eval()
+    g = torch.Generator().manual_seed(4)
+    subset = [1, 4, 8]
+    x = torch.randn(24, 3, 16, 16, generator=g)
+    y = torch.tensor(subset)[torch.randint(0, 3, (24,), generator=g)]
+    rows = evaluate_dataset(model, TensorSet(x, y, 10, subset), [2, 4], batch_size=10)
+    with torch.no_grad():
+        for row in rows:
+            pred = torch.tensor(subset)[model(x, k=row['k'])[:, subset].argmax(1)]
+            assert row['top1'] == pytest.approx(100.0 * (pred == y).float().mean().item())
+            assert row['top5'] == 100.0  # only 3 classes scored
+            assert row['num_classes_scored'] == 3
+            assert row['gmacs'] == pytest.approx(subnet_cost(model.config, row['k']).gmacs)
+            assert (row['img_size'], row['crop_pct'], row['mode']) == (16, 1.0, 'sliced')
+    with pytest.raises(ValueError, match='has 7 classes but the model was trained on 10'):
+        evaluate_dataset(model, TensorSet(x, y, 7), [2])
+    with pytest.raises(ValueError, match=r'labels must be class indices in 0..9'):
+        evaluate_dataset(model, TensorSet(x, y + 5, None), [2])
+
+
+def test_eval_cli_end_to_end_with_report(tmp_path, monkeypatch, randomize):
+    from hydravit.cli import eval as eval_cli, main
+    from hydravit.report import read_results
+    model = randomize(timm.create_model('hydravit_test_patch4_16', k_choices=(2, 3, 4)), seed=6)
+    run = tmp_path / 'run1'
+    save_model(run / 'model_best.safetensors', model)
+    save_model(run / 'model_best_ema.safetensors', model)
+    g = torch.Generator().manual_seed(7)
+    data = TensorSet(torch.randn(12, 3, 16, 16, generator=g), torch.randint(0, 10, (12,), generator=g), 10)
+    monkeypatch.setattr(eval_cli, 'build_eval_dataset', lambda model, args, names: data)
+    out = tmp_path / 'eval.json'
+    assert main(['eval', '--checkpoint', str(run), '--use-ema', '--k', '2', '4', '--workers', '0',
+                 '--results-file', str(out), '--report', str(tmp_path / 'report'), '--no-benchmark']) == 0
+    rows = read_results(out)
+    assert [r['k'] for r in rows] == [2, 4]
+    assert rows[0]['checkpoint'].endswith('model_best_ema.safetensors') and rows[0]['num_samples'] == 12
+    assert (rows[0]['img_size'], rows[0]['crop_pct']) == (16, 1.0)  # the model's preprocessing, not ImageNet's
+    assert set(rows[0]) >= {'top1', 'top1_err', 'top5', 'top5_err', 'loss', 'param_count', 'gmacs', 'img_size',
+                            'crop_pct', 'interpolation', 'mode', 'checkpoint'}
+    direct = evaluate_subnets(model, [(data.x, data.y)], [2, 4])
+    assert [r['top1'] for r in rows] == pytest.approx([r['top1'] for r in direct], rel=1e-5)
+    assert (tmp_path / 'report' / 'accuracy_vs_gmacs.png').stat().st_size > 0
+    assert '| run1 |' in (tmp_path / 'report' / 'report.md').read_text()

@@ -20,7 +20,8 @@ from .costs import subnet_cost
 from .model import HydraViT, HydraViTConfig
 from .subnet import extract_subnet
 
-__all__ = ['evaluate_subnets', 'add_costs', 'label_map', 'resolve_checkpoint', 'load_for_eval', 'EVAL_MODES']
+__all__ = ['evaluate_subnets', 'add_costs', 'label_map', 'resolve_checkpoint', 'load_for_eval',
+           'evaluate_dataset', 'EVAL_MODES']
 
 EVAL_MODES = ('sliced', 'extracted')
 RUN_CHECKPOINTS = ('model_best', 'last')  # what the trainer writes in a run folder, in order of preference
@@ -74,10 +75,14 @@ def _subnet_fns(model: HydraViT, ks: Sequence[int], mode: Mode) -> Iterable[tupl
             yield k, (lambda x, k=k: model(x, k=k))
 
 
-def _batches(loader: Iterable, device: torch.device, mapping: Optional[torch.Tensor]) -> Iterable[tuple]:
+def _batches(loader: Iterable, device: torch.device, mapping: Optional[torch.Tensor],
+             num_classes: int) -> Iterable[tuple]:
     for batch in loader:
         images, target = batch[0], batch[1]
         images, target = images.to(device, non_blocking=True), torch.as_tensor(target).to(device)
+        if bool((target < 0).any() or (target >= num_classes).any()):
+            raise ValueError(f'labels must be class indices in 0..{num_classes - 1} (the model has {num_classes} '
+                             f'classes), got {int(target.min())}..{int(target.max())}')
         if mapping is not None:
             target = mapping[target]
             if bool((target < 0).any()):
@@ -119,14 +124,14 @@ def evaluate_subnets(
         with torch.inference_mode(), autocast:
             if mode == 'sliced':
                 tallies = {k: _Tally() for k in ks}
-                for images, target in _batches(loader, device, mapping):
+                for images, target in _batches(loader, device, mapping, model.num_classes):
                     for k in ks:
                         tallies[k].update(_restrict(model(images, k=k), columns), target)
                 return [tallies[k].row(k) for k in ks]
             rows = []
             for k, net in _subnet_fns(model, ks, mode):
                 tally = _Tally()
-                for images, target in _batches(loader, device, mapping):
+                for images, target in _batches(loader, device, mapping, model.num_classes):
                     tally.update(_restrict(net(images), columns), target)
                 rows.append(tally.row(k))
                 del net
@@ -167,12 +172,22 @@ def resolve_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> Path:
     return path
 
 
-def load_for_eval(path: str | os.PathLike, ks: Optional[Sequence[int]] = None) -> Tuple[HydraViT, List[int]]:
-    """Model of a checkpoint and the k to evaluate (default: the trained ones).
+def load_for_eval(path: str | os.PathLike, ks: Optional[Sequence[int]] = None,
+                  model_name: Optional[str] = None) -> Tuple[HydraViT, List[int]]:
+    """Model of a checkpoint, with its training preprocessing as ``pretrained_cfg``, and the k to evaluate.
 
-    A k outside the trained set but within 1..H is evaluated with a warning (the model is rebuilt with
-    every k allowed); beyond H it is an error.
+    ks default to the trained ones. A k outside the trained set but within 1..H is evaluated with a
+    warning (the model is rebuilt with every k allowed); beyond H it is an error. The preprocessing
+    comes from :func:`hydravit.export.preprocessing_config` (``model_name`` settles ambiguous cases).
     """
+    from .export import preprocessing_config  # the one place that knows where training stored it
+
+    model = _load_with_ks(path, ks)
+    model.pretrained_cfg = preprocessing_config(path, model, model_name)
+    return model, (list(model.k_choices) if not ks else [int(k) for k in ks])
+
+
+def _load_with_ks(path: str | os.PathLike, ks: Optional[Sequence[int]]) -> HydraViT:
     model = load_model(path)
     h = model.config.num_heads
     ks = list(model.k_choices) if not ks else [int(k) for k in ks]
@@ -184,6 +199,31 @@ def load_for_eval(path: str | os.PathLike, ks: Optional[Sequence[int]] = None) -
         if model.config.separate_heads:
             raise ValueError(f'k {untrained} has no classifier: this model has one classifier per trained k '
                              f'{list(model.k_choices)}')
-        warnings.warn(f'k {untrained} not in the trained set {list(model.k_choices)}: evaluating anyway', stacklevel=2)
+        warnings.warn(f'k {untrained} not in the trained set {list(model.k_choices)}: evaluating anyway', stacklevel=3)
         model = load_model(path, k_choices=tuple(range(1, h + 1)))
-    return model, ks
+    return model
+
+
+def evaluate_dataset(model: HydraViT, dataset, ks: Optional[Sequence[int]] = None, *, batch_size: int = 256,
+                     workers: int = 0, device: str | torch.device = 'cpu', amp_dtype: Optional[torch.dtype] = None,
+                     mode: Mode = 'sliced') -> List[Dict]:
+    """:func:`evaluate_subnets` on a data set, with timm's validate.py columns and per-k costs.
+
+    A data set whose ``class_indices`` (labels present) are a strict subset of the model's classes
+    (ImageNet-R/-A style) is scored with logits restricted to them; one whose ``num_classes`` differs
+    from the model's is an error.
+    """
+    from timm.data import resolve_data_config
+
+    num_classes = getattr(dataset, 'num_classes', None)
+    if num_classes is not None and num_classes != model.num_classes:
+        raise ValueError(f'the data set has {num_classes} classes but the model was trained on '
+                         f'{model.num_classes}: use the matching data set or a class map')
+    present = sorted(int(i) for i in (getattr(dataset, 'class_indices', None) or range(model.num_classes)))
+    class_indices = present if len(present) < model.num_classes else None
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    rows = evaluate_subnets(model.to(device), loader, ks, device=device, amp_dtype=amp_dtype,
+                            class_indices=class_indices, mode=mode)
+    data_config = resolve_data_config({}, model=model)
+    return add_costs(rows, model.config, img_size=data_config['input_size'][-1], crop_pct=data_config['crop_pct'],
+                     interpolation=data_config['interpolation'], mode=mode, num_classes_scored=len(present))

@@ -10,11 +10,11 @@ import torch
 from timm.data import resolve_data_config
 
 from ..checkpoint import read_metadata
-from ..evaluate import EVAL_MODES, add_costs, evaluate_subnets, load_for_eval, resolve_checkpoint
+from ..evaluate import EVAL_MODES, evaluate_dataset, load_for_eval, resolve_checkpoint
 from ..report import RESULT_FORMATS, format_table, write_report, write_results
 
 COLUMNS = ('k', 'top1', 'top1_err', 'top5', 'top5_err', 'loss', 'param_count', 'gmacs', 'img_size', 'crop_pct',
-           'interpolation', 'mode', 'num_samples', 'checkpoint')
+           'interpolation', 'mode', 'num_samples', 'num_classes_scored', 'checkpoint')
 AMP_DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
@@ -24,6 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                    'One command for the full report: hydravit eval --checkpoint RUN '
                                    '--dataset ... --report OUT')
     p.add_argument('--checkpoint', required=True, help='a .safetensors checkpoint or a run folder (model_best, last)')
+    p.add_argument('--model', help='registered model whose preprocessing (mean/std/crop) training used, when '
+                                   'the checkpoint does not record it')
     p.add_argument('--use-ema', action='store_true', help='use the *_ema.safetensors next to the checkpoint')
     p.add_argument('--k', nargs='+', default=['all'], help="'all' (the trained k) or a list of k")
     p.add_argument('--mode', choices=EVAL_MODES, default='sliced',
@@ -68,34 +70,24 @@ def build_eval_dataset(model: torch.nn.Module, args: argparse.Namespace, class_n
     from ..data import build_transform, load_dataset  # imported here: data sets are only needed by eval
 
     data_config = resolve_data_config({}, model=model)
-    dataset = load_dataset(args.dataset, args.data_dir, split=args.split,
-                           transform=build_transform(data_config, is_training=False), max_samples=args.max_samples,
-                           num_classes=model.num_classes, class_names=class_names, class_map=args.class_map)
-    if dataset.num_classes != model.num_classes:
-        raise ValueError(f'data set {args.dataset!r} has {dataset.num_classes} classes but the checkpoint was '
-                         f'trained on {model.num_classes}: pass the matching data set or a --class-map')
-    return dataset, data_config
+    return load_dataset(args.dataset, args.data_dir, split=args.split,
+                        transform=build_transform(data_config, is_training=False), max_samples=args.max_samples,
+                        num_classes=model.num_classes, class_names=class_names, class_map=args.class_map)
 
 
 def run(args: argparse.Namespace) -> int:
     path = resolve_checkpoint(args.checkpoint, args.use_ema)
-    model, ks = load_for_eval(path, parse_ks(args.k))
+    model, ks = load_for_eval(path, parse_ks(args.k), args.model)
     trained = _training_metadata(path)
     if args.dataset is None:
         args.dataset, args.data_dir = trained['dataset'] or 'fashion-mnist', args.data_dir or trained['data_dir']
-    dataset, data_config = build_eval_dataset(model, args, trained['class_names'])
-    present = list(getattr(dataset, 'class_indices', None) or range(model.num_classes))
-    class_indices = present if len(present) < model.num_classes else None
-    if class_indices is not None:
-        print(f'{len(present)} of {model.num_classes} classes present: logits restricted to them')
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
-                                         num_workers=args.workers)
-    amp = AMP_DTYPES.get(args.amp_dtype) if args.amp_dtype else None
-    rows = evaluate_subnets(model.to(args.device), loader, ks, device=args.device, amp_dtype=amp,
-                            class_indices=class_indices, mode=args.mode)
-    rows = add_costs(rows, model.config, img_size=data_config['input_size'][-1], crop_pct=data_config['crop_pct'],
-                     interpolation=data_config['interpolation'], mode=args.mode, checkpoint=str(path))
-    rows = [{c: r[c] for c in COLUMNS} for r in rows]
+    dataset = build_eval_dataset(model, args, trained['class_names'])
+    rows = evaluate_dataset(model, dataset, ks, batch_size=args.batch_size, workers=args.workers,
+                            device=args.device, amp_dtype=AMP_DTYPES.get(args.amp_dtype), mode=args.mode)
+    scored = rows[0]['num_classes_scored']
+    if scored < model.num_classes:
+        print(f'{scored} of {model.num_classes} classes present: logits restricted to them')
+    rows = [{c: {**r, 'checkpoint': str(path)}[c] for c in COLUMNS} for r in rows]
     _write(args, rows, model, ks, path)
     return 0
 
