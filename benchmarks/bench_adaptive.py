@@ -12,11 +12,13 @@ stand-in that only ranks the k). The target defaults to what the largest k just 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import torch
 
 from hydravit.adaptive import (AdaptivePredictor, LoadPhase, adaptive_policy, calibrate_latencies, fixed_k_policy,
-                               run_under_load, summarize)
+                               reexec_with_passive_omp, run_under_load, summarize)
 from hydravit.export import read_accuracy
 from hydravit.registry import create_model_or_load
 from hydravit.report import format_table
@@ -47,7 +49,12 @@ def main() -> None:
     p.add_argument('--threads', type=int, default=2, help='torch threads outside the 1-thread phase')
     p.add_argument('--target-ms', type=float, help='latency target per batch (default: auto, see above)')
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--omp-active', action='store_true',
+                   help="keep OpenMP's spin-waiting threads (default: restart with OMP_WAIT_POLICY=PASSIVE; spinning "
+                        'threads next to other busy processes make every k 10-100x slower)')
     args = p.parse_args()
+    if not args.omp_active:
+        reexec_with_passive_omp(sys.argv)
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -57,7 +64,8 @@ def main() -> None:
     base = calibrate_latencies(model, x, ks, repeats=5)
     target = args.target_ms or base[ks[-1]] / 0.7 * 1.1  # the controller climbs to k when pred <= 0.7 target
     accuracy, acc_source = accuracy_table(args, ks)
-    print(f'{args.model if not args.checkpoint else args.checkpoint}, batch {args.batch_size}, {args.threads} threads')
+    print(f'{args.checkpoint or args.model}, batch {args.batch_size}, {args.threads} threads, '
+          f'OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY", "default")}')
     print('calibrated ms per batch (quiet): ' + ', '.join(f'k{k}={v:.1f}' for k, v in base.items()))
     print(f'target: {target:.1f} ms per batch; accuracy served from: {acc_source}')
 

@@ -10,6 +10,7 @@ times each batch with an injectable clock, so tests run on simulated time.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from .model import HydraViT
 __all__ = [
     'LatencyController', 'AdaptivePredictor', 'AdaptiveOutput', 'LoadPhase', 'applied_load', 'DEFAULT_PHASES',
     'fixed_k_policy', 'adaptive_policy', 'run_under_load', 'summarize', 'calibrate_latencies',
+    'reexec_with_passive_omp',
 ]
 
 
@@ -180,6 +182,17 @@ class AdaptivePredictor:
 
 
 # ------------------------------------------------------------------------------------------ load
+def reexec_with_passive_omp(argv: Sequence[str]) -> None:
+    """Restart Python with ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set (no return then).
+
+    OpenMP threads spin while waiting; next to other busy processes on few cores that makes every k
+    10-100x slower (measured on 2 cores), which no choice of k can repair. Read once at start-up.
+    """
+    if os.environ.get('OMP_WAIT_POLICY') is None:
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, *argv], {**os.environ, 'OMP_WAIT_POLICY': 'PASSIVE'})
+
+
 @dataclass(frozen=True)
 class LoadPhase:
     """A period of changed compute: ``busy`` spinning child processes and/or fewer torch threads."""

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
 from ..adaptive import (DEFAULT_PHASES, AdaptivePredictor, LoadPhase, adaptive_policy, calibrate_latencies,
-                        fixed_k_policy, run_under_load, summarize)
+                        fixed_k_policy, reexec_with_passive_omp, run_under_load, summarize)
 from ..export import read_accuracy
 from ..registry import create_model_or_load
 from ..report import format_table
@@ -29,12 +30,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--busy', type=int, default=2, help='busy-loop processes in the loaded phase (default: %(default)s)')
     p.add_argument('--compare', action='store_true', help='also serve always-largest and always-smallest k')
     p.add_argument('--results', help='per-k accuracy file, to report the mean accuracy served')
+    p.add_argument('--omp-active', action='store_true',
+                   help="keep OpenMP's spin-waiting (default: restart with OMP_WAIT_POLICY=PASSIVE, see adaptive.py)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.batches < 1 or args.busy < 0:
         raise ValueError('--batch-size and --batches must be >= 1, --busy >= 0')
+    if not args.omp_active and sys.argv[1:2] == ['serve-demo']:  # launched as a command, not main(argv)
+        reexec_with_passive_omp(['-c', 'import sys; from hydravit.cli import main; sys.exit(main())', *sys.argv[1:]])
     model = create_model_or_load(model_name=args.model, checkpoint=args.checkpoint).eval()
     c = model.config
     x = torch.randn(args.batch_size, c.in_chans, c.img_size, c.img_size)
