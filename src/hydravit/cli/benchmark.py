@@ -5,10 +5,12 @@ import argparse
 import statistics
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
 from ..benchmark import BENCH_MODES, benchmark_subnets, measure_switching, reexec_with_malloc_env
+from ..model import HydraViT
 from ..registry import create_model_or_load
 from ..report import RESULT_FORMATS, format_table, write_results
 
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_ks(model, ks):
+def _with_ks(model: HydraViT, ks: list) -> HydraViT:
     """Allow any k within 1..H for benchmarking (speed does not depend on whether k was trained)."""
     h = model.config.num_heads
     bad = [k for k in ks if not 1 <= k <= h]
@@ -87,7 +89,6 @@ def _with_ks(model, ks):
         raise ValueError(f'k {bad} outside 1..{h} (num_heads)')
     if all(k in model.k_choices for k in ks) or model.config.separate_heads:
         return model
-    from ..model import HydraViT
     wide = HydraViT(**{**model.config.to_dict(), 'k_choices': tuple(range(1, h + 1))})
     wide.load_state_dict(model.state_dict(), strict=True)
     if hasattr(model, 'pretrained_cfg'):
@@ -96,7 +97,6 @@ def _with_ks(model, ks):
 
 
 def _output(args: argparse.Namespace, rows: list, switching) -> None:
-    from pathlib import Path
     if args.results_file:
         path = Path(args.results_file)
         fmt = args.results_format or (path.suffix[1:] if path.suffix[1:] in RESULT_FORMATS else 'csv')
