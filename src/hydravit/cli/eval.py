@@ -21,8 +21,8 @@ AMP_DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16}
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser('eval', help='per-k top-1, top-5, loss, params and GMACs of a checkpoint',
                        description='Evaluate every subnetwork k of a HydraViT checkpoint on a data set. '
-                                   'One command for the full report: hydravit eval --checkpoint RUN '
-                                   '--dataset ... --report OUT')
+                                   'One command for the full table and both plots: '
+                                   'hydravit eval --checkpoint RUN_FOLDER --report')
     p.add_argument('--checkpoint', required=True, help='a .safetensors checkpoint or a run folder (model_best, last)')
     p.add_argument('--model', help='registered model whose preprocessing (mean/std/crop) training used, when '
                                    'the checkpoint does not record it')
@@ -42,7 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--amp-dtype', choices=sorted(AMP_DTYPES), help='autocast dtype (default: fp32)')
     p.add_argument('--results-file', help='write one row per k here (.csv or .json)')
     p.add_argument('--results-format', choices=RESULT_FORMATS, help='default: from --results-file suffix, else csv')
-    p.add_argument('--report', metavar='DIR', help='also write report.md and the two Pareto plots into DIR')
+    p.add_argument('--report', metavar='DIR', nargs='?', const='',
+                   help='also write report.md, report.csv and the two Pareto plots into DIR '
+                        '(default: a report folder next to the checkpoint)')
     p.add_argument('--no-benchmark', action='store_true',
                    help='with --report: skip the quick throughput run (only the accuracy-vs-GMACs plot)')
     return p
@@ -99,7 +101,8 @@ def _write(args: argparse.Namespace, rows: List[Dict[str, Any]], model, ks, path
         print(f'-> {write_results(rows, out.parent, out.stem, fmt)}')
     else:
         print(format_table(rows, [c for c in COLUMNS if c != 'checkpoint']))
-    if args.report:
+    if args.report is not None:
+        out_dir = Path(args.report) if args.report else path.parent / 'report'
         label = path.parent.name if path.stem.startswith(('model_best', 'last')) else path.stem
         bench = None
         if not args.no_benchmark:
@@ -107,5 +110,5 @@ def _write(args: argparse.Namespace, rows: List[Dict[str, Any]], model, ks, path
             bench = {label: benchmark_subnets(model, ks, modes=('sliced',), batch_size=args.batch_size,
                                               device=args.device, rounds=2, min_seconds=0.2, latency_iters=20,
                                               measure_memory=False, flop_count=False)}
-        paths = write_report({label: rows}, bench, args.report)
+        paths = write_report({label: rows}, bench, out_dir)
         print('report: ' + ', '.join(str(p) for p in paths.values()))
