@@ -38,7 +38,7 @@ def checkpoint(tmp_path, randomize):
 def test_timm_folder_loads_with_local_dir_and_matches(checkpoint, tmp_path):
     path, model = checkpoint
     out = tmp_path / 'out'
-    index = export_subnets(path, [2, 4], ['timm'], out)
+    index = export_subnets(path.parent, [2, 4], ['timm'], out)  # a run folder: its model_best
     x = torch.randn(3, 3, 16, 16)
     for k in (2, 4):
         vit = timm.create_model(f'local-dir:{out}/k{k}', pretrained=True).eval()

@@ -98,7 +98,7 @@ def run_folder(tmp_path):
 
 def test_cli_uses_the_benchmark_file_and_results_next_to_the_checkpoint(run_folder, capsys):
     ck, bench = run_folder
-    assert main(['select', '--checkpoint', str(ck), '--latency-ms', '100', '--benchmark-file', str(bench)]) == 0
+    assert main(['select', '--checkpoint', str(ck.parent), '--latency-ms', '100', '--benchmark-file', str(bench)]) == 0
     out = capsys.readouterr().out
     assert 'selected k=2' in out and 'top1 70.00' in out  # k=2 is the most accurate in results.csv
 

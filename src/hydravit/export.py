@@ -29,6 +29,7 @@ from timm.models._hub import save_config_for_hf
 
 from .checkpoint import atomic_write, load_model, read_metadata
 from .costs import subnet_cost
+from .evaluate import resolve_checkpoint
 from .model import HydraViT
 from .report import read_results, write_results
 from .subnet import extract_subnet, subnet_state_dict, subnet_vit_kwargs
@@ -281,16 +282,15 @@ def export_subnets(
         model_name: Optional[str] = None,
         overwrite: bool = False,
         onnx_opset: int = 17,
+        use_ema: bool = False,
 ) -> List[Dict[str, Any]]:
-    """Export subnetworks ``ks`` of ``checkpoint`` in ``formats`` into ``output``; returns the index rows.
+    """Export subnetworks ``ks`` of ``checkpoint`` (a file or a run folder) in ``formats``; returns the index.
 
     ``output`` must not exist or be empty unless ``overwrite`` (files of the same name are replaced;
     nothing else in it is deleted).
     """
     formats = _check_formats(formats)
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f'checkpoint {checkpoint} does not exist')
+    checkpoint = resolve_checkpoint(checkpoint, use_ema)
     model = load_model(checkpoint).eval()
     ks = parse_ks(ks, model)
     output = Path(output)

@@ -15,7 +15,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        description='Cut subnetworks k out of a HydraViT checkpoint and write each as a standalone '
                                    'model: a timm local-dir folder (DIR/k3), k3.safetensors and/or k3.onnx, plus '
                                    'index.csv/index.json with params, GMACs and accuracy where known.')
-    p.add_argument('--checkpoint', required=True, help='HydraViT .safetensors checkpoint')
+    p.add_argument('--checkpoint', required=True,
+                   help='HydraViT .safetensors checkpoint or a training run folder (model_best, then last)')
+    p.add_argument('--use-ema', action='store_true', help='export the *_ema.safetensors twin of the checkpoint')
     p.add_argument('--k', nargs='+', default=['all'], help="'all' (the trained k) or a list of k")
     p.add_argument('--format', nargs='+', default=['timm'], metavar='FORMAT',
                    help=f'one or more of {", ".join(EXPORT_FORMATS)} (default: timm)')
@@ -31,7 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     rows = export_subnets(args.checkpoint, args.k, args.format, args.output, results=args.results,
-                          model_name=args.model, overwrite=args.overwrite, onnx_opset=args.opset)
+                          model_name=args.model, overwrite=args.overwrite, onnx_opset=args.opset,
+                          use_ema=args.use_ema)
     print(format_table(rows, [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]))
     print(f'exported {len(rows)} subnetworks to {args.output} (index.csv, index.json)')
     return 0

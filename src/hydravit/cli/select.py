@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..evaluate import resolve_checkpoint
 from ..export import read_accuracy
 from ..registry import create_model_or_load
 from ..report import format_table, read_results
@@ -20,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                    'the most accurate k that meets the budget, with the numbers behind the choice. '
                                    'Exit status 2 when no subnetwork fits.')
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument('--checkpoint', help='HydraViT .safetensors checkpoint')
+    src.add_argument('--checkpoint', help='HydraViT .safetensors checkpoint or a training run folder')
     src.add_argument('--model', help='registered model name (untrained weights: timing only)')
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument('--latency-ms', type=float, help='max time per batch of --batch-size (ms)')
@@ -50,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     budget = _budget(args)
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f'--batch-size must be >= 1, got {args.batch_size}')
-    model = create_model_or_load(model_name=args.model, checkpoint=args.checkpoint)
+    checkpoint = str(resolve_checkpoint(args.checkpoint)) if args.checkpoint else None
+    model = create_model_or_load(model_name=args.model, checkpoint=checkpoint)
     ks = [model.resolve_k(k) for k in args.k] if args.k else list(model.k_choices)
     if args.benchmark_file:
         table = benchmark_table(read_results(args.benchmark_file), mode=args.mode, batch_size=args.batch_size, ks=ks)
@@ -60,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
         if budget.metric != 'gmacs':
             print(f'measuring k={ks} on {args.device} (mode {args.mode}, batch {batch}) ...', flush=True)
         table = measure_table(model, budget, batch_size=batch, device=args.device, mode=args.mode, ks=ks)
-    if args.checkpoint or args.results:
-        accuracy = read_accuracy(Path(args.checkpoint or '.'), args.results)
+    if checkpoint or args.results:
+        accuracy = read_accuracy(Path(checkpoint or '.'), args.results)
         table = merge_accuracy(table, accuracy)
     try:
         choice = select_subnet(table, budget)
