@@ -114,8 +114,10 @@ def evaluate_subnets(
     if not ks:
         raise ValueError('no k to evaluate')
     device = torch.device(device)
-    mapping = label_map(class_indices, model.num_classes).to(device) if class_indices is not None else None
-    columns = torch.as_tensor(list(class_indices), dtype=torch.long, device=device) if class_indices is not None else None
+    mapping = columns = None
+    if class_indices is not None:
+        mapping = label_map(class_indices, model.num_classes).to(device)
+        columns = torch.as_tensor(list(class_indices), dtype=torch.long, device=device)
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
     was_training = model.training

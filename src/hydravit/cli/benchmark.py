@@ -21,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                    'images/s, batch-1 latency, optional training images/s, peak memory, params, '
                                    'GMACs; then switching k in memory vs loading a subnet from disk.')
     src = p.add_mutually_exclusive_group()
-    src.add_argument('--model', default='hydravit_fmnist_patch7_28', help='registered model name (default: %(default)s)')
+    src.add_argument('--model', default='hydravit_fmnist_patch7_28',
+                     help='registered model name (default: %(default)s)')
     src.add_argument('--checkpoint', help='a HydraViT .safetensors checkpoint instead of --model')
     p.add_argument('--k', nargs='+', type=int, help="subnetworks (default: the model's k choices)")
     p.add_argument('--modes', nargs='+', choices=BENCH_MODES, default=list(BENCH_MODES))
