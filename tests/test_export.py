@@ -55,6 +55,7 @@ def test_timm_folder_loads_with_local_dir_and_matches(checkpoint, tmp_path):
         assert info['k'] == k and info['parent_sha256'] == file_sha256(path)
         assert info['metrics']['top1'] == pytest.approx(50.0 + k)
         assert info['metrics']['params'] == subnet_cost(model.config, k).params
+        assert info['metrics']['gmacs'] == pytest.approx(subnet_cost(model.config, k).gmacs)  # not rounded to 0
     assert [r['k'] for r in index] == [2, 4]
     on_disk = json.loads((out / 'index.json').read_text())
     assert [(r['k'], r['top1']) for r in on_disk] == [(2, 52.0), (4, 54.0)]

@@ -303,7 +303,8 @@ def export_subnets(
     rows = []
     for k in ks:
         cost = subnet_cost(model.config, k)
-        info = {**parent, 'metrics': {**cost.to_dict(), **accuracy.get(k, {})}, 'pretrained_cfg': preprocessing}
+        costs = {**cost.to_dict(), 'params_m': cost.params_m, 'gmacs': cost.gmacs}  # unrounded: tiny models
+        info = {**parent, 'metrics': {**costs, **accuracy.get(k, {})}, 'pretrained_cfg': preprocessing}
         row: Dict[str, Any] = dict(k=k, embed_dim=cost.embed_dim, num_heads=k, param_count=cost.params_m,
                                    gmacs=cost.gmacs, **{a: accuracy.get(k, {}).get(a) for a in ('top1', 'top5')})
         for fmt in formats:
