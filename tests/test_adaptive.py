@@ -191,3 +191,17 @@ def test_run_under_load_interleaves_policies_per_batch():
     records = run_under_load(policies, torch.zeros(1), [LoadPhase('one'), LoadPhase('two')], batches_per_phase=2)
     assert calls == ['p', 'q'] * 4
     assert [(r['phase'], r['batch']) for r in records[:4]] == [('one', 0), ('one', 0), ('one', 1), ('one', 1)]
+
+
+def test_serve_demo_with_a_loose_target_serves_the_largest_k(capsys):
+    """Real (tiny) timing, no timed assertion: with a 10 s target every batch must fit at the largest k."""
+    from hydravit.cli import main
+    threads = torch.get_num_threads()
+    try:
+        assert main(['serve-demo', '--model', 'hydravit_test_patch4_16', '--target-ms', '10000', '-b', '2',
+                     '--batches', '4', '--busy', '0', '--compare', '--threads', '1']) == 0
+    finally:
+        torch.set_num_threads(threads)
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if ' adaptive ' in line]
+    assert [line[0] for line in lines] == ['quiet', '0', '1', 'quiet', 'all']  # phases, then the total
+    assert all(line[-4] == '1.00' and line[-3] == '4' for line in lines)  # met_target, mean_k

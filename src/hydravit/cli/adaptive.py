@@ -28,6 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('-b', '--batch-size', type=int, default=32)
     p.add_argument('--batches', type=int, default=30, help='batches per load phase (default: %(default)s)')
     p.add_argument('--busy', type=int, default=2, help='busy-loop processes in the loaded phase (default: %(default)s)')
+    p.add_argument('--threads', type=int, help="torch CPU threads outside the 1-thread phase (default: torch's)")
     p.add_argument('--compare', action='store_true', help='also serve always-largest and always-smallest k')
     p.add_argument('--results', help='per-k accuracy file, to report the mean accuracy served')
     p.add_argument('--omp-active', action='store_true',
@@ -40,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError('--batch-size and --batches must be >= 1, --busy >= 0')
     if not args.omp_active and sys.argv[1:2] == ['serve-demo']:  # launched as a command, not main(argv)
         reexec_with_passive_omp(['-c', 'import sys; from hydravit.cli import main; sys.exit(main())', *sys.argv[1:]])
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = create_model_or_load(model_name=args.model, checkpoint=args.checkpoint).eval()
     c = model.config
     x = torch.randn(args.batch_size, c.in_chans, c.img_size, c.img_size)
