@@ -91,3 +91,13 @@ def test_cli_writes_results_and_switching_files(tmp_path, capsys):
     assert [r['k'] for r in switching] == [2, 3]
     assert 'sliced/timm' in capsys.readouterr().out
     assert main(['benchmark', '--model', 'hydravit_test_patch4_16', '--k', '9']) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_rows_report_allocator_peak_memory():
+    model = timm.create_model('hydravit_test_patch4_16')
+    rows = benchmark_subnets(model, [1, 4], batch_size=8, device='cuda', **QUICK)
+    assert all(r['device'].startswith('cuda') and r['peak_mem_mb'] > 0 for r in rows)
+    sliced = {r['k']: r['peak_mem_mb'] for r in rows if r['mode'] == 'sliced'}
+    assert sliced[1] <= sliced[4]
