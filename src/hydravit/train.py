@@ -453,6 +453,10 @@ class Trainer:
         self.loss_sum, self.loss_count = state['loss_sum'], state['loss_count']
         self.best_metric, self.best_epoch = state['best_metric'], state['best_epoch']
         rngs = state['rng']
+        if self.step and (state['world_size'] != self.env.world_size or state.get('batch_size') != self.cfg.batch_size):
+            raise ValueError(f'{folder} stopped mid-epoch with {state["world_size"]} process(es) x batch '
+                             f'{state.get("batch_size")}: resume with the same world size and --batch-size '
+                             f'(now {self.env.world_size} x {self.cfg.batch_size}) to skip exactly the trained batches')
         if len(rngs) != self.env.world_size:
             print(f'resuming a {len(rngs)}-process run on {self.env.world_size}: RNG streams restart from rank 0\'s')
         self.rng_to_restore = rngs[min(self.env.rank, len(rngs) - 1)]
@@ -472,7 +476,7 @@ class Trainer:
                     optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                     scaler=self.scaler.state_dict(), rng=gathered, loss_sum=self.loss_sum,
                     loss_count=self.loss_count, best_metric=self.best_metric, best_epoch=self.best_epoch,
-                    world_size=self.env.world_size)
+                    world_size=self.env.world_size, batch_size=self.cfg.batch_size)
 
     def _metadata(self) -> Dict[str, str]:
         return {'class_names': json.dumps(self.class_names), 'epoch': str(self.epoch),

@@ -1,0 +1,292 @@
+"""The trainer on real Fashion-MNIST subsets: learning, resume after SIGKILL, DDP, init, separate heads, errors."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer
+
+from hydravit.checkpoint import load_model, read_metadata, save_model
+from hydravit.cli import main as cli_main
+from hydravit.registry import create_model
+from hydravit.subnet import extract_subnet
+from hydravit.train import build_model, effective_lr, load_train_config, train
+from hydravit.train_state import STATE_FILE
+
+FMNIST = Path('/usr/share/datasets/fashion-mnist')
+needs_fmnist = pytest.mark.skipif(not (FMNIST / 'train-images-idx3-ubyte.gz').is_file(),
+                                  reason='Fashion-MNIST not installed')
+
+# a small, fast run of the real model on real data; each test adds what it checks
+QUICK = ['--dataset', 'fashion-mnist', '--data-dir', str(FMNIST), '--max-train-samples', '256',
+         '--max-val-samples', '128', '-b', '32', '--heads', '2', '3', '4', '--lr', '3e-3', '--warmup-epochs', '0',
+         '--val-interval', '1', '--log-interval', '1000']
+
+
+def quick_config(tmp_path: Path, **overrides):
+    base = dict(dataset='fashion-mnist', data_dir=str(FMNIST), max_train_samples=256, max_val_samples=128,
+                batch_size=32, heads=[2, 3, 4], lr=3e-3, warmup_epochs=0, val_interval=1, log_interval=1000,
+                output=str(tmp_path),
+                experiment='run')
+    return load_train_config(None, **{**base, **overrides})
+
+
+def run_cli(*args: str, env_extra=None, **kwargs) -> subprocess.CompletedProcess | subprocess.Popen:
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', **(env_extra or {})}
+    return subprocess.Popen([sys.executable, '-m', 'hydravit', 'train', *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def read_csv(path: Path):
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------------------------ sampling
+def test_every_rank_draws_the_same_k_unless_asked_otherwise():
+    from hydravit.sampling import SAMPLERS, create_sampler
+
+    ks = list(range(3, 13))
+    for name in SAMPLERS:
+        sampler = create_sampler(name, ks, seed=7, weights=[1.0] * len(ks) if name == 'weighted' else None)
+        for step in range(50):
+            per_rank = [tuple(sampler.ks_for_step(1, step, rank)) for rank in range(4)]
+            assert len(set(per_rank)) == 1, (name, step, per_rank)
+            assert set(per_rank[0]) <= set(ks)
+    independent = create_sampler('uniform', ks, seed=7, per_rank=True)
+    draws = [[tuple(independent.ks_for_step(0, s, r)) for r in range(4)] for s in range(50)]
+    assert any(len(set(d)) > 1 for d in draws)
+
+
+# ------------------------------------------------------------------------------------------ learning
+@needs_fmnist
+def test_loss_decreases_and_run_folder_has_timm_layout(tmp_path):
+    cfg = quick_config(tmp_path, epochs=3, model_ema=True, model_ema_decay=0.9, max_train_samples=512,
+                       heads=[2, 4])
+    result = train(cfg)
+    out = tmp_path / 'run'
+    losses = [row['train_loss'] for row in result.summary]
+    assert losses == sorted(losses, reverse=True) and losses[-1] < losses[0] - 0.1, losses
+    assert result.results[-1]['top1'] > 18.0  # 10 classes: chance is 10 % (48 steps of a ViT: early days)
+    summary = read_csv(out / 'summary.csv')
+    assert len(summary) == 3
+    for column in ('train_loss', 'lr', 'eval_top1_k2', 'eval_top5_k4', 'eval_loss_k2', 'eval_top1_mean',
+                   'ema_eval_top1_k2', 'ema_eval_top1_mean'):
+        assert column in summary[0], column
+    results = read_csv(out / 'results.csv')
+    assert [int(r['k']) for r in results] == [2, 4]
+    assert {'embed_dim', 'params_m', 'gmacs', 'top1', 'top5', 'loss', 'ema_top1'} <= set(results[0])
+    assert float(results[0]['gmacs']) < float(results[1]['gmacs'])
+    for name in ('args.yaml', 'last.safetensors', 'last_ema.safetensors', STATE_FILE, 'model_best.safetensors',
+                 'accuracy_vs_gmacs.png'):
+        assert (out / name).is_file(), name
+    assert load_train_config(out / 'args.yaml').heads == [2, 4]
+    best = max(float(r['ema_eval_top1_mean']) for r in summary)  # with EMA, model_best tracks the EMA
+    assert result.best_metric == pytest.approx(best, abs=1e-4)
+    state = torch.load(out / STATE_FILE, weights_only=True)
+    assert state['epoch'] == 3 and state['step'] == 0 and state['num_updates'] == 3 * 16
+
+
+# ------------------------------------------------------------------------------------------ resume
+def _wait_for_mid_epoch_checkpoint(proc: subprocess.Popen, run: Path, timeout: float = 90.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f'training ended before it could be killed:\n{proc.stdout.read()}')
+        try:
+            state = torch.load(run / STATE_FILE, weights_only=True)
+        except (FileNotFoundError, RuntimeError, EOFError):
+            time.sleep(0.01)
+            continue
+        if state['epoch'] == 1 and state['step'] > 0:
+            return state
+        time.sleep(0.01)
+    pytest.fail('no mid-epoch checkpoint in time')
+
+
+@needs_fmnist
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
+    args = [*QUICK, '--epochs', '2', '--checkpoint-interval-steps', '1', '--output', str(tmp_path)]
+    full = run_cli(*args, '--experiment', 'full')
+    killed = run_cli(*args, '--experiment', 'killed')
+    state = _wait_for_mid_epoch_checkpoint(killed, tmp_path / 'killed')
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / 'killed' / 'results.csv').exists()
+    assert 0 < state['step'] < 8
+    resumed = run_cli('--resume', str(tmp_path / 'killed'))
+    out_resumed, out_full = resumed.communicate(timeout=120)[0], full.communicate(timeout=120)[0]
+    assert resumed.returncode == 0, out_resumed
+    assert full.returncode == 0, out_full
+    assert 'resumed' in out_resumed
+    a, b = load_file(tmp_path / 'full' / 'last.safetensors'), load_file(tmp_path / 'killed' / 'last.safetensors')
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+    full_summary, resumed_summary = read_csv(tmp_path / 'full' / 'summary.csv'), read_csv(tmp_path / 'killed' / 'summary.csv')
+    assert len(resumed_summary) == 2
+    for row_a, row_b in zip(full_summary, resumed_summary):
+        assert float(row_a['eval_top1_k4']) == pytest.approx(float(row_b['eval_top1_k4']), abs=1e-6)
+        assert float(row_a['train_loss']) == pytest.approx(float(row_b['train_loss']), abs=1e-5)
+
+
+@needs_fmnist
+def test_two_process_gloo_run_keeps_replicas_identical(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29517',
+         '-m', 'hydravit', 'train', *QUICK, '--epochs', '1', '--output', str(tmp_path), '--experiment', 'ddp',
+         '--grad-accum-steps', '2'],
+        env={**os.environ, 'OMP_NUM_THREADS': '1'}, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert 'weights identical on all 2 processes' in proc.stdout, proc.stdout
+    assert 'world size 2' in proc.stdout
+    run = tmp_path / 'ddp'
+    state = torch.load(run / STATE_FILE, weights_only=True)
+    assert len(state['rng']) == 2  # one RNG stream per process, restored per rank on resume
+    assert state['num_updates'] == 2  # 256 images / (2 processes x 32) = 4 batches, 2 per update
+    assert not list(tmp_path.glob('ddp-*')), 'only rank 0 may create the run folder'
+
+
+# ------------------------------------------------------------------------------------------ init
+def test_initial_checkpoint_from_smaller_timm_vit(tmp_path):
+    vit = VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=48, depth=6,
+                            num_heads=3, mlp_ratio=4.0).eval()
+    path = tmp_path / 'deit_tiny_like.pth'
+    torch.save(vit.state_dict(), path)
+    model = build_model(load_train_config(None, initial_checkpoint=str(path)), num_classes=10).eval()
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, k=3), vit(x), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(model(x, k=6)[:, :3], vit(x)[:, :3])
+
+
+def test_initial_checkpoint_from_hydravit_checkpoint(tmp_path, randomize):
+    source = randomize(create_model('hydravit_fmnist_patch7_28'))
+    path = save_model(tmp_path / 'source.safetensors', source)
+    model = build_model(load_train_config(None, initial_checkpoint=str(path)), num_classes=10)
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
+# ------------------------------------------------------------------------------------------ separate heads
+@needs_fmnist
+def test_separate_heads_round_trip_train_save_load_extract(tmp_path):
+    result = train(quick_config(tmp_path, epochs=1, heads=[3, 6], separate_heads=True, max_train_samples=128))
+    path = result.out_dir / 'last.safetensors'
+    model = load_model(path).eval()
+    assert model.config.separate_heads and set(model.heads.keys()) == {'3', '6'}
+    assert [r['k'] for r in result.results] == [3, 6]
+    assert len(json.loads(read_metadata(path)['class_names'])) == 10
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        for k in (3, 6):
+            vit = extract_subnet(model, k)
+            torch.testing.assert_close(vit(x), model(x, k=k), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(model.heads['3'].weight, model.heads['6'].weight[:, :48])
+
+
+# ------------------------------------------------------------------------------------------ errors
+@pytest.mark.parametrize('args, message', [
+    (['--model', 'hydravit_nope'], 'unknown model'),
+    (['--dataset', 'no-such-set'], 'no-such-set'),
+    (['--sampler', 'roulette'], 'roulette'),
+    (['--heads', '3', '13'], '--heads'),
+    (['--sampler', 'weighted', '--head-weights', '1', '2'], 'weight'),
+    (['--data-dir', '/nonexistent/fmnist'], '/nonexistent/fmnist'),
+    (['--num-classes', '7'], '7'),
+    (['--resume', '/nonexistent/run'], '/nonexistent/run'),
+    (['--heads', '3', '12', '--eval-metric', 'top1_k5'], 'top1_k5'),
+    (['--eval-metric', 'accuracy'], 'eval_metric'),
+])
+@needs_fmnist
+def test_bad_input_is_a_clear_error(tmp_path, capsys, args, message):
+    base = ['train', '--dataset', 'fashion-mnist', '--data-dir', str(FMNIST), '--max-train-samples', '64',
+            '--max-val-samples', '64', '--output', str(tmp_path), '--epochs', '1', '-b', '32']
+    assert cli_main([*base, *args]) == 2
+    err = capsys.readouterr().err
+    assert 'hydravit train: error:' in err and message in err, err
+    assert not list(tmp_path.rglob('*.safetensors'))
+
+
+def test_unknown_recipe_key_names_the_valid_ones(tmp_path):
+    recipe = tmp_path / 'recipe.yaml'
+    recipe.write_text('model: hydravit_fmnist_patch7_28\nlearning_rate: 0.1\n')
+    with pytest.raises(ValueError, match=r"learning_rate.*valid settings: .*\blr\b"):
+        load_train_config(recipe)
+
+
+def test_builtin_recipe_is_the_default_and_flags_override_it():
+    from hydravit.cli import build_parser
+    from hydravit.cli.train import run  # noqa: F401  (the CLI module imports)
+
+    cfg = load_train_config()
+    assert (cfg.model, cfg.dataset, cfg.opt, cfg.sched) == ('hydravit_fmnist_patch7_28', 'fashion-mnist', 'adamw', 'cosine')
+    args = build_parser().parse_args(['train', '-b', '64', '--no-model-ema', '--heads', '3', '12'])
+    overrides = {k: v for k, v in vars(args).items() if not k.startswith('_') and k != 'command'}
+    assert overrides == {'batch_size': 64, 'model_ema': False, 'heads': [3, 12]}
+    assert load_train_config(None, **overrides).batch_size == 64
+
+
+def test_lr_base_scales_with_the_global_batch_like_timm():
+    cfg = load_train_config(None, lr=None, lr_base=5e-4, batch_size=128, grad_accum_steps=2)
+    assert effective_lr(cfg, world_size=2) == pytest.approx(5e-4 * 512 / 512)
+    assert effective_lr(cfg, world_size=1) == pytest.approx(5e-4 * 256 / 512)
+    assert effective_lr(load_train_config(None, lr=1e-3), world_size=8) == 1e-3
+
+
+# ------------------------------------------------------------------------------------------ several k per step
+class _Tensors(torch.utils.data.TensorDataset):
+    num_classes = 10
+    classes = [str(i) for i in range(10)]
+
+
+@pytest.mark.parametrize('distill', [False, True])
+def test_several_k_per_step_accumulate_gradients_into_one_optimizer_step(tmp_path, randomize, distill):
+    from hydravit.train import DistEnv, Trainer
+
+    g = torch.Generator().manual_seed(0)
+    data = _Tensors(torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g))
+    cfg = load_train_config(None, model='hydravit_test_patch4_16', heads=[2, 4], sampler='all', batch_size=8,
+                            opt='momentum', momentum=0.0, weight_decay=0.0, lr=0.1, warmup_epochs=0, smoothing=0.0,
+                            inplace_distill=distill, scale=None, ratio=None, output=str(tmp_path))
+    trainer = Trainer(cfg, DistEnv(), datasets=(data, data))
+    randomize(trainer.model)
+    model = trainer.model
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    images, target = data.tensors[0][:8], data.tensors[1][:8]
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    teacher = torch.softmax(model(images, k=4).detach(), dim=-1)
+    for k in (4, 2):
+        model.zero_grad()
+        logits = model(images, k=k)
+        loss = (torch.sum(-teacher * torch.log_softmax(logits, -1), -1).mean() if distill and k == 2
+                else torch.nn.functional.cross_entropy(logits, target))
+        loss.backward()
+        for n, p in model.named_parameters():
+            expected[n] += p.grad
+    model.zero_grad()
+    ks, _ = trainer.train_update([(images, target)], start=0)
+    assert sorted(ks) == [2, 4]
+    assert trainer.num_updates == 1
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), reference[n] - 0.1 * expected[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@needs_fmnist
+def test_fp16_amp_on_gpu_trains(tmp_path):
+    result = train(quick_config(tmp_path, epochs=2, device='cuda', amp=True, amp_dtype='float16', heads=[3, 12],
+                                max_train_samples=1024))
+    assert result.summary[-1]['train_loss'] < result.summary[0]['train_loss']
+    state = torch.load(result.out_dir / STATE_FILE, weights_only=True)
+    assert state['scaler']  # the fp16 GradScaler is saved for resume
