@@ -224,16 +224,24 @@ def test_unknown_recipe_key_names_the_valid_ones(tmp_path):
         load_train_config(recipe)
 
 
-def test_builtin_recipe_is_the_default_and_flags_override_it():
+def test_builtin_recipe_is_the_default_and_flags_override_it(tmp_path):
     from hydravit.cli import build_parser
-    from hydravit.cli.train import run  # noqa: F401  (the CLI module imports)
+    from hydravit.cli.train import config_from_args
 
-    cfg = load_train_config()
-    assert (cfg.model, cfg.dataset, cfg.opt, cfg.sched) == ('hydravit_fmnist_patch7_28', 'fashion-mnist', 'adamw', 'cosine')
-    args = build_parser().parse_args(['train', '-b', '64', '--no-model-ema', '--heads', '3', '12'])
-    overrides = {k: v for k, v in vars(args).items() if not k.startswith('_') and k != 'command'}
-    assert overrides == {'batch_size': 64, 'model_ema': False, 'heads': [3, 12]}
-    assert load_train_config(None, **overrides).batch_size == 64
+    def parse(*argv):
+        return config_from_args(build_parser().parse_args(['train', *argv]))
+
+    default = parse()
+    assert default == load_train_config()
+    assert (default.model, default.dataset, default.opt, default.sched) == (
+        'hydravit_fmnist_patch7_28', 'fashion-mnist', 'adamw', 'cosine')
+    cfg = parse('-b', '64', '--no-model-ema', '--heads', '3', '12')
+    assert (cfg.batch_size, cfg.model_ema, cfg.heads, cfg.lr) == (64, False, [3, 12], default.lr)
+    scaled = parse('--lr-base', '1e-3', '-b', '256')  # --lr-base wins over the recipe's fixed lr
+    assert scaled.lr is None and effective_lr(scaled) == pytest.approx(1e-3 * 256 / 512)
+    recipe = tmp_path / 'recipe.yaml'
+    recipe.write_text('model: hydravit_test_patch4_16\nepochs: 2\n')
+    assert (parse('-c', str(recipe)).model, parse('-c', str(recipe)).epochs) == ('hydravit_test_patch4_16', 2)
 
 
 def test_lr_base_scales_with_the_global_batch_like_timm():

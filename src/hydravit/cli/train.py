@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..train import load_train_config, train
+from ..train import TrainConfig, load_train_config, train
 
 SUPPRESS = argparse.SUPPRESS
 BOOL = argparse.BooleanOptionalAction
@@ -95,13 +95,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> int:
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Recipe (``--config``, the resumed run's ``args.yaml`` or the built-in one) + the flags given."""
     overrides = {k: v for k, v in vars(args).items() if not k.startswith('_') and k not in ('command', 'config')}
     config_path = getattr(args, 'config', None)
     if config_path is None and 'resume' in overrides:
         run_args = Path(overrides['resume'])
         run_args = (run_args if run_args.is_dir() else run_args.parent) / 'args.yaml'
         config_path = run_args if run_args.is_file() else None
-    cfg = load_train_config(config_path, **overrides)
-    train(cfg)
+    if 'lr_base' in overrides and 'lr' not in overrides:
+        overrides['lr'] = None  # --lr-base on the command line wins over a recipe's fixed lr (timm semantics)
+    return load_train_config(config_path, **overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    train(config_from_args(args))
     return 0
