@@ -43,6 +43,8 @@ def test_join_takes_the_sliced_benchmark_rows():
     joined = join_results(eval_rows(), bench_rows())
     assert [r['infer_samples_per_sec'] for r in joined] == [1000 / 3, 1000 / 6, 1000 / 12]
     assert joined[1]['peak_mem_mb'] == 16.0 and joined[1]['top1'] == 78.0
+    trainer_rows = [dict(k=3, params_m=1.5, top1=50.0)]  # the trainer's results.csv names params params_m
+    assert join_results(trainer_rows, bench_rows())[0]['param_count'] == 1.5
 
 
 def test_write_report_from_saved_results(tmp_path):

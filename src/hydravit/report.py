@@ -143,6 +143,8 @@ def join_results(eval_rows: Sequence[Row], bench_rows: Sequence[Row] = (), bench
     joined = []
     for row in eval_rows:
         bench = by_k.get(int(row['k']), {})
+        if 'param_count' not in row and 'params_m' in row:  # the trainer's results.csv (hydravit info naming)
+            row = {**row, 'param_count': row['params_m']}
         extra = {c: bench[c] for c in ('param_count', 'gmacs') if c in bench and c not in row}
         extra.update({c: bench[c] for c in ('infer_samples_per_sec', 'infer_latency_ms', 'peak_mem_mb')
                       if c in bench})
