@@ -431,6 +431,7 @@ class Trainer:
         np.random.seed((cfg.seed + env.rank) % (1 << 32))
         random.seed(cfg.seed + env.rank)
         self.rng_to_restore = None
+        self.epoch_throughput = 0.0
         if resume_dir:
             self._resume(resume_dir)
 
@@ -542,6 +543,7 @@ class Trainer:
                 self.save_checkpoint()
         if progress is not None:
             progress.close()
+        self.epoch_throughput = seen * env.world_size / max(time.perf_counter() - tic, 1e-9)
         total, count = _all_reduce_sum([self.loss_sum, self.loss_count], env)
         return total / max(count, 1)
 
@@ -652,7 +654,8 @@ class Trainer:
                 if self.ema is not None:
                     save_model(self.out_dir / 'model_best_ema.safetensors', self.ema.module, self._metadata())
             evals = ', '.join(f'k{k}={row[f"eval_top1_k{k}"]:.2f}' for k in self.eval_ks) if rows else 'no eval'
-            print(f'epoch {row["epoch"]}: train_loss {train_loss:.4f}, top1 {evals}', flush=True)
+            print(f'epoch {row["epoch"]}: train_loss {train_loss:.4f} ({self.epoch_throughput:.0f} img/s), '
+                  f'top1 {evals}', flush=True)
 
     def check_replicas_in_sync(self) -> str:
         """SHA-256 of the weights, compared across processes: DDP must keep every replica identical."""
