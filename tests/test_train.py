@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +33,15 @@ QUICK = ['--dataset', 'fashion-mnist', '--data-dir', str(FMNIST), '--max-train-s
          '--val-interval', '1', '--log-interval', '1000']
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 spinning OpenMP threads can run 10-40x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def quick_config(tmp_path: Path, **overrides):
     base = dict(dataset='fashion-mnist', data_dir=str(FMNIST), max_train_samples=256, max_val_samples=128,
                 batch_size=32, heads=[2, 3, 4], lr=3e-3, warmup_epochs=0, val_interval=1, log_interval=1000,
@@ -44,6 +54,12 @@ def run_cli(*args: str, env_extra=None, **kwargs) -> subprocess.CompletedProcess
     env = {**os.environ, 'OMP_NUM_THREADS': '1', **(env_extra or {})}
     return subprocess.Popen([sys.executable, '-m', 'hydravit', 'train', *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 
 def read_csv(path: Path):
@@ -89,6 +105,7 @@ def test_loss_decreases_and_run_folder_has_timm_layout(tmp_path):
     for name in ('args.yaml', 'last.safetensors', 'last_ema.safetensors', STATE_FILE, 'model_best.safetensors',
                  'accuracy_vs_gmacs.png'):
         assert (out / name).is_file(), name
+    assert not list(out.glob('*.prev.*')), 'superseded weights are removed once the new state is written'
     assert load_train_config(out / 'args.yaml').heads == [2, 4]
     best = max(float(r['ema_eval_top1_mean']) for r in summary)  # with EMA, model_best tracks the EMA
     assert result.best_metric == pytest.approx(best, abs=1e-4)
@@ -142,7 +159,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
 @needs_fmnist
 def test_two_process_gloo_run_keeps_replicas_identical(tmp_path):
     proc = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29517',
+        [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(free_port()),
          '-m', 'hydravit', 'train', *QUICK, '--epochs', '1', '--output', str(tmp_path), '--experiment', 'ddp',
          '--grad-accum-steps', '2'],
         env={**os.environ, 'OMP_NUM_THREADS': '1'}, capture_output=True, text=True, timeout=180)

@@ -66,12 +66,15 @@ def save_training_checkpoint(out_dir: Path, model: HydraViT, ema_model: Optional
                              state: Dict[str, Any], metadata: Mapping[str, str]) -> None:
     """Write ``last[_ema].safetensors`` then ``last.state.pth``; never leaves an unusable pair behind."""
     meta = {**metadata, UPDATES_KEY: str(state[UPDATES_KEY])}
-    for name, net in zip(_weights_names(ema_model is not None), (model, ema_model)):
+    names = _weights_names(ema_model is not None)
+    for name, net in zip(names, (model, ema_model)):
         path = out_dir / f'{name}.safetensors'
         if path.exists():
             os.replace(path, out_dir / f'{name}.prev.safetensors')
         save_model(path, net, meta)
     atomic_write(out_dir / STATE_FILE, lambda tmp: torch.save(state, tmp))
+    for name in names:  # the new pair is committed: the previous weights are no longer needed
+        (out_dir / f'{name}.prev.safetensors').unlink(missing_ok=True)
 
 
 def _matching_weights(out_dir: Path, name: str, num_updates: int) -> Path:
