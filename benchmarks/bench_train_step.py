@@ -25,17 +25,20 @@ from hydravit.subnet import extract_subnet
 
 # glibc returns large blocks to the OS after every free, so each step pays page faults that depend on the
 # allocation history more than on the model; a fixed threshold removes that noise for both sides.
+FUSED = True  # fused AdamW (CPU and CUDA kernels in PyTorch >= 2.4): one pass over each tensor
 MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': str(1 << 28), 'MALLOC_TRIM_THRESHOLD_': str(1 << 28)}
 
 
-def make_step(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, **forward_kwargs):
-    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
+def make_step(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, optimize: bool = True,
+              **forward_kwargs):
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05, fused=FUSED)
     net.train()
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(net(x, **forward_kwargs), y).backward()
-        optimizer.step()
+        if optimize:
+            optimizer.step()
     return step
 
 
@@ -56,6 +59,8 @@ def main() -> None:
     p.add_argument('--rounds', type=int, default=5, help='interleaved sliced/standalone rounds per k')
     p.add_argument('--min-seconds', type=float, default=0.5, help='target duration of one timed round')
     p.add_argument('--threads', type=int, default=torch.get_num_threads())
+    p.add_argument('--no-optimizer-step', action='store_true',
+                   help='time forward+backward only (isolates the cost of updating the full tensors)')
     p.add_argument('--system-malloc', action='store_true', help='keep glibc\'s default malloc thresholds')
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -65,14 +70,16 @@ def main() -> None:
     cfg = model.config
     x = torch.randn(args.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size)
     y = torch.randint(0, cfg.num_classes, (args.batch_size,))
-    print(f'{args.model}: train step (fwd+bwd+AdamW), batch {args.batch_size}, fp32, {args.threads} threads, '
+    what = 'fwd+bwd' if args.no_optimizer_step else 'fwd+bwd+AdamW'
+    print(f'{args.model}: train step ({what}), batch {args.batch_size}, fp32, {args.threads} threads, '
           f'{args.rounds} interleaved rounds, median')
     print(f'{"k":>3} {"sliced img/s":>13} {"timm img/s":>11} {"ratio":>6}')
     ratios = []
     for k in args.k or model.k_choices:
         vit = extract_subnet(model, k)
-        ours_step = make_step(model, x, y, 1e-4, k=k)
-        theirs_step = make_step(vit, x, y, 1e-4)
+        optimize = not args.no_optimizer_step
+        ours_step = make_step(model, x, y, 1e-4, optimize, k=k)
+        theirs_step = make_step(vit, x, y, 1e-4, optimize)
         ours_step(), theirs_step()  # warm-up: allocate optimizer state and buffers
         iters = max(1, round(args.min_seconds * images_per_second(theirs_step, args.batch_size, 1) / args.batch_size))
         ours, theirs = [], []
