@@ -1,0 +1,173 @@
+"""Which subnetwork(s) k to train at each optimiser step.
+
+A sampler holds no RNG state: the k of a step is a pure function of (seed, epoch, step) -- and of the
+rank only with ``per_rank=True`` -- so every process of a multi-GPU run trains the same subnetwork in
+the same step (the all-reduced gradient belongs to one k) and a resumed run needs no sampler state.
+
+* ``uniform``: one k per step, uniformly (the paper).
+* ``weighted``: one k per step, with probability proportional to ``weights`` (one per k choice).
+* ``sandwich``: the largest and the smallest k plus ``num_random`` distinct others, largest first.
+* ``all``: every k each step, largest first.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import numbers
+import random
+from typing import Dict, List, Optional, Sequence, Tuple
+
+__all__ = ['SAMPLERS', 'SubnetSampler', 'UniformSampler', 'WeightedSampler', 'SandwichSampler', 'AllSampler',
+           'create_sampler']
+
+SAMPLERS = ('uniform', 'weighted', 'sandwich', 'all')
+
+
+def _validate_k_choices(k_choices: Sequence[int]) -> Tuple[int, ...]:
+    ks = list(k_choices)
+    if not ks:
+        raise ValueError('k_choices is empty: give at least one head count k >= 1')
+    bad = [k for k in ks if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1]
+    if bad:
+        raise ValueError(f'k_choices must be positive integers, got {bad} in {ks}')
+    ks = [int(k) for k in ks]
+    duplicates = sorted({k for k in ks if ks.count(k) > 1})
+    if duplicates:
+        raise ValueError(f'k_choices has duplicates {duplicates}: {ks}')
+    return tuple(ks)
+
+
+def _check_index(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f'{name} must be an integer >= 0, got {value!r}')
+
+
+class SubnetSampler:
+    """Base class: subclasses draw the ks of one step from the :class:`random.Random` they are given."""
+    name = ''
+
+    def __init__(self, k_choices: Sequence[int], *, seed: int = 0, per_rank: bool = False) -> None:
+        self.k_choices = _validate_k_choices(k_choices)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f'seed must be an integer, got {seed!r}')
+        self.seed, self.per_rank = seed, bool(per_rank)
+
+    def _rng(self, epoch: int, step: int, rank: int) -> random.Random:
+        """A generator seeded from a hash of (sampler, seed, epoch, step[, rank]): same inputs, same draws."""
+        key = f'{self.name}/{self.seed}/{epoch}/{step}/{rank if self.per_rank else "*"}'
+        return random.Random(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], 'little'))
+
+    def ks_for_step(self, epoch: int, step: int, rank: int = 0) -> List[int]:
+        """The k values to train at this optimiser step (largest first when there are several)."""
+        _check_index('epoch', epoch)
+        _check_index('step', step)
+        _check_index('rank', rank)
+        return self._draw(self._rng(epoch, step, rank))
+
+    def _draw(self, rng: random.Random) -> List[int]:
+        raise NotImplementedError
+
+    def probabilities(self) -> Dict[int, float]:
+        """Expected share of forward passes per k (sums to 1)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(k_choices={list(self.k_choices)}, seed={self.seed}, per_rank={self.per_rank})'
+
+
+class UniformSampler(SubnetSampler):
+    """One k per step, each equally likely (the paper's stochastic dropout training)."""
+    name = 'uniform'
+
+    def _draw(self, rng: random.Random) -> List[int]:
+        return [rng.choice(self.k_choices)]
+
+    def probabilities(self) -> Dict[int, float]:
+        return {k: 1.0 / len(self.k_choices) for k in self.k_choices}
+
+
+class WeightedSampler(SubnetSampler):
+    """One k per step, drawn with probability proportional to its weight (e.g. to favour small subnets)."""
+    name = 'weighted'
+
+    def __init__(self, k_choices: Sequence[int], weights: Sequence[float], *, seed: int = 0,
+                 per_rank: bool = False) -> None:
+        super().__init__(k_choices, seed=seed, per_rank=per_rank)
+        self.weights = self._validate_weights(weights)
+
+    def _validate_weights(self, weights: Optional[Sequence[float]]) -> Tuple[float, ...]:
+        if weights is None:
+            raise ValueError(f'the weighted sampler needs weights (--head-weights): one per k in {list(self.k_choices)}')
+        values = [float(w) for w in weights]
+        if len(values) != len(self.k_choices):
+            raise ValueError(f'got {len(values)} weights {values} for {len(self.k_choices)} k choices '
+                             f'{list(self.k_choices)}: give one weight per k')
+        if any(not math.isfinite(w) or w < 0 for w in values):
+            raise ValueError(f'weights must be finite and >= 0, got {values}')
+        if sum(values) <= 0:
+            raise ValueError(f'weights are all zero {values}: at least one must be > 0')
+        return tuple(values)
+
+    def _draw(self, rng: random.Random) -> List[int]:
+        return rng.choices(self.k_choices, weights=self.weights)
+
+    def probabilities(self) -> Dict[int, float]:
+        total = sum(self.weights)
+        return {k: w / total for k, w in zip(self.k_choices, self.weights)}
+
+
+class SandwichSampler(SubnetSampler):
+    """The largest and smallest k plus ``num_random`` distinct others per step (the sandwich rule)."""
+    name = 'sandwich'
+
+    def __init__(self, k_choices: Sequence[int], num_random: int = 1, *, seed: int = 0,
+                 per_rank: bool = False) -> None:
+        super().__init__(k_choices, seed=seed, per_rank=per_rank)
+        ordered = sorted(self.k_choices)
+        self.largest, self.smallest, self.middle = ordered[-1], ordered[0], tuple(ordered[1:-1])
+        if isinstance(num_random, bool) or not isinstance(num_random, int) or \
+                not 0 <= num_random <= len(self.middle):
+            raise ValueError(f'num_random must be an integer in 0..{len(self.middle)} (the k choices '
+                             f'{ordered} have {len(self.middle)} between the largest and the smallest), '
+                             f'got {num_random!r}')
+        self.num_random = num_random
+
+    def _draw(self, rng: random.Random) -> List[int]:
+        picked = sorted(rng.sample(self.middle, self.num_random), reverse=True)
+        return [self.largest] + picked + ([self.smallest] if self.smallest != self.largest else [])
+
+    def probabilities(self) -> Dict[int, float]:
+        per_step = len(self.ks_for_step(0, 0))
+        share = {k: (self.num_random / len(self.middle) if self.middle else 0.0) / per_step for k in self.middle}
+        share[self.largest] = share[self.smallest] = 1.0 / per_step
+        return {k: share[k] for k in self.k_choices}
+
+
+class AllSampler(SubnetSampler):
+    """Every k at every step, largest first."""
+    name = 'all'
+
+    def _draw(self, rng: random.Random) -> List[int]:
+        return sorted(self.k_choices, reverse=True)
+
+    def probabilities(self) -> Dict[int, float]:
+        return {k: 1.0 / len(self.k_choices) for k in self.k_choices}
+
+
+def create_sampler(name: str, k_choices: Sequence[int], *, seed: int = 0, weights: Optional[Sequence[float]] = None,
+                   num_random: int = 1, per_rank: bool = False) -> SubnetSampler:
+    """The sampler called ``name`` (one of :data:`SAMPLERS`).
+
+    ``weights`` is for ``weighted`` only and ``num_random`` for ``sandwich`` only (elsewhere ignored);
+    ``per_rank=True`` gives each rank its own draws (the paper code's per-GPU sampling).
+    """
+    if name not in SAMPLERS:
+        raise ValueError(f'unknown sampler {name!r}: choose one of {", ".join(SAMPLERS)}')
+    if weights is not None and name != 'weighted':
+        raise ValueError(f'weights (--head-weights) are used only by the weighted sampler, not {name!r}')
+    common = dict(seed=seed, per_rank=per_rank)
+    if name == 'weighted':
+        return WeightedSampler(k_choices, weights, **common)
+    if name == 'sandwich':
+        return SandwichSampler(k_choices, num_random, **common)
+    return (UniformSampler if name == 'uniform' else AllSampler)(k_choices, **common)
