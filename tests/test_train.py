@@ -261,6 +261,13 @@ def test_builtin_recipe_is_the_default_and_flags_override_it(tmp_path):
     assert (parse('-c', str(recipe)).model, parse('-c', str(recipe)).epochs) == ('hydravit_test_patch4_16', 2)
 
 
+def test_head_weights_stay_with_their_k():
+    cfg = load_train_config(None, heads=[12, 3, 6], head_weights=[0.5, 0.3, 0.2], sampler='weighted')
+    assert (cfg.heads, cfg.head_weights) == ([3, 6, 12], [0.3, 0.2, 0.5])
+    with pytest.raises(ValueError, match='once'):
+        load_train_config(None, heads=[3, 3, 6])
+
+
 def test_lr_base_scales_with_the_global_batch_like_timm():
     cfg = load_train_config(None, lr=None, lr_base=5e-4, batch_size=128, grad_accum_steps=2)
     assert effective_lr(cfg, world_size=2) == pytest.approx(5e-4 * 512 / 512)

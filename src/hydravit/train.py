@@ -127,6 +127,16 @@ class TrainConfig:
         if not EVAL_METRIC.fullmatch(self.eval_metric):
             raise ValueError(f"eval_metric must be 'top1_mean', 'top5_mean' or 'top1_k<N>'/'top5_k<N>', "
                              f'got {self.eval_metric!r}')
+        if self.heads is not None:
+            if len(set(self.heads)) != len(self.heads):
+                raise ValueError(f'--heads {self.heads}: each k may appear once')
+            if self.head_weights is not None:
+                if len(self.head_weights) != len(self.heads):
+                    raise ValueError(f'--head-weights has {len(self.head_weights)} weights for {len(self.heads)} '
+                                     f'--heads {self.heads}: give one weight per k')
+                # the model sorts its k choices: keep each weight with its k
+                pairs = sorted(zip(self.heads, self.head_weights))
+                self.heads, self.head_weights = [k for k, _ in pairs], [w for _, w in pairs]
         for name in ('scale', 'ratio'):
             value = getattr(self, name)
             if value is not None and len(value) != 2:
