@@ -1,0 +1,374 @@
+"""Data sets for training and evaluation: Fashion-MNIST, ImageFolder (the ImageNet layout) and CIFAR-10/100.
+
+Every data set returned by :func:`load_dataset` yields ``(transform(img), label)`` with ``img`` a PIL image
+(mode ``'L'`` for Fashion-MNIST, ``'RGB'`` otherwise) and has ``.classes`` (class names, index = label),
+``.num_classes`` and ``.class_indices`` (the sorted labels present: a strict subset of
+``range(num_classes)`` for ImageNet-R/-A style test sets, whose logits are then restricted to them).
+Nothing is downloaded at run time: missing files give a :class:`DataError` saying where they were looked for.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+__all__ = ['DATASETS', 'FASHION_MNIST_DIR', 'FASHION_MNIST_CLASSES', 'DataError', 'FashionMNIST', 'ImageFolder',
+           'CIFAR', 'DatasetSubset', 'ConvertMode', 'load_dataset', 'build_transform', 'read_idx', 'read_class_map']
+
+DATASETS = ('fashion-mnist', 'imagefolder', 'cifar10', 'cifar100')
+SPLITS = ('train', 'val', 'test')
+FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
+                         'Ankle boot')
+FASHION_MNIST_FILES = {'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
+                       'val': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
+IMAGEFOLDER_SPLITS = {'train': ('train',), 'val': ('val', 'validation'), 'test': ('test',)}
+IDX_UINT8 = 0x08
+
+
+class DataError(ValueError):
+    """A data set that is missing, malformed or inconsistent with the model (a clear message, no traceback)."""
+
+
+# ------------------------------------------------------------------------------------------ Fashion-MNIST
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """The uint8 array of an IDX file (gzipped or not), with its magic number and size checked."""
+    try:
+        with open(path, 'rb') as f:
+            raw = f.read()
+        if raw[:2] == b'\x1f\x8b':
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError) as e:
+        raise DataError(f'cannot read {path}: {e}') from None
+    header = 4 + 4 * ndim
+    if len(raw) < header or raw[:2] != b'\0\0' or raw[2] != IDX_UINT8 or raw[3] != ndim:
+        raise DataError(f'{path} is not an IDX file of {ndim}-d uint8 data (bad magic number {raw[:4].hex()}): '
+                        f'the file is corrupt or not the one expected')
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim))
+    if len(raw) - header != int(np.prod(shape)):
+        raise DataError(f'{path}: header says shape {shape} ({int(np.prod(shape))} bytes) but it holds '
+                        f'{len(raw) - header} bytes: the file is truncated or corrupt')
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    for name in (stem + '.gz', stem, stem.replace('-idx', '.idx') + '.gz', stem.replace('-idx', '.idx')):
+        if (root / name).is_file():
+            return root / name
+    raise DataError(f'Fashion-MNIST file {stem}.gz not found in {root}: install the data with '
+                    f'`apt-get install -y dataset-fashion-mnist` (files in {FASHION_MNIST_DIR}) or point '
+                    f'--data-dir at a folder holding the four IDX files')
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST from its IDX files, held in memory as uint8 tensors ``.data`` (N, 28, 28), ``.targets`` (N,)."""
+
+    def __init__(self, root: Optional[str] = None, split: str = 'train', transform: Optional[Callable] = None) -> None:
+        root_path = Path(root or FASHION_MNIST_DIR)
+        if not root_path.is_dir():
+            raise DataError(f'Fashion-MNIST folder {root_path} does not exist: install the data with '
+                            f'`apt-get install -y dataset-fashion-mnist` or point --data-dir at a folder '
+                            f'holding the four IDX files')
+        images_file, labels_file = (_find_idx(root_path, stem) for stem in FASHION_MNIST_FILES[split])
+        images, labels = read_idx(images_file, 3), read_idx(labels_file, 1)
+        if images.shape[0] != labels.shape[0] or images.shape[1:] != (28, 28):
+            raise DataError(f'{images_file} holds images {images.shape} and {labels_file} {labels.shape[0]} labels: '
+                            f'expected N images of 28x28 and N labels')
+        if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
+            raise DataError(f'{labels_file} has label {labels.max()}, outside 0..9')
+        self.data, self.targets = torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+        self.root, self.split, self.transform = root_path, split, transform
+        self.classes = list(FASHION_MNIST_CLASSES)
+        self.num_classes = len(self.classes)
+        self.class_indices = sorted(int(i) for i in torch.unique(self.targets))
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        img = Image.fromarray(self.data[index].numpy(), mode='L')
+        return (self.transform(img) if self.transform else img), int(self.targets[index])
+
+
+# ------------------------------------------------------------------------------------------ ImageFolder
+def read_class_map(path: str) -> List[str]:
+    """Training-class names, one per line (line i = class index i); blank lines and ``#`` comments skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise DataError(f'cannot read class map {path}: {e}') from None
+    names = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith('#')]
+    if not names:
+        raise DataError(f'class map {path} holds no class names (expected one training-class name per line)')
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DataError(f'class map {path} names {duplicates[:5]} more than once')
+    return names
+
+
+def _class_folders(root: Path) -> List[str]:
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.'))
+
+
+def _map_folders(root: Path, folders: List[str], class_names: Optional[Sequence[str]],
+                 num_classes: Optional[int]) -> Tuple[List[str], Dict[str, int]]:
+    """(all class names, folder -> label): by name in ``class_names``, or by number for numbered folders."""
+    numbered = all(f.isdigit() for f in folders)
+    if class_names is not None:
+        names = [str(n) for n in class_names]
+        if num_classes is not None and num_classes != len(names):
+            raise DataError(f'num_classes {num_classes} does not match the {len(names)} class names given')
+        index = {n: i for i, n in enumerate(names)}
+        if all(f in index for f in folders):
+            return names, {f: index[f] for f in folders}
+        if not numbered:
+            unknown = [f for f in folders if f not in index]
+            raise DataError(f'class folders {unknown[:5]} in {root} are not training classes (valid names are '
+                            f'e.g. {names[:5]}); name folders after training classes or by class index')
+    elif numbered:
+        names = [str(i) for i in range(num_classes or max(int(f) for f in folders) + 1)]
+    else:
+        if num_classes is not None and num_classes != len(folders):
+            raise DataError(f'num_classes {num_classes} does not match the {len(folders)} class folders in {root}')
+        return folders, {f: i for i, f in enumerate(folders)}
+    out_of_range = [f for f in folders if int(f) >= len(names)]
+    if out_of_range:
+        raise DataError(f'numbered class folders {out_of_range[:5]} in {root} are outside 0..{len(names) - 1}')
+    return names, {f: int(f) for f in folders}
+
+
+def _load_image(path: str) -> Image.Image:
+    try:
+        with open(path, 'rb') as f:
+            img = Image.open(f)
+            return img.convert('RGB')
+    except Exception as e:  # PIL raises many types for broken files (OSError, SyntaxError, ValueError, ...)
+        raise DataError(f'cannot read image {path}: {type(e).__name__}: {e}') from None
+
+
+class ImageFolder(Dataset):
+    """Class folders of images (torchvision's layout and file scan), with clear errors for broken data.
+
+    A broken file raises :class:`DataError` naming it when read, or with ``skip_bad_images=True`` is reported
+    once with a warning and replaced by the next readable sample (deterministic).
+    """
+
+    def __init__(self, root: str, transform: Optional[Callable] = None, *, skip_bad_images: bool = False,
+                 num_classes: Optional[int] = None, class_names: Optional[Sequence[str]] = None) -> None:
+        from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+        self.root = Path(root)
+        folders = _class_folders(self.root)
+        if not folders:
+            raise DataError(f'no class folders in {self.root}: expected {self.root}/<class name>/<image files>')
+        self.classes, self.class_to_idx = _map_folders(self.root, folders, class_names, num_classes)
+        self.samples = make_dataset(str(self.root), self.class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+        empty = sorted(set(folders) - {Path(p).relative_to(self.root).parts[0] for p, _ in self.samples})
+        if empty:
+            raise DataError(f'class folder(s) {[str(self.root / f) for f in empty[:5]]} hold no images '
+                            f'(extensions {", ".join(IMG_EXTENSIONS)})')
+        self.targets = [label for _, label in self.samples]
+        self.num_classes = len(self.classes)
+        self.class_indices = sorted(set(self.class_to_idx.values()))
+        self.transform, self.skip_bad_images = transform, skip_bad_images
+        self._reported: set = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            try:
+                img = _load_image(path)
+            except DataError as e:
+                if not self.skip_bad_images:
+                    raise
+                if path not in self._reported:
+                    self._reported.add(path)
+                    warnings.warn(f'skipping bad image: {e}', stacklevel=2)
+                continue
+            return (self.transform(img) if self.transform else img), label
+        raise DataError(f'no readable image in {self.root}')
+
+
+def _imagefolder_root(data_dir: Optional[str], split: str) -> Path:
+    """``data_dir/<split folder>``; ``data_dir`` itself when it has no split folders (a bare evaluation set)."""
+    if not data_dir:
+        raise DataError('the imagefolder data set needs --data-dir: a folder with train/ and val/ holding one '
+                        'folder of images per class (the ImageNet layout)')
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f'data folder {root} does not exist (expected {root}/train/<class>/<images> and '
+                        f'{root}/val/<class>/<images>)')
+    for name in IMAGEFOLDER_SPLITS[split]:
+        if (root / name).is_dir():
+            return root / name
+    present = [n for names in IMAGEFOLDER_SPLITS.values() for n in names if (root / n).is_dir()]
+    if present:
+        raise DataError(f'no {" or ".join(IMAGEFOLDER_SPLITS[split])} folder in {root} (found {present}): '
+                        f'expected {root}/{IMAGEFOLDER_SPLITS[split][0]}/<class>/<images>')
+    if split == 'train':
+        warnings.warn(f'{root} has no train/ or val/ folder: using its class folders directly for every split',
+                      stacklevel=3)
+    return root
+
+
+# ------------------------------------------------------------------------------------------ CIFAR
+CIFAR_FOLDERS = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python'}
+
+
+class CIFAR(Dataset):
+    """torchvision's CIFAR-10/100 read from disk (never downloaded), with the attributes of this module."""
+
+    def __init__(self, name: str, data_dir: Optional[str], split: str, transform: Optional[Callable] = None) -> None:
+        from torchvision.datasets import CIFAR10, CIFAR100
+
+        folder = CIFAR_FOLDERS[name]
+        if not data_dir:
+            raise DataError(f'{name} needs --data-dir: the folder holding {folder}/ (torchvision layout); '
+                            f'nothing is downloaded at run time')
+        root = Path(data_dir)
+        root = root.parent if root.name == folder else root
+        if not (root / folder).is_dir():
+            raise DataError(f'{name} not found: looked for {root / folder}/ (torchvision layout); nothing is '
+                            f'downloaded at run time, so put the extracted python version of {name} there')
+        try:
+            self.dataset = (CIFAR10 if name == 'cifar10' else CIFAR100)(str(root), train=split == 'train',
+                                                                        download=False)
+        except (RuntimeError, OSError, ValueError) as e:
+            raise DataError(f'{name} in {root / folder} is incomplete or corrupt: {e}') from None
+        self.transform = transform
+        self.data, self.targets = self.dataset.data, list(self.dataset.targets)
+        self.classes = list(self.dataset.classes)
+        self.num_classes = len(self.classes)
+        self.class_indices = sorted(set(self.targets))
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        img, label = self.dataset[index]
+        return (self.transform(img) if self.transform else img), int(label)
+
+
+# ------------------------------------------------------------------------------------------ subsets
+class DatasetSubset(Dataset):
+    """A seeded random subset (quick runs) that keeps the class attributes of the full data set.
+
+    ``class_indices`` stays that of the full set: a small sample must not narrow the classes scored.
+    """
+
+    def __init__(self, dataset: Dataset, max_samples: int, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.indices = sorted(torch.randperm(len(dataset), generator=generator)[:max_samples].tolist())
+        self.dataset = dataset
+        self.classes, self.num_classes = dataset.classes, dataset.num_classes
+        self.class_indices = dataset.class_indices
+        targets = getattr(dataset, 'targets', None)
+        self.targets = [int(targets[i]) for i in self.indices] if targets is not None else None
+
+    @property
+    def transform(self) -> Optional[Callable]:
+        return self.dataset.transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        return self.dataset[self.indices[index]]
+
+
+# ------------------------------------------------------------------------------------------ entry point
+def _check_builtin(name: str, dataset: Dataset, num_classes: Optional[int], class_names: Optional[Sequence[str]],
+                   class_map: Optional[str]) -> None:
+    if class_map is not None:
+        raise DataError(f'class_map (--class-map) applies to imagefolder data sets only, not {name}')
+    if num_classes is not None and num_classes != dataset.num_classes:
+        raise DataError(f'{name} has {dataset.num_classes} classes, not num_classes={num_classes}')
+    if class_names is not None and list(class_names) != dataset.classes:
+        raise DataError(f'{name} classes {dataset.classes[:5]}... do not match the class names given '
+                        f'{list(class_names)[:5]}...: the model was trained on another data set')
+
+
+def load_dataset(name: str, data_dir: Optional[str] = None, split: str = 'train', *,
+                 transform: Optional[Callable] = None, max_samples: Optional[int] = None, seed: int = 0,
+                 skip_bad_images: bool = False, num_classes: Optional[int] = None,
+                 class_names: Optional[Sequence[str]] = None, class_map: Optional[str] = None) -> Dataset:
+    """One split of a data set of :data:`DATASETS`.
+
+    ``split``: ``'train'`` or ``'val'`` (Fashion-MNIST/CIFAR: the test set, also called ``'test'``; ImageFolder:
+    ``data_dir/val`` or ``data_dir/validation``, ``'test'``: ``data_dir/test``; a ``data_dir`` with none of these
+    split folders is itself the folder of class folders, e.g. ImageNet-V2 or ImageNet-R).
+    ``class_names`` (or a ``class_map`` file, one name per line) are the training classes: class folders map
+    to the index of their name, or to ``int(name)`` when all folders are numbered (ImageNet-V2).
+    ``max_samples``: a random subset of that size, the same for the same ``seed``.
+    """
+    if name not in DATASETS:
+        raise DataError(f'unknown dataset {name!r}: choose one of {", ".join(DATASETS)}')
+    if split not in SPLITS:
+        raise DataError(f'unknown split {split!r}: choose one of {", ".join(SPLITS)}')
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
+                                    or max_samples < 1):
+        raise DataError(f'max_samples must be a positive integer or None, got {max_samples!r}')
+    if class_names is not None and class_map is not None:
+        raise DataError('give class_names or class_map, not both')
+    if name == 'imagefolder':
+        names = read_class_map(class_map) if class_map is not None else class_names
+        dataset = ImageFolder(str(_imagefolder_root(data_dir, split)), transform, skip_bad_images=skip_bad_images,
+                              num_classes=num_classes, class_names=names)
+    else:
+        builtin_split = 'train' if split == 'train' else 'val'
+        dataset = (FashionMNIST(data_dir, builtin_split, transform) if name == 'fashion-mnist'
+                   else CIFAR(name, data_dir, builtin_split, transform))
+        _check_builtin(name, dataset, num_classes, class_names, class_map)
+    if max_samples is not None and max_samples < len(dataset):
+        dataset = DatasetSubset(dataset, max_samples, seed)
+    return dataset
+
+
+# ------------------------------------------------------------------------------------------ transforms
+class ConvertMode:
+    """PIL image to ``mode`` ('L' for 1-channel models, 'RGB' for 3): any data set feeds any model."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return img if img.mode == self.mode else img.convert(self.mode)
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}({self.mode!r})'
+
+
+def build_transform(data_config: Dict[str, Any], is_training: bool, **aug: Any) -> Callable:
+    """timm's ``create_transform`` for ``data_config`` (as from ``resolve_data_config``), after a conversion
+    of the PIL image to the model's channel count. ``aug``: timm keyword arguments (scale, ratio, hflip,
+    auto_augment, re_prob, color_jitter, ...); ``None`` values take timm's defaults. Images of <= 32 px
+    are not resize-cropped for evaluation (crop_pct 1.0)."""
+    from timm.data import create_transform
+    from torchvision import transforms
+
+    input_size = tuple(data_config['input_size'])
+    channels, size = input_size[0], input_size[-2:]
+    if channels not in (1, 3):
+        raise DataError(f'input_size {input_size}: only 1 or 3 channels are supported')
+    mean, std = tuple(data_config.get('mean', ())), tuple(data_config.get('std', ()))
+    if len(mean) != channels or len(std) != channels:
+        raise DataError(f'mean {mean} and std {std} must have one value per channel ({channels})')
+    crop_pct = data_config.get('crop_pct')
+    if max(size) <= 32:
+        crop_pct = 1.0
+    kwargs = dict(input_size=input_size, is_training=is_training, mean=mean, std=std,
+                  interpolation=data_config.get('interpolation', 'bilinear'), crop_pct=crop_pct,
+                  crop_mode=data_config.get('crop_mode'))
+    kwargs.update({k: v for k, v in aug.items() if v is not None})
+    timm_transform = create_transform(**kwargs)
+    return transforms.Compose([ConvertMode('L' if channels == 1 else 'RGB'), timm_transform])
