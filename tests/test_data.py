@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from hydravit.data import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, DataError, build_transform, load_dataset)
 
@@ -90,6 +91,9 @@ def test_fashion_mnist_from_another_folder_and_corrupt_files(tmp_path):
     _fake_fmnist(tmp_path)
     ds = load_dataset('fashion-mnist', str(tmp_path), split='train')
     assert len(ds) == 6 and ds.targets.tolist() == list(range(6)) and ds.class_indices == list(range(6))
+    raw = tmp_path / 'tv' / 'FashionMNIST' / 'raw'  # torchvision's layout
+    shutil.copytree(tmp_path, raw, ignore=shutil.ignore_patterns('tv'))
+    assert torch.equal(load_dataset('fashion-mnist', str(tmp_path / 'tv')).data, ds.data)
     labels = tmp_path / 't10k-labels-idx1-ubyte.gz'
     _write_idx(labels, np.arange(6), magic=b'\0\0\x08\x03')  # the images' magic number on the labels file
     with pytest.raises(DataError, match='magic number') as e:
@@ -121,6 +125,11 @@ def test_imagefolder_maps_sorted_class_folders_to_labels(tmp_path):
     assert len(val) == 3 and val.classes == train.classes
     sub = load_dataset('imagefolder', str(tmp_path), split='train', max_samples=4, seed=0)
     assert len(sub) == 4 and sub.classes == train.classes and sub.class_indices == [0, 1, 2]
+    config = dict(input_size=(3, 8, 8), mean=(0.5,) * 3, std=(0.5,) * 3, interpolation='bilinear', crop_pct=1.0)
+    batched = load_dataset('imagefolder', str(tmp_path), split='train',
+                           transform=build_transform(config, is_training=False))
+    images, labels = next(iter(DataLoader(batched, batch_size=9, num_workers=1)))  # the data set pickles
+    assert images.shape == (9, 3, 8, 8) and labels.tolist() == train.targets
 
 
 def test_imagefolder_without_split_folders_uses_the_class_folders_directly(tmp_path):
@@ -191,6 +200,11 @@ def test_test_set_holding_a_subset_of_the_training_classes(tmp_path):
     class_map.write_text('\n'.join(train_classes) + '\n')
     by_file = load_dataset('imagefolder', str(tmp_path / 'subset'), 'val', class_map=str(class_map))
     assert by_file.classes == train_classes and by_file.samples == ds.samples
+    stored = ['a', 'b', 'c', 'd', 'e']  # names stored in a checkpoint: an explicit class map wins
+    both = load_dataset('imagefolder', str(tmp_path / 'subset'), 'val', class_names=stored, class_map=str(class_map))
+    assert both.classes == train_classes and both.class_indices == [1, 4]
+    with pytest.raises(DataError, match='names 5 classes but the model has 2'):
+        load_dataset('imagefolder', str(tmp_path / 'subset'), 'val', class_names=['x', 'y'], class_map=str(class_map))
     image_folder(tmp_path / 'unknown', ['bee', 'yak'])
     with pytest.raises(DataError, match="'yak'.*not training classes") as e:
         load_dataset('imagefolder', str(tmp_path / 'unknown'), 'val', class_names=train_classes)

@@ -59,9 +59,11 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
 
 
 def _find_idx(root: Path, stem: str) -> Path:
-    for name in (stem + '.gz', stem, stem.replace('-idx', '.idx') + '.gz', stem.replace('-idx', '.idx')):
-        if (root / name).is_file():
-            return root / name
+    """``root/stem[.gz]``, also in torchvision's ``FashionMNIST/raw`` layout."""
+    for folder in (root, root / 'raw', root / 'FashionMNIST' / 'raw'):
+        for name in (stem + '.gz', stem):
+            if (folder / name).is_file():
+                return folder / name
     raise DataError(f'Fashion-MNIST file {stem}.gz not found in {root}: install the data with '
                     f'`apt-get install -y dataset-fashion-mnist` (files in {FASHION_MNIST_DIR}) or point '
                     f'--data-dir at a folder holding the four IDX files')
@@ -170,7 +172,8 @@ class ImageFolder(Dataset):
             raise DataError(f'no class folders in {self.root}: expected {self.root}/<class name>/<image files>')
         self.classes, self.class_to_idx = _map_folders(self.root, folders, class_names, num_classes)
         self.samples = make_dataset(str(self.root), self.class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
-        empty = sorted(set(folders) - {Path(p).relative_to(self.root).parts[0] for p, _ in self.samples})
+        present = {label for _, label in self.samples}
+        empty = [f for f in folders if self.class_to_idx[f] not in present]
         if empty:
             raise DataError(f'class folder(s) {[str(self.root / f) for f in empty[:5]]} hold no images '
                             f'(extensions {", ".join(IMG_EXTENSIONS)})')
@@ -298,6 +301,16 @@ def _check_builtin(name: str, dataset: Dataset, num_classes: Optional[int], clas
                         f'{list(class_names)[:5]}...: the model was trained on another data set')
 
 
+def _training_classes(class_names: Optional[Sequence[str]], class_map: Optional[str]) -> Optional[List[str]]:
+    """The class map file's names (an explicit choice: they win over stored ``class_names`` of equal length)."""
+    if class_map is None:
+        return None if class_names is None else [str(n) for n in class_names]
+    names = read_class_map(class_map)
+    if class_names is not None and len(class_names) != len(names):
+        raise DataError(f'class map {class_map} names {len(names)} classes but the model has {len(class_names)}')
+    return names
+
+
 def load_dataset(name: str, data_dir: Optional[str] = None, split: str = 'train', *,
                  transform: Optional[Callable] = None, max_samples: Optional[int] = None, seed: int = 0,
                  skip_bad_images: bool = False, num_classes: Optional[int] = None,
@@ -307,8 +320,9 @@ def load_dataset(name: str, data_dir: Optional[str] = None, split: str = 'train'
     ``split``: ``'train'`` or ``'val'`` (Fashion-MNIST/CIFAR: the test set, also called ``'test'``; ImageFolder:
     ``data_dir/val`` or ``data_dir/validation``, ``'test'``: ``data_dir/test``; a ``data_dir`` with none of these
     split folders is itself the folder of class folders, e.g. ImageNet-V2 or ImageNet-R).
-    ``class_names`` (or a ``class_map`` file, one name per line) are the training classes: class folders map
-    to the index of their name, or to ``int(name)`` when all folders are numbered (ImageNet-V2).
+    ``class_names`` (or a ``class_map`` file, one name per line, which wins) are the training classes: class
+    folders map to the index of their name, or to ``int(name)`` when all folders are numbered (ImageNet-V2;
+    numbered folders also map so without class names).
     ``max_samples``: a random subset of that size, the same for the same ``seed``.
     """
     if name not in DATASETS:
@@ -318,10 +332,8 @@ def load_dataset(name: str, data_dir: Optional[str] = None, split: str = 'train'
     if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
                                     or max_samples < 1):
         raise DataError(f'max_samples must be a positive integer or None, got {max_samples!r}')
-    if class_names is not None and class_map is not None:
-        raise DataError('give class_names or class_map, not both')
     if name == 'imagefolder':
-        names = read_class_map(class_map) if class_map is not None else class_names
+        names = _training_classes(class_names, class_map)
         dataset = ImageFolder(str(_imagefolder_root(data_dir, split)), transform, skip_bad_images=skip_bad_images,
                               num_classes=num_classes, class_names=names)
     else:

@@ -97,7 +97,8 @@ class WeightedSampler(SubnetSampler):
 
     def _validate_weights(self, weights: Optional[Sequence[float]]) -> Tuple[float, ...]:
         if weights is None:
-            raise ValueError(f'the weighted sampler needs weights (--head-weights): one per k in {list(self.k_choices)}')
+            raise ValueError(f'the weighted sampler needs weights (--head-weights): '
+                             f'one per k in {list(self.k_choices)}')
         values = [float(w) for w in weights]
         if len(values) != len(self.k_choices):
             raise ValueError(f'got {len(values)} weights {values} for {len(self.k_choices)} k choices '
