@@ -122,7 +122,7 @@ def _class_folders(root: Path) -> List[str]:
 def _map_folders(root: Path, folders: List[str], class_names: Optional[Sequence[str]],
                  num_classes: Optional[int]) -> Tuple[List[str], Dict[str, int]]:
     """(all class names, folder -> label): by name in ``class_names``, or by number for numbered folders."""
-    numbered = all(f.isdigit() for f in folders)
+    numbered = all(f.isascii() and f.isdigit() for f in folders)
     if class_names is not None:
         names = [str(n) for n in class_names]
         if num_classes is not None and num_classes != len(names):
