@@ -237,3 +237,45 @@ def test_eval_cli_end_to_end_with_report(tmp_path, monkeypatch, randomize):
     report = read_results(run / 'report' / 'report.csv')
     assert [(r['method'], r['k']) for r in report] == [('run1', 2), ('run1', 4)]
     assert all(r['infer_samples_per_sec'] > 0 for r in report)
+
+
+def _image_folder(root, folders, per_class=3, seed=0):
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    for name in folders:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = torch.randint(0, 256, (16, 16, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / name / f'{i}.png')
+
+
+def test_eval_cli_on_imagefolder_class_subsets(tmp_path, randomize, capsys):
+    import json
+    from timm.data import resolve_data_config
+    from hydravit.cli import main
+    from hydravit.data import build_transform, load_dataset
+    from hydravit.report import read_results
+    names = [f'class{i}' for i in range(10)]
+    model = randomize(timm.create_model('hydravit_test_patch4_16'), seed=8).eval()
+    path = save_model(tmp_path / 'm.safetensors', model, {'class_names': json.dumps(names)})
+    _image_folder(tmp_path / 'r', ['class2', 'class7', 'class9'])   # ImageNet-R style: 3 of 10 classes, by name
+    _image_folder(tmp_path / 'v2', ['1', '4'], seed=1)              # ImageNet-V2 style: numbered folders
+    transform = build_transform(resolve_data_config({}, model=model), is_training=False)
+    for folder, present in (('r', [2, 7, 9]), ('v2', [1, 4])):
+        out = tmp_path / f'{folder}.csv'
+        assert main(['eval', '--checkpoint', str(path), '--dataset', 'imagefolder', '--data-dir',
+                     str(tmp_path / folder), '--k', '2', '4', '-j', '0', '--results-file', str(out)]) == 0
+        assert f'{len(present)} of 10 classes present' in capsys.readouterr().out
+        data = load_dataset('imagefolder', str(tmp_path / folder), 'val', transform=transform, class_names=names)
+        x = torch.stack([data[i][0] for i in range(len(data))])
+        y = torch.tensor([data[i][1] for i in range(len(data))])
+        assert sorted(set(y.tolist())) == present
+        for row in read_results(out):
+            with torch.no_grad():
+                pred = torch.tensor(present)[model(x, k=row['k'])[:, present].argmax(1)]
+            assert row['top1'] == pytest.approx(100.0 * (pred == y).float().mean().item(), rel=1e-5)
+            assert row['num_classes_scored'] == len(present) and row['num_samples'] == 3 * len(present)
+    _image_folder(tmp_path / 'bad', ['class1', 'zebra'])
+    assert main(['eval', '--checkpoint', str(path), '--dataset', 'imagefolder', '--data-dir',
+                 str(tmp_path / 'bad'), '-j', '0']) == 2
+    assert "['zebra']" in capsys.readouterr().err

@@ -215,7 +215,7 @@ def write_report(eval_rows_by_label: Mapping[str, Sequence[Row]],
         series[label] = sorted(rows, key=lambda r: int(r['k']))
     out_dir = Path(out_dir)
     table = [{'method': label, **r} for label, rows in series.items() for r in rows]
-    columns = [c for c in REPORT_COLUMNS if any(c in r for r in table)]
+    columns = [c for c in REPORT_COLUMNS if any(r.get(c) is not None for r in table)]
     paths = {'csv': write_results(table, out_dir, 'report', 'csv', verbose=False)}
     if any('gmacs' in r for r in table):
         paths['plot_gmacs'] = plot_accuracy(series, 'gmacs', out_dir / 'accuracy_vs_gmacs.png',
