@@ -66,7 +66,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.05
     sched: str = 'cosine'
-    warmup_epochs: int = 5
+    warmup_epochs: float = 5
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
     cooldown_epochs: int = 0
@@ -77,6 +77,7 @@ class TrainConfig:
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
     mixup_mode: str = 'batch'
+    no_aug: bool = False
     scale: Optional[Tuple[float, float]] = None
     ratio: Optional[Tuple[float, float]] = None
     hflip: float = 0.5
@@ -114,6 +115,7 @@ class TrainConfig:
     eval_heads: Optional[List[int]] = None
     eval_metric: str = 'top1_mean'
     checkpoint_interval_steps: int = 0
+    report: bool = True
 
     def __post_init__(self) -> None:
         for name in ('batch_size', 'epochs', 'grad_accum_steps', 'val_interval', 'log_interval', 'num_random'):
@@ -286,7 +288,7 @@ def _data_config(cfg: TrainConfig) -> Dict[str, Any]:
 def build_datasets(cfg: TrainConfig, data_config: Mapping[str, Any]) -> Tuple[Dataset, Dataset]:
     from .data import build_transform, load_dataset
 
-    aug = dict(scale=tuple(cfg.scale) if cfg.scale else None, ratio=tuple(cfg.ratio) if cfg.ratio else None,
+    aug = dict(no_aug=cfg.no_aug, scale=tuple(cfg.scale) if cfg.scale else None, ratio=tuple(cfg.ratio) if cfg.ratio else None,
                hflip=cfg.hflip, vflip=cfg.vflip, color_jitter=cfg.color_jitter, auto_augment=cfg.aa,
                re_prob=cfg.reprob, re_mode=cfg.remode)
     common = dict(seed=cfg.seed, skip_bad_images=cfg.skip_bad_images, num_classes=cfg.num_classes)
@@ -708,6 +710,20 @@ class Trainer:
         plot_accuracy(series, 'gmacs', self.out_dir / 'accuracy_vs_gmacs.png',
                       f'{self.cfg.model} on {self.cfg.dataset}: top-1 vs GMACs')
         print(f'results: {self.out_dir / "results.csv"}, {self.out_dir / "accuracy_vs_gmacs.png"}')
+        if self.cfg.report:
+            self._write_report(series)
+
+    def _write_report(self, series: Dict[str, List[Dict[str, Any]]]) -> None:
+        """The accuracy-cost report of ``hydravit report``, with a quick throughput pass on this device."""
+        from .benchmark import benchmark_subnets
+        from .report import write_report
+
+        bench = benchmark_subnets(self.model, [r['k'] for r in series['HydraViT']], modes=('sliced',),
+                                  device=self.env.device, rounds=1, min_seconds=0.1, latency_iters=3,
+                                  measure_memory=False, flop_count=False)
+        paths = write_report(series, {label: bench for label in series}, self.out_dir / 'report',
+                             config=self.model.config, title=f'{self.cfg.model} on {self.cfg.dataset}')
+        print('report: ' + ', '.join(str(p) for p in paths.values()))
 
 
 def _progress(total: int, done: int, epoch: int, env: DistEnv):
