@@ -19,6 +19,15 @@ COMMANDS = {
 }
 
 
+def add_model_source(parser: argparse.ArgumentParser, default_model: Optional[str] = None, *,
+                     required: bool = False, checkpoint_help: str = 'a HydraViT .safetensors checkpoint') -> None:
+    """``--model NAME | --checkpoint PATH``: the two ways every command that needs a model accepts one."""
+    group = parser.add_mutually_exclusive_group(required=required)
+    default = ' (default: %(default)s)' if default_model else ''
+    group.add_argument('--model', default=default_model, help=f'registered model name{default}')
+    group.add_argument('--checkpoint', help=f'{checkpoint_help}, instead of --model')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='hydravit', description='HydraViT: one ViT checkpoint, a working subnetwork for every k heads.')

@@ -6,6 +6,7 @@ import sys
 
 import torch
 
+from . import add_model_source
 from ..adaptive import (DEFAULT_PHASES, AdaptivePredictor, LoadPhase, adaptive_policy, calibrate_latencies,
                         fixed_k_policy, reexec_with_passive_omp, run_under_load, summarize)
 from ..export import read_accuracy
@@ -20,9 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        description='Serve random batches with an AdaptivePredictor through load phases (quiet, busy '
                                    'child processes, one torch thread, quiet) and print per phase the share of '
                                    'batches within the target and the k served.')
-    src = p.add_mutually_exclusive_group()
-    src.add_argument('--model', default='hydravit_fmnist_patch7_28', help='registered model (default: %(default)s)')
-    src.add_argument('--checkpoint', help='a HydraViT .safetensors checkpoint instead of --model')
+    add_model_source(p, 'hydravit_fmnist_patch7_28')
     p.add_argument('--target-ms', type=float,
                    help='latency target per batch; default: the largest k just fits on the quiet machine')
     p.add_argument('-b', '--batch-size', type=int, default=32)

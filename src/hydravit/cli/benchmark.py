@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from . import add_model_source
 from ..benchmark import BENCH_MODES, benchmark_subnets, measure_switching, reexec_with_malloc_env
 from ..model import HydraViT
 from ..registry import create_model_or_load
@@ -20,10 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        description='Per k and mode (sliced universal model, extracted subnet, fresh timm ViT): '
                                    'images/s, batch-1 latency, optional training images/s, peak memory, params, '
                                    'GMACs; then switching k in memory vs loading a subnet from disk.')
-    src = p.add_mutually_exclusive_group()
-    src.add_argument('--model', default='hydravit_fmnist_patch7_28',
-                     help='registered model name (default: %(default)s)')
-    src.add_argument('--checkpoint', help='a HydraViT .safetensors checkpoint instead of --model')
+    add_model_source(p, 'hydravit_fmnist_patch7_28')
     p.add_argument('--k', nargs='+', type=int, help="subnetworks (default: the model's k choices)")
     p.add_argument('--modes', nargs='+', choices=BENCH_MODES, default=list(BENCH_MODES))
     p.add_argument('-b', '--batch-size', type=int, default=256, help='inference batch size (default: %(default)s)')

@@ -6,6 +6,7 @@ import json
 
 import timm
 
+from . import add_model_source
 from ..costs import cost_table
 from ..registry import create_model_or_load
 
@@ -16,10 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser('info', help='per-k embed width, heads, MLP width, params and GMACs',
                        description='Print one row per subnetwork k: embed_dim, num_heads, mlp_hidden, '
                                    'params (M) and GMACs (analytic, per image).')
-    src = p.add_mutually_exclusive_group()
-    src.add_argument('--model', default='hydravit_base_patch16_224',
-                     help='registered model name (see --list); default: %(default)s')
-    src.add_argument('--checkpoint', help='a HydraViT .safetensors checkpoint instead of a model name')
+    add_model_source(p, 'hydravit_base_patch16_224')
     p.add_argument('--k', nargs='+', type=int, help='subnetworks to list (default: the model\'s k choices)')
     p.add_argument('--format', choices=('table', 'json'), default='table')
     p.add_argument('--list', action='store_true', help='list the registered HydraViT models and exit')

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import add_model_source
 from ..evaluate import resolve_checkpoint
 from ..export import read_accuracy
 from ..registry import create_model_or_load
@@ -20,9 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        description='Measure every subnetwork on this device (or read a benchmark file) and print '
                                    'the most accurate k that meets the budget, with the numbers behind the choice. '
                                    'Exit status 2 when no subnetwork fits.')
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument('--checkpoint', help='HydraViT .safetensors checkpoint or a training run folder')
-    src.add_argument('--model', help='registered model name (untrained weights: timing only)')
+    add_model_source(p, required=True, checkpoint_help='a HydraViT .safetensors checkpoint or a training run folder')
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument('--latency-ms', type=float, help='max time per batch of --batch-size (ms)')
     budget.add_argument('--throughput', type=float, help='min images/s at --batch-size')
