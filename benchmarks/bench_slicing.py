@@ -9,7 +9,6 @@ Prints, per k, images/s of ``model(x, k=k)`` divided by images/s of the extracte
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -18,6 +17,7 @@ import timm
 import torch
 
 import hydravit  # noqa: F401  (registers the models)
+from hydravit.benchmark import reexec_with_malloc_env
 from hydravit.subnet import extract_subnet
 
 
@@ -30,14 +30,9 @@ def images_per_second(fn, x: torch.Tensor, iters: int) -> float:
         return iters * x.shape[0] / (time.perf_counter() - start)
 
 
-# glibc returns large blocks to the OS after every free, so each forward pays page faults that depend on
-# the allocation history more than on the model; a fixed threshold removes that noise for both sides.
-MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': str(1 << 28), 'MALLOC_TRIM_THRESHOLD_': str(1 << 28)}
-
-
 def main() -> None:
-    if '--system-malloc' not in sys.argv and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+    if '--system-malloc' not in sys.argv:
+        reexec_with_malloc_env(sys.argv)  # glibc's page-fault noise otherwise dominates CPU timings
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--model', default='hydravit_fmnist_patch7_28')
     p.add_argument('--batch-size', type=int, default=256)

@@ -11,7 +11,6 @@ main cost the standalone model does not pay at small k.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -21,13 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import hydravit  # noqa: F401  (registers the models)
+from hydravit.benchmark import reexec_with_malloc_env
 from hydravit.subnet import extract_subnet
-
-# glibc returns large blocks to the OS after every free, so each step pays page faults that depend on the
-# allocation history more than on the model; a fixed threshold removes that noise for both sides.
-FUSED = True  # fused AdamW (CPU and CUDA kernels in PyTorch >= 2.4): one pass over each tensor
-MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': str(1 << 28), 'MALLOC_TRIM_THRESHOLD_': str(1 << 28)}
-
 
 def make_step(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, optimize: bool = True,
               **forward_kwargs):
@@ -50,8 +44,8 @@ def images_per_second(step, batch: int, iters: int) -> float:
 
 
 def main() -> None:
-    if '--system-malloc' not in sys.argv and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+    if '--system-malloc' not in sys.argv:
+        reexec_with_malloc_env(sys.argv)  # glibc's page-fault noise otherwise dominates CPU timings
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--model', default='hydravit_fmnist_patch7_28')
     p.add_argument('--batch-size', type=int, default=128)

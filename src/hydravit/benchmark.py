@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -191,6 +191,16 @@ def _cuda_peak_mb(fn: Runner, x: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------ main API
+def _prepare(model: HydraViT, ks: Optional[Sequence[int]], device: str | torch.device,
+             batch_size: int) -> Tuple[List[int], HydraViT, torch.Tensor]:
+    """Validated ks, the model in eval mode on ``device`` and a random input batch for it."""
+    ks = [model.resolve_k(k) for k in (model.k_choices if ks is None else ks)]
+    device = torch.device(device)
+    model = model.to(device).eval()
+    cfg = model.config
+    return ks, model, torch.randn(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
+
+
 def benchmark_subnets(
         model: HydraViT,
         ks: Optional[Sequence[int]] = None,
@@ -218,11 +228,8 @@ def benchmark_subnets(
         raise ValueError(f'modes must be a non-empty subset of {BENCH_MODES}, got {list(modes)}')
     if batch_size < 1:
         raise ValueError(f'batch_size must be >= 1, got {batch_size}')
-    ks = [model.resolve_k(k) for k in (model.k_choices if ks is None else ks)]
-    device = torch.device(device)
-    model = model.to(device).eval()
+    ks, model, x = _prepare(model, ks, device, batch_size)
     cfg = model.config
-    x = torch.randn(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
     rows = []
     for k in ks:
         runners = {mode: build_runner(model, k, mode) for mode in modes}
@@ -288,11 +295,8 @@ def measure_switching(model: HydraViT, ks: Optional[Sequence[int]] = None, *, ba
     it negative. ``switch_ms`` = ``use_k`` cost + max(overhead, 0). ``load_ms`` = build a timm
     ViT + load_state_dict from a safetensors file + first forward (the paper's loading latency).
     """
-    ks = [model.resolve_k(k) for k in (model.k_choices if ks is None else ks)]
-    device = torch.device(device)
-    model = model.to(device).eval()
+    ks, model, x = _prepare(model, ks, device, batch_size)
     cfg = model.config
-    x = torch.randn(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
     rows = []
     with torch.inference_mode(), tempfile.TemporaryDirectory(prefix='hydravit-switch-') as tmp:
         for k in ks:

@@ -183,7 +183,7 @@ def plot_accuracy(series: Mapping[str, Sequence[Row]], x: str, path: PathLike, t
     ax.set_ylabel(f'{y} accuracy (%)' if y.startswith('top') else y)
     ax.set_title(title or f'{y} vs {PLOT_AXES[x].split(" (")[0]}')
     ax.grid(True, alpha=0.3)
-    ax.legend(loc='lower right')
+    ax.legend(loc='best')  # accuracy rises with cost but falls with throughput
     fig.tight_layout()
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format='png'))
 
