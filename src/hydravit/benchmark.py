@@ -33,7 +33,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
 from .costs import subnet_cost
-from .model import HydraViT, HydraViTConfig
+from .model import HydraViT, HydraViTConfig, model_from_config
 from .subnet import extract_subnet, subnet_vit_kwargs
 
 __all__ = [
@@ -155,7 +155,7 @@ def _memory_child(config: dict, k: int, mode: str, batch_size: int, threads: int
         start = _rss_kb('VmRSS')
         cfg = HydraViTConfig(**config)
         if mode == 'sliced':
-            fn = build_runner(HydraViT(**config), k, mode)
+            fn = build_runner(model_from_config(cfg), k, mode)
         else:  # a deployed subnet never holds the universal model; extracted and timm have the same tensors
             fn = VisionTransformer(**subnet_vit_kwargs(cfg, k)).eval()
         with torch.inference_mode():

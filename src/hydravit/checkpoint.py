@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from .model import HydraViT, HydraViTConfig
+from .model import HydraViT, HydraViTConfig, model_from_config
 
 __all__ = [
     'CheckpointError', 'atomic_write', 'save_model', 'load_model', 'load_state_dict_file', 'read_metadata',
@@ -96,12 +96,12 @@ def load_state_dict_file(path: PathLike, map_location: str = 'cpu') -> Dict[str,
 
 
 def load_model(path: PathLike, map_location: str = 'cpu', **overrides: Any) -> HydraViT:
-    """Rebuild a HydraViT from a checkpoint written by :func:`save_model` (config in its metadata).
+    """Rebuild a universal model from a checkpoint written by :func:`save_model` (config in its metadata).
 
     ``overrides`` change non-architectural settings, e.g. ``drop_path_rate`` or a wider ``k_choices``.
     """
     config, state = load_config_and_state(path, map_location)
-    model = HydraViT(**{**config.to_dict(), **overrides})
+    model = model_from_config(config, **overrides)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Dict, Iterable, List, Optional
 
-from .model import HydraViTConfig, mlp_hidden_dim
+from .model import HydraViTConfig
 
 __all__ = ['SubnetCost', 'subnet_cost', 'cost_table']
 
@@ -51,12 +51,13 @@ def _macs(cfg: HydraViTConfig, d: int, hidden: int) -> int:
 
 
 def subnet_cost(cfg: HydraViTConfig, k: int) -> SubnetCost:
-    """Parameters and MACs of the standalone ViT equal to subnetwork ``k`` (1 MAC = multiply + add)."""
-    if not 1 <= k <= cfg.num_heads:
-        raise ValueError(f'k={k} outside 1..{cfg.num_heads}')
-    d = k * cfg.head_dim
-    hidden = mlp_hidden_dim(d, cfg.mlp_ratio)
-    return SubnetCost(k=k, embed_dim=d, num_heads=k, mlp_hidden=hidden,
+    """Parameters and MACs of the standalone ViT equal to subnetwork ``k`` (1 MAC = multiply + add).
+
+    The widths follow the config's nesting; attention always spans the whole embedding (timm's ViT).
+    """
+    shape = cfg.subnet_shape(k)
+    d, hidden = shape.embed_dim, shape.mlp_hidden
+    return SubnetCost(k=k, embed_dim=d, num_heads=shape.num_heads, mlp_hidden=hidden,
                       params=_params(cfg, d, hidden), macs=_macs(cfg, d, hidden))
 
 

@@ -198,9 +198,9 @@ def _load_with_ks(path: str | os.PathLike, ks: Optional[Sequence[int]]) -> Hydra
         raise ValueError(f'k {bad} outside 1..{h}: the checkpoint has {h} heads (trained k: {list(model.k_choices)})')
     untrained = [k for k in ks if k not in model.k_choices]
     if untrained:
-        if model.config.separate_heads:
-            raise ValueError(f'k {untrained} has no classifier: this model has one classifier per trained k '
-                             f'{list(model.k_choices)}')
+        if model.config.trained_k_only:
+            raise ValueError(f'k {untrained} has no weights of its own: this model has a classifier (or a whole '
+                             f'ViT) per trained k {list(model.k_choices)}')
         warnings.warn(f'k {untrained} not in the trained set {list(model.k_choices)}: evaluating anyway', stacklevel=3)
         model = load_model(path, k_choices=tuple(range(1, h + 1)))
     return model

@@ -32,7 +32,7 @@ from .costs import subnet_cost
 from .evaluate import resolve_checkpoint
 from .model import HydraViT
 from .report import read_results, write_results
-from .subnet import extract_subnet, subnet_state_dict, subnet_vit_kwargs
+from .subnet import extract_subnet, model_subnet_state_dict, subnet_vit_kwargs
 
 __all__ = [
     'EXPORT_FORMATS', 'TIMM_ARCHITECTURE', 'PREPROCESSING_KEYS', 'ExportError', 'preprocessing_config',
@@ -172,8 +172,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 # ------------------------------------------------------------------------------------------ formats
 def _subnet_tensors(model: HydraViT, k: int) -> Dict[str, torch.Tensor]:
-    sd = subnet_state_dict(model.state_dict(), k, head_dim=model.config.head_dim, mlp_ratio=model.config.mlp_ratio)
-    return {n: t.detach().cpu().contiguous() for n, t in sd.items()}
+    return {n: t.cpu() for n, t in model_subnet_state_dict(model, k).items()}
 
 
 def _timm_vit(model: HydraViT, k: int, preprocessing: Mapping[str, Any]) -> torch.nn.Module:

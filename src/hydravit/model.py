@@ -2,9 +2,14 @@
 
 Parameter names are those of timm's ``VisionTransformer`` so that a subnetwork is a pure slice of the
 state dict (see :mod:`hydravit.subnet`). Every sliced weight is a view: no per-forward copies.
+
+The same sliced model also hosts the nested-width methods HydraViT is compared with: the config's
+``nesting`` says which widths subnetwork k has (:func:`nested_shape`). ``'separate'`` (one independent
+ViT per k) is :class:`hydravit.separate.SeparateViTs`; :func:`model_from_config` builds either.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -19,11 +24,15 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import init_weights_vit_timm
 
-__all__ = ['HydraViT', 'HydraViTConfig', 'SubnetShape', 'FASHION_MNIST_MEAN', 'FASHION_MNIST_STD']
+__all__ = ['HydraViT', 'HydraViTConfig', 'SubnetShape', 'KChoices', 'NESTINGS', 'nested_shape', 'model_from_config',
+           'FASHION_MNIST_MEAN', 'FASHION_MNIST_STD']
 
 FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
 LAYER_NORM_EPS = 1e-6  # timm's ViT default
+# which widths follow k (SPEC §4): 'hydravit' heads + embedding + MLP; 'matformer' the MLP only;
+# 'dynabert' heads + embedding, full MLP; 'separate' HydraViT's shapes as independent ViTs
+NESTINGS = ('hydravit', 'matformer', 'dynabert', 'separate')
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,34 @@ class SubnetShape:
     embed_dim: int
     num_heads: int
     mlp_hidden: int
+
+    @property
+    def mlp_ratio(self) -> float:
+        """The ``mlp_ratio`` for which timm's ``int(embed_dim * mlp_ratio)`` gives exactly ``mlp_hidden``."""
+        ratio = self.mlp_hidden / self.embed_dim
+        while int(self.embed_dim * ratio) < self.mlp_hidden:  # e.g. 96 * (128 / 96) = 127.99999...
+            ratio = math.nextafter(ratio, math.inf)
+        return ratio
+
+
+def mlp_hidden_dim(embed_dim: int, mlp_ratio: float) -> int:
+    """timm's rule (``int(dim * mlp_ratio)``), so a slice matches a standalone timm ViT exactly."""
+    return int(embed_dim * mlp_ratio)
+
+
+def nested_shape(nesting: str, k: int, num_heads: int, head_dim: int, mlp_ratio: float) -> SubnetShape:
+    """Widths of subnetwork ``k`` (1 <= k <= num_heads) of a universal model nested as ``nesting``."""
+    if nesting not in NESTINGS:
+        raise ValueError(f'nesting must be one of {", ".join(NESTINGS)}; got {nesting!r}')
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= num_heads:
+        raise ValueError(f'k={k!r} outside 1..{num_heads} (num_heads)')
+    full_dim = num_heads * head_dim
+    full_hidden = mlp_hidden_dim(full_dim, mlp_ratio)
+    if nesting == 'matformer':  # MatFormer: only the MLP hidden width is nested, in H equal steps
+        return SubnetShape(k=k, embed_dim=full_dim, num_heads=num_heads, mlp_hidden=full_hidden * k // num_heads)
+    dim = k * head_dim
+    hidden = full_hidden if nesting == 'dynabert' else mlp_hidden_dim(dim, mlp_ratio)
+    return SubnetShape(k=k, embed_dim=dim, num_heads=k, mlp_hidden=hidden)
 
 
 @dataclass(frozen=True)
@@ -56,6 +93,7 @@ class HydraViTConfig:
     drop_path_rate: float = 0.0
     k_choices: Tuple[int, ...] = field(default=())
     separate_heads: bool = False
+    nesting: str = 'hydravit'
 
     def __post_init__(self) -> None:
         for name in ('img_size', 'patch_size', 'in_chans', 'num_heads', 'head_dim', 'depth'):
@@ -77,6 +115,20 @@ class HydraViTConfig:
         if bad:
             raise ValueError(f'k_choices {bad} outside 1..{self.num_heads} (num_heads)')
         object.__setattr__(self, 'k_choices', choices)
+        if self.nesting not in NESTINGS:
+            raise ValueError(f'nesting must be one of {", ".join(NESTINGS)}; got {self.nesting!r}')
+        if self.nesting == 'separate' and self.separate_heads:
+            raise ValueError("separate_heads needs a shared universal model: nesting='separate' already has "
+                             'one classifier per k (each k is its own ViT)')
+
+    @property
+    def trained_k_only(self) -> bool:
+        """Whether some weights exist only for the trained k (per-k classifiers or ViTs): no other k runs."""
+        return self.separate_heads or self.nesting == 'separate'
+
+    def subnet_shape(self, k: int) -> SubnetShape:
+        """Widths of subnetwork ``k`` (any 1 <= k <= num_heads, trained or not)."""
+        return nested_shape(self.nesting, k, self.num_heads, self.head_dim, self.mlp_ratio)
 
     @property
     def embed_dim(self) -> int:
@@ -103,11 +155,6 @@ def _square(name: str, value: Union[int, Sequence[int]]) -> int:
             raise ValueError(f'{name} must be an int or a square (n, n) pair, got {value!r}')
         value = value[0]
     return value
-
-
-def mlp_hidden_dim(embed_dim: int, mlp_ratio: float) -> int:
-    """timm's rule (``int(dim * mlp_ratio)``), so a slice matches a standalone timm ViT exactly."""
-    return int(embed_dim * mlp_ratio)
 
 
 class SlicedLayerNorm(nn.LayerNorm):
@@ -208,67 +255,14 @@ class SlicedBlock(nn.Module):
         return x + self.drop_path2(self.mlp(self.norm2(x), mlp_hidden))
 
 
-class HydraViT(nn.Module):
-    """A ViT trained so that its first k heads (and k·head_dim channels) work on their own.
+class KChoices:
+    """The explicit, validated k of every universal model (HydraViT and the separate-ViTs baseline).
 
-    Every method takes an optional ``k`` (default: :attr:`active_k`, which is ``num_heads`` unless
-    set with :meth:`use_k`). ``k`` must be one of ``k_choices``.
+    Subclasses set ``self.config`` (a :class:`HydraViTConfig`) and ``self._active_k``.
     """
+    config: HydraViTConfig
+    _active_k: int
 
-    def __init__(
-            self,
-            img_size: int = 224,
-            patch_size: int = 16,
-            in_chans: int = 3,
-            num_classes: int = 1000,
-            num_heads: int = 12,
-            head_dim: int = 64,
-            depth: int = 12,
-            mlp_ratio: float = 4.0,
-            qkv_bias: bool = True,
-            class_token: bool = True,
-            global_pool: Literal['token', 'avg'] = 'token',
-            drop_rate: float = 0.0,
-            pos_drop_rate: float = 0.0,
-            attn_drop_rate: float = 0.0,
-            proj_drop_rate: float = 0.0,
-            drop_path_rate: float = 0.0,
-            k_choices: Optional[Sequence[int]] = None,
-            separate_heads: bool = False,
-    ) -> None:
-        super().__init__()
-        cfg = HydraViTConfig(
-            img_size=_square('img_size', img_size), patch_size=_square('patch_size', patch_size), in_chans=in_chans, num_classes=num_classes,
-            num_heads=num_heads, head_dim=head_dim, depth=depth, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-            class_token=class_token, global_pool=global_pool, drop_rate=drop_rate, pos_drop_rate=pos_drop_rate,
-            attn_drop_rate=attn_drop_rate, proj_drop_rate=proj_drop_rate, drop_path_rate=drop_path_rate,
-            k_choices=tuple(k_choices or ()), separate_heads=separate_heads)
-        self.config = cfg
-        dim = cfg.embed_dim
-        # timm attribute names, so timm utilities (optimizer factory, EMA, data config) work unchanged
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.global_pool = global_pool
-        self.num_features = self.head_hidden_size = self.embed_dim = dim
-        self.num_prefix_tokens = int(class_token)
-        self.has_class_token = class_token
-        self.grad_checkpointing = False
-        self._active_k = cfg.num_heads if cfg.num_heads in cfg.k_choices else cfg.k_choices[-1]
-
-        self.patch_embed = SlicedPatchEmbed(cfg.img_size, cfg.patch_size, in_chans, dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if class_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, dim))
-        self.pos_drop = nn.Dropout(pos_drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.ModuleList([SlicedBlock(cfg, dpr[i]) for i in range(depth)])
-        use_fc_norm = global_pool == 'avg'  # timm's default placement of the final norm
-        self.norm = nn.Identity() if use_fc_norm else _norm(dim)
-        self.fc_norm = _norm(dim) if use_fc_norm else nn.Identity()
-        self.head_drop = nn.Dropout(drop_rate)
-        self._build_classifier(num_classes)
-        self.init_weights()
-
-    # ----------------------------------------------------------------------------------- k handling
     @property
     def k_choices(self) -> Tuple[int, ...]:
         return self.config.k_choices
@@ -292,7 +286,7 @@ class HydraViT(nn.Module):
         return k
 
     @contextmanager
-    def use_k(self, k: int) -> Iterator['HydraViT']:
+    def use_k(self, k: int) -> Iterator[Any]:
         """Run calls that cannot pass ``k`` (timm scripts, ONNX export) at subnetwork ``k``."""
         k = self.resolve_k(k)
         previous, self._active_k = self._active_k, k
@@ -302,9 +296,77 @@ class HydraViT(nn.Module):
             self._active_k = previous
 
     def subnet_shape(self, k: Optional[int] = None) -> SubnetShape:
-        k = self.resolve_k(k)
-        dim = k * self.config.head_dim
-        return SubnetShape(k=k, embed_dim=dim, num_heads=k, mlp_hidden=mlp_hidden_dim(dim, self.config.mlp_ratio))
+        return self.config.subnet_shape(self.resolve_k(k))
+
+    def _default_k(self) -> int:
+        cfg = self.config
+        return cfg.num_heads if cfg.num_heads in cfg.k_choices else cfg.k_choices[-1]
+
+
+class HydraViT(KChoices, nn.Module):
+    """A ViT trained so that its first k heads (and k·head_dim channels) work on their own.
+
+    Every method takes an optional ``k`` (default: :attr:`active_k`, which is ``num_heads`` unless
+    set with :meth:`use_k`). ``k`` must be one of ``k_choices``. ``nesting`` picks which widths follow
+    k (:data:`NESTINGS`; default: HydraViT's).
+    """
+
+    def __init__(
+            self,
+            img_size: int = 224,
+            patch_size: int = 16,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            num_heads: int = 12,
+            head_dim: int = 64,
+            depth: int = 12,
+            mlp_ratio: float = 4.0,
+            qkv_bias: bool = True,
+            class_token: bool = True,
+            global_pool: Literal['token', 'avg'] = 'token',
+            drop_rate: float = 0.0,
+            pos_drop_rate: float = 0.0,
+            attn_drop_rate: float = 0.0,
+            proj_drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
+            k_choices: Optional[Sequence[int]] = None,
+            separate_heads: bool = False,
+            nesting: str = 'hydravit',
+    ) -> None:
+        super().__init__()
+        if nesting == 'separate':
+            raise ValueError("nesting='separate' is one ViT per k: build it with "
+                             'hydravit.separate.SeparateViTs or hydravit.model.model_from_config')
+        cfg = HydraViTConfig(
+            img_size=_square('img_size', img_size), patch_size=_square('patch_size', patch_size), in_chans=in_chans, num_classes=num_classes,
+            num_heads=num_heads, head_dim=head_dim, depth=depth, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+            class_token=class_token, global_pool=global_pool, drop_rate=drop_rate, pos_drop_rate=pos_drop_rate,
+            attn_drop_rate=attn_drop_rate, proj_drop_rate=proj_drop_rate, drop_path_rate=drop_path_rate,
+            k_choices=tuple(k_choices or ()), separate_heads=separate_heads, nesting=nesting)
+        self.config = cfg
+        dim = cfg.embed_dim
+        # timm attribute names, so timm utilities (optimizer factory, EMA, data config) work unchanged
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = dim
+        self.num_prefix_tokens = int(class_token)
+        self.has_class_token = class_token
+        self.grad_checkpointing = False
+        self._active_k = self._default_k()
+
+        self.patch_embed = SlicedPatchEmbed(cfg.img_size, cfg.patch_size, in_chans, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, dim))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList([SlicedBlock(cfg, dpr[i]) for i in range(depth)])
+        use_fc_norm = global_pool == 'avg'  # timm's default placement of the final norm
+        self.norm = nn.Identity() if use_fc_norm else _norm(dim)
+        self.fc_norm = _norm(dim) if use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self._build_classifier(num_classes)
+        self.init_weights()
 
     # ----------------------------------------------------------------------------------- timm API
     def _build_classifier(self, num_classes: int) -> None:
@@ -312,7 +374,7 @@ class HydraViT(nn.Module):
         if cfg.separate_heads and num_classes > 0:
             self.head = nn.Identity()
             self.heads = nn.ModuleDict(
-                {str(k): nn.Linear(k * cfg.head_dim, num_classes) for k in cfg.k_choices})
+                {str(k): nn.Linear(cfg.subnet_shape(k).embed_dim, num_classes) for k in cfg.k_choices})
         else:
             self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
             self.heads = None
@@ -421,11 +483,25 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _create_hydravit(variant: str, pretrained: bool = False, **kwargs: Any) -> HydraViT:
+def model_from_config(config: HydraViTConfig, **overrides: Any) -> nn.Module:
+    """The universal model a config describes: a :class:`HydraViT`, or ``SeparateViTs`` for ``'separate'``."""
+    kwargs = {**config.to_dict(), **overrides}
+    return _model_class(kwargs.get('nesting', 'hydravit'))(**kwargs)
+
+
+def _model_class(nesting: str) -> type:
+    if nesting == 'separate':
+        from .separate import SeparateViTs  # it builds on this module
+        return SeparateViTs
+    return HydraViT
+
+
+def _create_hydravit(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     if pretrained:
         raise ValueError(f'no pretrained weights are published for {variant}; load a checkpoint with '
                          'hydravit.checkpoint.load_model(path) instead')
-    return build_model_with_cfg(HydraViT, variant, pretrained=False, **kwargs)
+    return build_model_with_cfg(_model_class(kwargs.get('nesting', 'hydravit')), variant, pretrained=False,
+                                **kwargs)
 
 
 @register_model

@@ -1,7 +1,8 @@
 """Subnetworks as data: pure functions between HydraViT and timm ``VisionTransformer`` state dicts.
 
-``subnet_state_dict`` cuts subnetwork k out of a universal state dict (SPEC §2); ``inflate_state_dict``
-goes the other way and writes a smaller (or equal-width) timm ViT into the leading slices.
+``subnet_state_dict`` cuts subnetwork k out of a universal state dict (SPEC §2, for every nesting of
+:data:`hydravit.model.NESTINGS`); ``inflate_state_dict`` goes the other way and writes a smaller (or
+equal-width) timm ViT into the leading slices.
 """
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from .model import HydraViT, HydraViTConfig, SubnetShape, mlp_hidden_dim
+from .model import HydraViT, HydraViTConfig, SubnetShape, nested_shape
 
 __all__ = [
-    'subnet_state_dict', 'subnet_vit_kwargs', 'extract_subnet', 'inflate_state_dict', 'init_from_vit',
+    'subnet_state_dict', 'model_subnet_state_dict', 'subnet_vit_kwargs', 'extract_subnet', 'inflate_state_dict', 'init_from_vit',
     'CheckpointMismatchError',
 ]
 
@@ -27,7 +28,7 @@ class CheckpointMismatchError(ValueError):
 
 
 def _shape_of(state_dict: Mapping[str, torch.Tensor], k: int, head_dim: int,
-              mlp_ratio: Optional[float]) -> SubnetShape:
+              mlp_ratio: Optional[float], nesting: str) -> SubnetShape:
     full_dim = state_dict['patch_embed.proj.weight'].shape[0]
     if full_dim % head_dim:
         raise CheckpointMismatchError(f'embedding width {full_dim} is not a multiple of head_dim {head_dim}')
@@ -36,8 +37,18 @@ def _shape_of(state_dict: Mapping[str, torch.Tensor], k: int, head_dim: int,
         raise ValueError(f'k={k} outside 1..{num_heads} for a state dict with {num_heads} heads of {head_dim}')
     if mlp_ratio is None:
         mlp_ratio = state_dict['blocks.0.mlp.fc1.weight'].shape[0] / full_dim
-    dim = k * head_dim
-    return SubnetShape(k=k, embed_dim=dim, num_heads=k, mlp_hidden=mlp_hidden_dim(dim, mlp_ratio))
+    return nested_shape(nesting, k, num_heads, head_dim, mlp_ratio)
+
+
+def _member_state_dict(state_dict: Mapping[str, torch.Tensor], k: int) -> StateDict:
+    """The tensors of ViT ``k`` of a separate-ViTs state dict (``subnets.<k>.*``)."""
+    prefix = f'subnets.{k}.'
+    out = {name[len(prefix):]: t.detach().clone().contiguous() for name, t in state_dict.items()
+           if name.startswith(prefix)}
+    if not out:
+        held = sorted({int(n.split('.')[1]) for n in state_dict if n.startswith('subnets.')})
+        raise ValueError(f'k={k} is not among the separately trained ViTs of this state dict: k in {held}')
+    return out
 
 
 def _slice_rules(shape: SubnetShape, full_dim: int) -> Dict[str, Callable[[torch.Tensor], torch.Tensor]]:
@@ -65,13 +76,16 @@ def subnet_state_dict(
         *,
         head_dim: int,
         mlp_ratio: Optional[float] = None,
+        nesting: str = 'hydravit',
 ) -> StateDict:
     """The tensors of subnetwork ``k`` (contiguous copies), named as timm's ``VisionTransformer``.
 
-    A model built with ``embed_dim=k*head_dim, num_heads=k`` loads the result with ``strict=True``.
-    Separate per-k classifiers (``heads.<k>.*``) become ``head.*``.
+    A model built with :func:`subnet_vit_kwargs` (for HydraViT: ``embed_dim=k*head_dim, num_heads=k``)
+    loads the result with ``strict=True``. Separate per-k classifiers (``heads.<k>.*``) become ``head.*``.
     """
-    shape = _shape_of(state_dict, k, head_dim, mlp_ratio)
+    if nesting == 'separate':
+        return _member_state_dict(state_dict, k)
+    shape = _shape_of(state_dict, k, head_dim, mlp_ratio, nesting)
     full_dim = state_dict['patch_embed.proj.weight'].shape[0]
     rules = [(re.compile(p), fn) for p, fn in _slice_rules(shape, full_dim).items()]
     out: StateDict = {}
@@ -91,22 +105,28 @@ def subnet_state_dict(
 
 def subnet_vit_kwargs(config: HydraViTConfig, k: int) -> Dict[str, object]:
     """Constructor arguments of the standalone timm ``VisionTransformer`` equal to subnetwork ``k``."""
+    shape = config.subnet_shape(k)
     return dict(
         img_size=config.img_size, patch_size=config.patch_size, in_chans=config.in_chans,
-        num_classes=config.num_classes, global_pool=config.global_pool, embed_dim=k * config.head_dim,
-        depth=config.depth, num_heads=k, mlp_ratio=config.mlp_ratio, qkv_bias=config.qkv_bias,
+        num_classes=config.num_classes, global_pool=config.global_pool, embed_dim=shape.embed_dim,
+        depth=config.depth, num_heads=shape.num_heads, mlp_ratio=shape.mlp_ratio, qkv_bias=config.qkv_bias,
         class_token=config.class_token, drop_rate=config.drop_rate, pos_drop_rate=config.pos_drop_rate,
         attn_drop_rate=config.attn_drop_rate, proj_drop_rate=config.proj_drop_rate,
     )
 
 
-def extract_subnet(model: HydraViT, k: int) -> VisionTransformer:
-    """Subnetwork ``k`` as an ordinary timm ``VisionTransformer`` in eval mode (weights copied)."""
+def model_subnet_state_dict(model: nn.Module, k: int) -> StateDict:
+    """:func:`subnet_state_dict` of a universal model's weights, with the shape rules of its config."""
+    c = model.config
+    return subnet_state_dict(model.state_dict(), model.resolve_k(k), head_dim=c.head_dim, mlp_ratio=c.mlp_ratio,
+                             nesting=c.nesting)
+
+
+def extract_subnet(model: nn.Module, k: int) -> VisionTransformer:
+    """Subnetwork ``k`` of a universal model as an ordinary timm ``VisionTransformer`` in eval mode (copied)."""
     k = model.resolve_k(k)
     vit = VisionTransformer(**subnet_vit_kwargs(model.config, k))
-    sd = subnet_state_dict(model.state_dict(), k, head_dim=model.config.head_dim,
-                           mlp_ratio=model.config.mlp_ratio)
-    vit.load_state_dict(sd, strict=True)
+    vit.load_state_dict(model_subnet_state_dict(model, k), strict=True)
     if hasattr(model, 'pretrained_cfg'):
         vit.pretrained_cfg = dict(model.pretrained_cfg)
     return vit.to(next(model.parameters()).device).eval()
@@ -175,11 +195,12 @@ def _check_compatible(source: Mapping[str, torch.Tensor], target: Mapping[str, t
             f"{target['head.weight'].shape[0]}; pass ignore_head=True to keep the HydraViT's head")
 
 
-def init_from_vit(model: HydraViT, source: Union[nn.Module, Mapping[str, torch.Tensor]], *,
-                  ignore_head: bool = False) -> HydraViT:
+def init_from_vit(model: nn.Module, source: Union[nn.Module, Mapping[str, torch.Tensor]], *,
+                  ignore_head: bool = False) -> nn.Module:
     """Initialise ``model`` in place from a timm ViT/DeiT (model or state dict) of the same head size.
 
-    DeiT-Ti into ``hydravit_base_patch16_224`` makes subnetwork k=3 equal to DeiT-Ti at step 0.
+    DeiT-Ti into ``hydravit_base_patch16_224`` makes subnetwork k=3 equal to DeiT-Ti at step 0. A
+    separate-ViTs model loads the source into the ViT of its width.
     """
     if isinstance(source, nn.Module):
         attn = getattr(source.blocks[0], 'attn', None) if hasattr(source, 'blocks') else None
@@ -189,8 +210,18 @@ def init_from_vit(model: HydraViT, source: Union[nn.Module, Mapping[str, torch.T
             raise CheckpointMismatchError(
                 f'head_dim mismatch: source heads have {attn.head_dim} channels, HydraViT {model.config.head_dim}')
         source = source.state_dict()
+    src_dim = source['patch_embed.proj.weight'].shape[0]
+    if model.config.nesting == 'separate':  # the ViT of the source's width takes it whole
+        widths = {k * model.config.head_dim: k for k in model.k_choices}
+        if src_dim not in widths:
+            raise CheckpointMismatchError(f'source width {src_dim} is none of the separate ViTs\' widths {sorted(widths)}')
+        return init_from_vit(model.subnet(widths[src_dim]), source, ignore_head=ignore_head)
+    if model.config.nesting == 'matformer' and src_dim != model.config.embed_dim:
+        raise CheckpointMismatchError(
+            f'a MatFormer model keeps the full width {model.config.embed_dim} at every k: it can start only from a ViT '
+            f'of that width, not {src_dim}')
     if model.config.separate_heads and not ignore_head and 'head.weight' in source:
-        k_source = source['patch_embed.proj.weight'].shape[0] // model.config.head_dim
+        k_source = src_dim // model.config.head_dim
         source = {(f'heads.{k_source}.{n[5:]}' if n.startswith('head.') else n): t for n, t in source.items()}
     state = inflate_state_dict(source, model.state_dict(), head_dim=model.config.head_dim, ignore_head=ignore_head)
     model.load_state_dict(state, strict=True)

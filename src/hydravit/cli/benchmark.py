@@ -11,7 +11,7 @@ import torch
 
 from . import add_model_source
 from ..benchmark import BENCH_MODES, benchmark_subnets, measure_switching, reexec_with_malloc_env
-from ..model import HydraViT
+from ..model import HydraViT, model_from_config
 from ..registry import create_model_or_load
 from ..report import RESULT_FORMATS, format_table, write_results
 
@@ -86,9 +86,9 @@ def _with_ks(model: HydraViT, ks: list) -> HydraViT:
     bad = [k for k in ks if not 1 <= k <= h]
     if bad:
         raise ValueError(f'k {bad} outside 1..{h} (num_heads)')
-    if all(k in model.k_choices for k in ks) or model.config.separate_heads:
+    if all(k in model.k_choices for k in ks) or model.config.trained_k_only:
         return model
-    wide = HydraViT(**{**model.config.to_dict(), 'k_choices': tuple(range(1, h + 1))})
+    wide = model_from_config(model.config, k_choices=tuple(range(1, h + 1)))
     wide.load_state_dict(model.state_dict(), strict=True)
     if hasattr(model, 'pretrained_cfg'):
         wide.pretrained_cfg = model.pretrained_cfg
