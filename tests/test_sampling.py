@@ -62,6 +62,20 @@ def test_sandwich_edge_cases():
     assert full.ks_for_step(1, 7) == sorted(KS, reverse=True)
 
 
+def test_random_draws_distinct_ks_each_equally_often():
+    sampler = create_sampler('random', KS, seed=11, num_random=3)
+    for step in range(300):
+        ks = sampler.ks_for_step(1, step)
+        assert len(ks) == len(set(ks)) == 3 and set(ks) <= set(KS)
+        assert ks == sorted(ks, reverse=True)
+    counts = _counts(sampler, steps=2000)
+    assert sum(counts.values()) == 3 * 2000
+    for k in KS:  # each k is in a step with probability 3/10, the ends of the range included
+        assert abs(counts[k] - 2000 * 0.3) <= 4.5 * math.sqrt(2000 * 0.3 * 0.7), (k, counts[k])
+    assert sampler.probabilities() == pytest.approx({k: 0.1 for k in KS})
+    assert create_sampler('random', KS, num_random=len(KS)).ks_for_step(0, 0) == sorted(KS, reverse=True)
+
+
 def test_all_trains_every_k_each_step():
     sampler = create_sampler('all', [5, 3, 9])
     assert all(sampler.ks_for_step(e, s) == [9, 5, 3] for e in range(3) for s in range(20))
@@ -96,7 +110,9 @@ def test_per_rank_sampling_differs_across_ranks_but_is_reproducible(name):
 
 
 @pytest.mark.parametrize('kwargs, message', [
-    (dict(name='random'), 'uniform, weighted, sandwich, all'),
+    (dict(name='roulette'), 'uniform, weighted, sandwich, random, all'),
+    (dict(name='random', num_random=0), r'1\.\.3'),
+    (dict(name='random', num_random=4), r'1\.\.3'),
     (dict(k_choices=[]), 'empty'),
     (dict(k_choices=[3, 4, 3]), 'duplicates'),
     (dict(k_choices=[0, 4]), 'positive'),

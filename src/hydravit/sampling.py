@@ -7,6 +7,8 @@ the same step (the all-reduced gradient belongs to one k) and a resumed run need
 * ``uniform``: one k per step, uniformly (the paper).
 * ``weighted``: one k per step, with probability proportional to ``weights`` (one per k choice).
 * ``sandwich``: the largest and the smallest k plus ``num_random`` distinct others, largest first.
+* ``random``: ``num_random`` distinct k drawn uniformly, largest first (SortedNet's update: the sampled
+  sub-models' gradients are accumulated before one optimiser step).
 * ``all``: every k each step, largest first.
 """
 from __future__ import annotations
@@ -17,10 +19,10 @@ import numbers
 import random
 from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ['SAMPLERS', 'SubnetSampler', 'UniformSampler', 'WeightedSampler', 'SandwichSampler', 'AllSampler',
-           'create_sampler']
+__all__ = ['SAMPLERS', 'SubnetSampler', 'UniformSampler', 'WeightedSampler', 'SandwichSampler', 'RandomSubsetSampler',
+           'AllSampler', 'create_sampler']
 
-SAMPLERS = ('uniform', 'weighted', 'sandwich', 'all')
+SAMPLERS = ('uniform', 'weighted', 'sandwich', 'random', 'all')
 
 
 def _validate_k_choices(k_choices: Sequence[int]) -> Tuple[int, ...]:
@@ -144,6 +146,26 @@ class SandwichSampler(SubnetSampler):
         return {k: share[k] for k in self.k_choices}
 
 
+class RandomSubsetSampler(SubnetSampler):
+    """``num_random`` distinct k per step, uniformly, largest first (SortedNet's random sub-models)."""
+    name = 'random'
+
+    def __init__(self, k_choices: Sequence[int], num_random: int = 1, *, seed: int = 0,
+                 per_rank: bool = False) -> None:
+        super().__init__(k_choices, seed=seed, per_rank=per_rank)
+        if isinstance(num_random, bool) or not isinstance(num_random, int) or \
+                not 1 <= num_random <= len(self.k_choices):
+            raise ValueError(f'num_random must be an integer in 1..{len(self.k_choices)} (the number of k choices '
+                             f'{sorted(self.k_choices)}), got {num_random!r}')
+        self.num_random = num_random
+
+    def _draw(self, rng: random.Random) -> List[int]:
+        return sorted(rng.sample(self.k_choices, self.num_random), reverse=True)
+
+    def probabilities(self) -> Dict[int, float]:
+        return {k: 1.0 / len(self.k_choices) for k in self.k_choices}
+
+
 class AllSampler(SubnetSampler):
     """Every k at every step, largest first."""
     name = 'all'
@@ -159,7 +181,7 @@ def create_sampler(name: str, k_choices: Sequence[int], *, seed: int = 0, weight
                    num_random: int = 1, per_rank: bool = False) -> SubnetSampler:
     """The sampler called ``name`` (one of :data:`SAMPLERS`).
 
-    ``weights`` is for ``weighted`` only and ``num_random`` for ``sandwich`` only (elsewhere ignored);
+    ``weights`` is for ``weighted`` only and ``num_random`` for ``sandwich`` and ``random`` (elsewhere ignored);
     ``per_rank=True`` gives each rank its own draws (the paper code's per-GPU sampling).
     """
     if name not in SAMPLERS:
@@ -171,4 +193,6 @@ def create_sampler(name: str, k_choices: Sequence[int], *, seed: int = 0, weight
         return WeightedSampler(k_choices, weights, **common)
     if name == 'sandwich':
         return SandwichSampler(k_choices, num_random, **common)
+    if name == 'random':
+        return RandomSubsetSampler(k_choices, num_random, **common)
     return (UniformSampler if name == 'uniform' else AllSampler)(k_choices, **common)
