@@ -137,8 +137,10 @@ def _wait_for_mid_epoch_checkpoint(proc: subprocess.Popen, run: Path, timeout: f
 
 
 @needs_fmnist
-def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
-    args = [*QUICK, '--epochs', '2', '--checkpoint-interval-steps', '1', '--output', str(tmp_path)]
+@pytest.mark.parametrize('method', [[], ['--method', 'dynabert', '--teacher-epochs', '1']], ids=['hydravit', 'dynabert'])
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, method):
+    """DynaBERT is killed after its reordering: the resumed run must reload the same teacher."""
+    args = [*QUICK, *method, '--epochs', '2', '--checkpoint-interval-steps', '1', '--output', str(tmp_path)]
     full = run_cli(*args, '--experiment', 'full')
     killed = run_cli(*args, '--experiment', 'killed')
     state = _wait_for_mid_epoch_checkpoint(killed, tmp_path / 'killed')
@@ -151,6 +153,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
     assert resumed.returncode == 0, out_resumed
     assert full.returncode == 0, out_full
     assert 'resumed' in out_resumed
+    assert ('reordered heads' in out_resumed) is False  # the reordering happened before the kill, once
+    assert (tmp_path / 'killed' / 'teacher.safetensors').is_file() == bool(method)
     a, b = load_file(tmp_path / 'full' / 'last.safetensors'), load_file(tmp_path / 'killed' / 'last.safetensors')
     assert a.keys() == b.keys()
     for name in a:
@@ -163,14 +167,17 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
 
 
 @needs_fmnist
-def test_two_process_gloo_run_keeps_replicas_identical(tmp_path):
+@pytest.mark.parametrize('method', [[], ['--method', 'dynabert', '--teacher-epochs', '0']], ids=['hydravit', 'dynabert'])
+def test_two_process_gloo_run_keeps_replicas_identical(tmp_path, method):
+    """DynaBERT: both processes must apply the same importance permutation (scores summed across them)."""
     proc = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(free_port()),
-         '-m', 'hydravit', 'train', *QUICK, '--epochs', '1', '--output', str(tmp_path), '--experiment', 'ddp',
+         '-m', 'hydravit', 'train', *QUICK, *method, '--epochs', '1', '--output', str(tmp_path), '--experiment', 'ddp',
          '--grad-accum-steps', '2'],
         env={**os.environ, 'OMP_NUM_THREADS': '1'}, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert 'weights identical on all 2 processes' in proc.stdout, proc.stdout
+    assert ('reordered heads' in proc.stdout) == bool(method)
     assert 'world size 2' in proc.stdout
     run = tmp_path / 'ddp'
     state = torch.load(run / STATE_FILE, weights_only=True)

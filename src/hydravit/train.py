@@ -10,6 +10,7 @@ states are saved.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -18,7 +19,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from importlib import resources
 from itertools import islice
@@ -33,8 +34,9 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-from .checkpoint import CheckpointError, load_config_and_state, load_state_dict_file, read_metadata
+from .checkpoint import CheckpointError, load_config_and_state, load_model, load_state_dict_file, read_metadata
 from .costs import subnet_cost
+from .methods import get_method
 from .model import HydraViT
 from .registry import create_model
 from .subnet import init_from_vit
@@ -47,6 +49,7 @@ DEFAULT_CONFIG = 'fmnist_cpu.yaml'
 AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
 FUSED_OPTIMIZERS = ('adam', 'adamw')  # torch.optim classes with fused CPU and CUDA kernels
 EVAL_METRIC = re.compile(r'top[15]_(mean|k(\d+))')
+TEACHER_FILE = 'teacher.safetensors'  # DynaBERT's frozen full-width teacher, in the run folder
 
 
 @dataclass
@@ -105,6 +108,7 @@ class TrainConfig:
     max_train_samples: Optional[int] = None
     max_val_samples: Optional[int] = None
     skip_bad_images: bool = False
+    method: str = 'hydravit'
     heads: Optional[List[int]] = None
     sampler: str = 'uniform'
     head_weights: Optional[List[float]] = None
@@ -112,16 +116,18 @@ class TrainConfig:
     k_per_rank: bool = False
     inplace_distill: bool = False
     separate_heads: bool = False
+    teacher_epochs: Optional[int] = None
+    importance_samples: int = 2048
     eval_heads: Optional[List[int]] = None
     eval_metric: str = 'top1_mean'
     checkpoint_interval_steps: int = 0
     report: bool = True
 
     def __post_init__(self) -> None:
-        for name in ('batch_size', 'epochs', 'grad_accum_steps', 'val_interval', 'log_interval', 'num_random'):
+        for name in ('batch_size', 'epochs', 'grad_accum_steps', 'val_interval', 'log_interval', 'importance_samples'):
             if getattr(self, name) < 1:
                 raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
-        for name in ('workers', 'checkpoint_interval_steps'):
+        for name in ('workers', 'checkpoint_interval_steps', 'num_random'):
             if getattr(self, name) < 0:
                 raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
         if self.amp_dtype not in AMP_DTYPES:
@@ -143,6 +149,36 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and len(value) != 2:
                 raise ValueError(f'{name} takes two numbers (min max), got {value!r}')
+        self._check_method()
+
+    def _check_method(self) -> None:
+        """Settings a method's update scheme fixes or cannot honour."""
+        method = get_method(self.method)
+        if method.sampler and self.sampler != method.sampler:
+            raise ValueError(f'--method {self.method} trains with --sampler {method.sampler} ({method.summary}); '
+                             f'got --sampler {self.sampler}')
+        if self.method == 'separate' and self.clip_grad is not None:
+            raise ValueError('--clip-grad clips one global norm, which would couple the separate ViTs\' updates; '
+                             'train --method separate without it')
+        if self.method in ('separate', 'dynabert') and self.separate_heads:
+            raise ValueError(f'--separate-heads is not available with --method {self.method} (separate: every k '
+                             'has its own ViT already; dynabert: reordering needs the shared classifier)')
+        if self.method != 'dynabert':
+            if self.teacher_epochs is not None:
+                raise ValueError(f'--teacher-epochs is a --method dynabert setting, not {self.method}')
+            return
+        if self.inplace_distill:
+            raise ValueError('--method dynabert distils every k from its full-width teacher; drop --inplace-distill')
+        if self.teacher_epochs is not None and not 0 <= self.teacher_epochs < self.epochs:
+            raise ValueError(f'--teacher-epochs must be in 0..{self.epochs - 1} (below --epochs), '
+                             f'got {self.teacher_epochs}')
+
+    @property
+    def dynabert_teacher_epochs(self) -> int:
+        """Epochs of full-width training before reordering: as set, else 0 from a checkpoint, else a quarter."""
+        if self.teacher_epochs is not None:
+            return self.teacher_epochs
+        return 0 if self.initial_checkpoint else self.epochs // 4
 
     def to_dict(self) -> Dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -164,6 +200,9 @@ def load_train_config(path: Optional[str | os.PathLike] = None, **overrides: Any
     unknown = sorted((set(recipe) | set(overrides)) - names)
     if unknown:
         raise ValueError(f'unknown setting(s) {unknown}; valid settings: {", ".join(sorted(names))}')
+    prescribed = get_method(overrides['method']).sampler if 'method' in overrides else None
+    if prescribed and 'sampler' not in overrides:  # the method's update scheme wins over the recipe's sampler
+        overrides = {**overrides, 'sampler': prescribed}
     return TrainConfig(**{**recipe, **overrides})
 
 
@@ -212,11 +251,16 @@ def init_distributed(device: str) -> DistEnv:
 
 
 def _all_reduce_sum(values: Sequence[float], env: DistEnv) -> List[float]:
+    return _all_reduce_tensor(torch.tensor(list(values), dtype=torch.float64), env).tolist()
+
+
+def _all_reduce_tensor(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """The sum of ``tensor`` over all processes (itself in a single-process run), on the CPU."""
     if not env.distributed:
-        return list(values)
-    t = torch.tensor(list(values), dtype=torch.float64, device=env.device)
-    dist.all_reduce(t)
-    return t.tolist()
+        return tensor
+    summed = tensor.to(env.device)
+    dist.all_reduce(summed)
+    return summed.cpu()
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -322,7 +366,7 @@ def _val_loader(val_set: Dataset, cfg: TrainConfig, env: DistEnv) -> DataLoader:
 # ------------------------------------------------------------------------------------------ model
 def build_model(cfg: TrainConfig, num_classes: int) -> HydraViT:
     kwargs: Dict[str, Any] = dict(num_classes=num_classes, drop_path_rate=cfg.drop_path,
-                                  separate_heads=cfg.separate_heads)
+                                  separate_heads=cfg.separate_heads, nesting=get_method(cfg.method).nesting)
     if cfg.heads:
         kwargs['k_choices'] = tuple(cfg.heads)
     if cfg.img_size:
@@ -448,6 +492,7 @@ class Trainer:
         random.seed(cfg.seed + env.rank)
         self.rng_to_restore = None
         self.epoch_throughput = 0.0
+        self.teacher: Optional[torch.nn.Module] = None  # DynaBERT's frozen full-width model, once reordered
         if resume_dir:
             self._resume(resume_dir)
 
@@ -479,6 +524,8 @@ class Trainer:
         self.rng_to_restore = rngs[min(self.env.rank, len(rngs) - 1)]
         self.summary = [r for r in read_summary(folder / 'summary.csv') if r['epoch'] < self.epoch]
         self.scheduler.step_update(self.num_updates)
+        if self.cfg.method == 'dynabert' and (self.epoch, self.step) > (self.cfg.dynabert_teacher_epochs, 0):
+            self.teacher = self._frozen(load_model(folder / TEACHER_FILE, map_location=str(self.env.device)))
         if self.env.is_main:
             print(f'resumed {folder} at epoch {self.epoch}, step {self.step} ({self.num_updates} updates)')
 
@@ -511,7 +558,8 @@ class Trainer:
         if env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / 'args.yaml').write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-            print(f'training {cfg.model} k={list(self.model.k_choices)} ({cfg.sampler} sampler) on {cfg.dataset}: '
+            print(f'training {cfg.model} as {get_method(cfg.method).label} k={list(self.model.k_choices)} '
+                  f'({cfg.sampler} sampler) on {cfg.dataset}: '
                   f'{self.batches_per_epoch} steps/epoch x {self.num_epochs} epochs, lr {self.lr:.3g}, '
                   f'world size {env.world_size} -> {self.out_dir}')
         if self.rng_to_restore is not None:
@@ -532,6 +580,8 @@ class Trainer:
 
     def train_epoch(self) -> float:
         cfg, env = self.cfg, self.env
+        if cfg.method == 'dynabert' and self.teacher is None and self.epoch >= cfg.dynabert_teacher_epochs:
+            self._start_width_adaptive()
         loader = _train_loader(self.train_set, cfg, env, self.epoch, self.step)
         self.model.train()
         progress = _progress(self.batches_per_epoch, self.step, self.epoch, env)
@@ -571,10 +621,8 @@ class Trainer:
             images, target = images.to(env.device, non_blocking=True), target.to(env.device, non_blocking=True)
             if self.mixup is not None:
                 images, target = self.mixup(images, target)
-            ks = list(self.sampler.ks_for_step(self.epoch, start + i, env.rank))
-            if cfg.inplace_distill:
-                ks = sorted(ks, reverse=True)
-            teacher = None
+            ks = self._ks_for_step(start + i)
+            teacher = self._teacher_probs(images)
             for j, k in enumerate(ks):
                 sync = i == len(window) - 1 and j == len(ks) - 1
                 with self._no_sync(sync), self._autocast():
@@ -594,6 +642,56 @@ class Trainer:
         self.loss_sum += loss
         self.loss_count += 1
         return ks, loss
+
+    def _ks_for_step(self, step: int) -> List[int]:
+        if self.cfg.method == 'dynabert' and self.teacher is None:  # DynaBERT trains the full width first
+            return [max(self.model.k_choices)]
+        ks = list(self.sampler.ks_for_step(self.epoch, step, self.env.rank))
+        return sorted(ks, reverse=True) if self.cfg.inplace_distill else ks
+
+    def _teacher_probs(self, images: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.teacher is None:
+            return None
+        with torch.no_grad(), self._autocast():
+            return F.softmax(self.teacher(images).float(), dim=-1)
+
+    # -------------------------------------------------------------------------------------- DynaBERT
+    def _start_width_adaptive(self) -> None:
+        """DynaBERT's second phase: reorder heads, neurons and channels by importance, freeze a teacher.
+
+        Every rank measures its share of the same training images and the scores are summed across
+        ranks, so all of them apply the same permutation.
+        """
+        from .checkpoint import save_model
+        from .importance import measure_importance, permutation_from_importance, permute_optimizer_state, \
+            reorder_model
+
+        cfg, env = self.cfg, self.env
+        self.train_set.set_epoch(self.epoch)
+        images = Subset(self.train_set, range(env.rank, min(cfg.importance_samples, len(self.train_set)),
+                                              env.world_size))
+        batches = ((x.to(env.device), y.to(env.device))
+                   for x, y in rng_preserving(DataLoader(images, batch_size=cfg.batch_size)))
+        importance = measure_importance(self.model, batches)
+        importance = replace(importance, **{f.name: _all_reduce_tensor(getattr(importance, f.name), env)
+                                            for f in fields(importance)})
+        perm = permutation_from_importance(importance)
+        reorder_model(self.model, perm)
+        permute_optimizer_state(self.optimizer, self.model, perm)
+        if self.ema is not None:
+            reorder_model(self.ema.module, perm)
+        self.teacher = self._frozen(copy.deepcopy(self.model))
+        if env.is_main:
+            save_model(self.out_dir / TEACHER_FILE, self.teacher, self._metadata())
+            print(f'epoch {self.epoch}: reordered heads, MLP neurons and channels by importance '
+                  f'({len(images) * env.world_size} images); every k now learns from the full width', flush=True)
+
+    @staticmethod
+    def _frozen(model: torch.nn.Module) -> torch.nn.Module:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
 
     def _optimizer_step(self) -> None:
         from timm.utils import dispatch_clip_grad
@@ -704,9 +802,10 @@ class Trainer:
         from .report import plot_accuracy, write_results
 
         write_results(results, self.out_dir, 'results')
-        series = {'HydraViT': results}
+        label = get_method(self.cfg.method).label
+        series = {label: results}
         if 'ema_top1' in results[0]:
-            series['HydraViT (EMA)'] = [{**r, 'top1': r['ema_top1']} for r in results]
+            series[f'{label} (EMA)'] = [{**r, 'top1': r['ema_top1']} for r in results]
         plot_accuracy(series, 'gmacs', self.out_dir / 'accuracy_vs_gmacs.png',
                       f'{self.cfg.model} on {self.cfg.dataset}: top-1 vs GMACs')
         print(f'results: {self.out_dir / "results.csv"}, {self.out_dir / "accuracy_vs_gmacs.png"}')
@@ -718,7 +817,7 @@ class Trainer:
         from .benchmark import benchmark_subnets
         from .report import write_report
 
-        bench = benchmark_subnets(self.model, [r['k'] for r in series['HydraViT']], modes=('sliced',),
+        bench = benchmark_subnets(self.model, [r['k'] for r in next(iter(series.values()))], modes=('sliced',),
                                   device=self.env.device, rounds=1, min_seconds=0.1, latency_iters=3,
                                   measure_memory=False, flop_count=False)
         paths = write_report(series, {label: bench for label in series}, self.out_dir / 'report',

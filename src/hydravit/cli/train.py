@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..methods import METHODS
 from ..train import TrainConfig, load_train_config, train
 
 SUPPRESS = argparse.SUPPRESS
@@ -28,11 +29,17 @@ OPTIONS = [
     (('--max-val-samples',), dict(type=int), 'evaluate on a subset of N images'),
     (('--skip-bad-images',), dict(action=BOOL), 'skip unreadable images instead of failing'),
     (('-j', '--workers'), dict(type=int), 'data loading worker processes'),
-    # subnetwork sampling
+    # nesting method and subnetwork sampling
+    (('--method',), dict(choices=tuple(METHODS)), 'how subnetworks are nested and trained (default: hydravit): '
+     + '; '.join(f'{m.name}: {m.summary}' for m in METHODS.values())),
     (('--heads',), dict(type=int, nargs='+'), 'the set of k to train (becomes the model\'s k choices)'),
-    (('--sampler',), {}, 'uniform | weighted | sandwich | all'),
+    (('--sampler',), {}, 'uniform | weighted | sandwich | random | all'),
     (('--head-weights',), dict(type=float, nargs='+'), 'one sampling weight per k of --heads (weighted sampler)'),
-    (('--num-random',), dict(type=int), 'random k per step besides largest and smallest (sandwich sampler)'),
+    (('--num-random',), dict(type=int), 'sandwich: random k per step besides largest and smallest; '
+     'random: k per step'),
+    (('--teacher-epochs',), dict(type=int), 'dynabert: epochs of full-width training before reordering '
+     '(default: 0 with --initial-checkpoint, else a quarter of --epochs)'),
+    (('--importance-samples',), dict(type=int), 'dynabert: training images that score head/neuron importance'),
     (('--k-per-rank',), dict(action=BOOL), 'each process draws its own k (the reference code\'s behaviour)'),
     (('--inplace-distill',), dict(action=BOOL), 'smaller k of a step learn from the largest k\'s output'),
     # optimisation
