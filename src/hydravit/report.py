@@ -191,11 +191,12 @@ def plot_accuracy(series: Mapping[str, Sequence[Row]], x: str, path: PathLike, t
 def write_report(eval_rows_by_label: Mapping[str, Sequence[Row]],
                  bench_rows_by_label: Optional[Mapping[str, Sequence[Row]]] = None,
                  out_dir: PathLike = '.', *, config: Any = None, title: str = 'HydraViT accuracy-cost report',
-                 ) -> Dict[str, Path]:
+                 extra_sections: Sequence[str] = ()) -> Dict[str, Path]:
     """Markdown table, joined CSV and the two Pareto plots of one or several methods.
 
     ``config`` (a :class:`HydraViTConfig`) fills ``param_count``/``gmacs`` for rows that lack them
     (e.g. the trainer's per-epoch rows). The throughput plot is written when a benchmark is given.
+    ``extra_sections`` (Markdown lines) follow the plots in ``report.md``.
     Returns ``{'markdown', 'csv', 'plot_gmacs'[, 'plot_throughput']}`` -> paths.
     """
     if not eval_rows_by_label:
@@ -226,6 +227,7 @@ def write_report(eval_rows_by_label: Mapping[str, Sequence[Row]],
                                                  'Top-1 accuracy vs inference throughput')
     text = [f'# {title}', '', markdown_table(table, columns), '']
     text += [f'![{p.stem}]({p.name})' for key, p in paths.items() if key.startswith('plot')]
+    text += ['', *extra_sections] if extra_sections else []
     paths['markdown'] = atomic_write(out_dir / 'report.md', lambda tmp: Path(tmp).write_text('\n'.join(text) + '\n'))
     print(format_table(table, columns))
     return paths

@@ -13,6 +13,7 @@ COMMANDS = {
     'benchmark': 'hydravit.cli.benchmark',
     'report': 'hydravit.cli.report',
     'train': 'hydravit.cli.train',
+    'compare': 'hydravit.cli.compare',
     'export': 'hydravit.cli.export',
     'select': 'hydravit.cli.select',
     'serve-demo': 'hydravit.cli.adaptive',

@@ -1,0 +1,176 @@
+"""Every method in the one trainer (--method), DynaBERT's two phases, and the comparison report."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from hydravit.checkpoint import load_model
+from hydravit.compare import compare_methods, gaps_at_equal_cost, gaps_at_equal_k, method_config
+from hydravit.costs import subnet_cost
+from hydravit.methods import METHODS
+from hydravit.separate import SeparateViTs
+from hydravit.subnet import extract_subnet
+from hydravit.train import TEACHER_FILE, DistEnv, Trainer, load_train_config, train
+
+FMNIST = Path('/usr/share/datasets/fashion-mnist')
+needs_fmnist = pytest.mark.skipif(not (FMNIST / 'train-images-idx3-ubyte.gz').is_file(),
+                                  reason='Fashion-MNIST not installed')
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def quick(tmp_path: Path, **overrides):
+    base = dict(dataset='fashion-mnist', data_dir=str(FMNIST), max_train_samples=256, max_val_samples=128,
+                batch_size=32, heads=[2, 4], lr=3e-3, warmup_epochs=0, epochs=1, log_interval=1000,
+                output=str(tmp_path), report=False, sampler='sandwich', num_random=0)
+    return load_train_config(None, **{**base, **overrides})
+
+
+class _Tensors(torch.utils.data.TensorDataset):
+    num_classes = 10
+    classes = [str(i) for i in range(10)]
+
+
+def _tensor_data(n: int = 32) -> _Tensors:
+    g = torch.Generator().manual_seed(0)
+    return _Tensors(torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+
+# ------------------------------------------------------------------------------------------ settings
+def test_a_method_brings_its_update_scheme_and_rejects_what_it_cannot_honour():
+    assert load_train_config(None, method='sortednet').sampler == 'random'
+    assert load_train_config(None, method='separate').sampler == 'all'
+    assert load_train_config(None, method='matformer').sampler == load_train_config(None).sampler  # the recipe's
+    for overrides, message in [
+        (dict(method='sortednet', sampler='sandwich'), '--sampler random'),
+        (dict(method='separate', sampler='uniform'), '--sampler all'),
+        (dict(method='separate', clip_grad=1.0), 'couple'),
+        (dict(method='separate', separate_heads=True), 'separate-heads'),
+        (dict(method='dynabert', inplace_distill=True), 'inplace-distill'),
+        (dict(method='dynabert', teacher_epochs=5, epochs=5), r'0\.\.4'),
+        (dict(method='hydravit', teacher_epochs=1), 'dynabert setting'),
+        (dict(method='slimmable'), 'hydravit, sortednet, matformer, dynabert, separate'),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            load_train_config(None, **overrides)
+    assert load_train_config(None, method='dynabert', epochs=8).dynabert_teacher_epochs == 2
+    assert load_train_config(None, method='dynabert', initial_checkpoint='x.pth').dynabert_teacher_epochs == 0
+
+
+def test_sortednet_in_a_comparison_draws_as_many_subnets_per_step_as_the_recipe(tmp_path):
+    base = load_train_config(None, sampler='sandwich', num_random=2, heads=[3, 6, 9, 12])
+    cfg = method_config(base, 'sortednet', tmp_path, base.heads)
+    assert (cfg.sampler, cfg.num_random, cfg.method) == ('random', 4, 'sortednet')
+    assert method_config(base, 'separate', tmp_path, base.heads).sampler == 'all'
+    assert method_config(base, 'matformer', tmp_path, base.heads).sampler == 'sandwich'
+    assert method_config(base, 'hydravit', tmp_path, base.heads).output == str(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ training
+@needs_fmnist
+@pytest.mark.parametrize('method', METHODS)
+def test_every_method_trains_and_its_checkpoint_extracts_exactly(tmp_path, method):
+    scheme = dict(sampler='random', num_random=2) if method == 'sortednet' else \
+        dict(sampler='all') if method == 'separate' else {}
+    result = train(quick(tmp_path, method=method, **scheme))
+    model = load_model(result.out_dir / 'last.safetensors').eval()
+    assert model.config.nesting == METHODS[method].nesting
+    assert isinstance(model, SeparateViTs) == (method == 'separate')
+    assert [r['k'] for r in result.results] == [2, 4]
+    for row in result.results:
+        assert row['gmacs'] == pytest.approx(subnet_cost(model.config, row['k']).gmacs)
+    assert torch.isfinite(torch.tensor(result.summary[-1]['train_loss']))
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        for k in (2, 4):
+            torch.testing.assert_close(extract_subnet(model, k)(x), model(x, k=k), rtol=1e-5, atol=1e-5)
+    assert (result.out_dir / TEACHER_FILE).is_file() == (method == 'dynabert')
+
+
+def test_dynabert_trains_the_full_width_then_reorders_and_distils_every_k(tmp_path, randomize):
+    data = _tensor_data()
+    cfg = load_train_config(None, model='hydravit_test_patch4_16', method='dynabert', teacher_epochs=1, epochs=2,
+                            heads=[2, 4], sampler='all', batch_size=8, opt='momentum', momentum=0.0,
+                            weight_decay=0.0, lr=0.1, warmup_epochs=0, smoothing=0.0, importance_samples=16,
+                            output=str(tmp_path), experiment='run')
+    trainer = Trainer(cfg, DistEnv(), datasets=(data, data))
+    randomize(trainer.model)
+    model = trainer.model
+    trainer.out_dir.mkdir(parents=True)
+    assert trainer._ks_for_step(0) == [4] and trainer.teacher is None  # phase 1: the full width only
+    x = data.tensors[0][:8]
+    with torch.no_grad():
+        before = model(x)
+    trainer.epoch = 1
+    trainer._start_width_adaptive()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)  # reordering keeps the function
+        torch.testing.assert_close(trainer.teacher(x), before, rtol=1e-5, atol=1e-5)
+    assert load_model(tmp_path / 'run' / TEACHER_FILE).config.nesting == 'dynabert'
+    assert not any(p.requires_grad for p in trainer.teacher.parameters())
+    # phase 2: every k of the step learns from the frozen teacher's soft labels, gradients summed
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    images, target = x, data.tensors[1][:8]
+    soft = torch.softmax(trainer.teacher(images), dim=-1).detach()
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for k in (4, 2):
+        model.zero_grad()
+        torch.sum(-soft * torch.log_softmax(model(images, k=k), -1), -1).mean().backward()
+        for n, p in model.named_parameters():
+            expected[n] += p.grad
+    model.zero_grad()
+    ks, _ = trainer.train_update([(images, target)], start=0)
+    assert ks == [4, 2]
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), reference[n] - 0.1 * expected[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+# ------------------------------------------------------------------------------------------ comparison
+def test_gaps_at_equal_cost_interpolate_the_reference_and_never_extrapolate():
+    hydra = [dict(k=1, gmacs=1.0, top1=60.0), dict(k=2, gmacs=3.0, top1=70.0), dict(k=3, gmacs=5.0, top1=74.0)]
+    other = [dict(k=1, gmacs=0.5, top1=50.0), dict(k=2, gmacs=2.0, top1=64.0), dict(k=3, gmacs=4.0, top1=73.0),
+             dict(k=4, gmacs=6.0, top1=75.0)]
+    gaps = gaps_at_equal_cost(hydra, other)
+    assert [g['k'] for g in gaps] == [2, 3]  # 0.5 and 6.0 GMACs lie outside the reference's range
+    assert gaps[0]['reference_top1'] == pytest.approx(65.0) and gaps[0]['gap'] == pytest.approx(1.0)
+    assert gaps[1]['reference_top1'] == pytest.approx(72.0) and gaps[1]['gap'] == pytest.approx(-1.0)
+    same_k = gaps_at_equal_k([dict(k=1, top1=62.0), dict(k=3, top1=73.5)], hydra)
+    assert [(g['k'], g['gap']) for g in same_k] == [(1, pytest.approx(2.0)), (3, pytest.approx(-0.5))]
+
+
+@needs_fmnist
+def test_compare_trains_every_method_alike_and_reports_them_on_one_plot(tmp_path, capsys):
+    base = quick(tmp_path, max_train_samples=128, max_val_samples=64, heads=[2, 12])
+    out = tmp_path / 'compare'
+    runs = compare_methods(base, list(METHODS), out, bench_batch_size=8, bench_seconds=0.01)
+    assert set(runs) == set(METHODS)
+    report = out / 'report'
+    for name in ('report.md', 'report.csv', 'accuracy_vs_gmacs.png', 'accuracy_vs_throughput.png'):
+        assert (report / name).stat().st_size > 0, name
+    with open(report / 'report.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    labels = {m.label for m in METHODS.values()}
+    assert {r['method'] for r in rows} == labels and len(rows) == 2 * len(labels)
+    assert all(float(r['infer_samples_per_sec']) > 0 for r in rows)
+    gmacs = {(r['method'], int(r['k'])): float(r['gmacs']) for r in rows}
+    assert gmacs[('MatFormer', 2)] > gmacs[('DynaBERT', 2)] > gmacs[('HydraViT', 2)]
+    assert gmacs[('HydraViT', 2)] == gmacs[('SortedNet', 2)] == gmacs[('Separate ViTs', 2)]
+    text = (report / 'report.md').read_text()
+    for heading in ('Separately trained ViTs minus HydraViT', 'HydraViT minus SortedNet', 'HydraViT minus DynaBERT',
+                    'HydraViT minus MatFormer'):
+        assert heading in text, heading
+    # run again: finished methods are reused, not retrained
+    stamp = (out / 'separate' / 'last.safetensors').stat().st_mtime_ns
+    capsys.readouterr()
+    compare_methods(base, ['separate'], out, benchmark=False)
+    assert 'finished earlier' in capsys.readouterr().out
+    assert (out / 'separate' / 'last.safetensors').stat().st_mtime_ns == stamp
