@@ -20,7 +20,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import torch
 import torch.nn as nn
 
-from .model import HydraViT
+from .model import HydraViT, parameter_axes, qkv_blocks
 
 __all__ = [
     'Importance', 'Permutation', 'importance_from_gradients', 'measure_importance', 'permutation_from_importance',
@@ -34,23 +34,6 @@ Batch = Tuple[torch.Tensor, torch.Tensor]
 _SEPARATE_HEADS = ('importance reordering does not support separate per-k classifiers (heads.<k>.*): '
                    'each would need its own input permutation; build the model with separate_heads=False')
 _BLOCK = re.compile(r'blocks\.(\d+)\.')
-_QKV = re.compile(r'blocks\.\d+\.attn\.qkv\.(weight|bias)')
-# parameter name -> {dim: which order permutes that dim}; qkv tensors are first viewed as (3, D, ...) so that
-# q, k and v rows are each permuted by the head order (the layout SlicedAttention reads them in)
-_RULES: Tuple[Tuple[re.Pattern, Dict[int, str]], ...] = tuple((re.compile(p), dims) for p, dims in (
-    (r'patch_embed\.proj\.(weight|bias)', {0: 'channels'}),
-    (r'cls_token|pos_embed', {-1: 'channels'}),
-    (r'(blocks\.\d+\.norm[12]|norm|fc_norm)\.(weight|bias)', {0: 'channels'}),
-    (r'blocks\.\d+\.attn\.qkv\.weight', {1: 'heads', 2: 'channels'}),
-    (r'blocks\.\d+\.attn\.qkv\.bias', {1: 'heads'}),
-    (r'blocks\.\d+\.attn\.proj\.weight', {0: 'channels', 1: 'heads'}),
-    (r'blocks\.\d+\.(attn\.proj|mlp\.fc2)\.bias', {0: 'channels'}),
-    (r'blocks\.\d+\.mlp\.fc1\.weight', {0: 'neurons', 1: 'channels'}),
-    (r'blocks\.\d+\.mlp\.fc1\.bias', {0: 'neurons'}),
-    (r'blocks\.\d+\.mlp\.fc2\.weight', {0: 'channels', 1: 'neurons'}),
-    (r'head\.weight', {1: 'channels'}),
-    (r'head\.bias', {}),
-))
 
 
 # ------------------------------------------------------------------------------------------- importance
@@ -198,11 +181,11 @@ def permute_tensor(name: str, tensor: torch.Tensor, perm: Permutation, head_dim:
     """``tensor`` (parameter ``name``, or anything of its shape) reordered by ``perm``; a new tensor."""
     if name.startswith('heads.'):
         raise ValueError(_SEPARATE_HEADS)
-    dims = next((dims for pattern, dims in _RULES if pattern.fullmatch(name)), None)
+    dims = parameter_axes(name)
     if dims is None:
         raise ValueError(f'no reordering rule for tensor {name!r}: not a HydraViT parameter')
     orders = _block_orders(name, perm, head_dim)
-    out = tensor.reshape(3, -1, *tensor.shape[1:]) if _QKV.fullmatch(name) else tensor
+    out = qkv_blocks(name, tensor)
     for dim, which in dims.items():
         order = orders[which]
         if out.shape[dim] != len(order):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Set, Tuple, Union
@@ -25,7 +26,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import init_weights_vit_timm
 
 __all__ = ['HydraViT', 'HydraViTConfig', 'SubnetShape', 'KChoices', 'NESTINGS', 'nested_shape', 'model_from_config',
-           'FASHION_MNIST_MEAN', 'FASHION_MNIST_STD']
+           'PARAMETER_AXES', 'parameter_axes', 'qkv_blocks', 'FASHION_MNIST_MEAN', 'FASHION_MNIST_STD']
 
 FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
@@ -50,6 +51,37 @@ class SubnetShape:
         while int(self.embed_dim * ratio) < self.mlp_hidden:  # e.g. 96 * (128 / 96) = 127.99999...
             ratio = math.nextafter(ratio, math.inf)
         return ratio
+
+
+# Which nested unit each dimension of a parameter indexes (SPEC §2): residual 'channels', attention 'heads'
+# rows (head_dim per head) or MLP 'neurons'. q/k/v tensors are read as (3, D, ...) blocks first (see
+# qkv_blocks), so the rows of q, k and v each index heads. Subnetworks keep a prefix of every axis
+# (hydravit.subnet); DynaBERT's reordering permutes them (hydravit.importance).
+PARAMETER_AXES: Tuple[Tuple[re.Pattern, Dict[int, str]], ...] = tuple((re.compile(pattern), axes) for pattern, axes in (
+    (r'patch_embed\.proj\.(weight|bias)', {0: 'channels'}),
+    (r'cls_token|pos_embed', {-1: 'channels'}),
+    (r'(blocks\.\d+\.norm[12]|norm|fc_norm)\.(weight|bias)', {0: 'channels'}),
+    (r'blocks\.\d+\.attn\.qkv\.weight', {1: 'heads', 2: 'channels'}),
+    (r'blocks\.\d+\.attn\.qkv\.bias', {1: 'heads'}),
+    (r'blocks\.\d+\.attn\.proj\.weight', {0: 'channels', 1: 'heads'}),
+    (r'blocks\.\d+\.(attn\.proj|mlp\.fc2)\.bias', {0: 'channels'}),
+    (r'blocks\.\d+\.mlp\.fc1\.weight', {0: 'neurons', 1: 'channels'}),
+    (r'blocks\.\d+\.mlp\.fc1\.bias', {0: 'neurons'}),
+    (r'blocks\.\d+\.mlp\.fc2\.weight', {0: 'channels', 1: 'neurons'}),
+    (r'head\.weight', {1: 'channels'}),
+    (r'head\.bias', {}),
+))
+QKV_PARAMETER = re.compile(r'blocks\.\d+\.attn\.qkv\.(weight|bias)')
+
+
+def parameter_axes(name: str) -> Optional[Dict[int, str]]:
+    """``{dim: unit}`` of parameter ``name`` as read through :func:`qkv_blocks`; None if not a ViT parameter."""
+    return next((axes for pattern, axes in PARAMETER_AXES if pattern.fullmatch(name)), None)
+
+
+def qkv_blocks(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A fused q/k/v tensor as (3, D, ...) (its q, k and v blocks; a view when contiguous); others unchanged."""
+    return tensor.reshape(3, -1, *tensor.shape[1:]) if QKV_PARAMETER.fullmatch(name) else tensor
 
 
 def mlp_hidden_dim(embed_dim: int, mlp_ratio: float) -> int:

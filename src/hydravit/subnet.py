@@ -7,13 +7,13 @@ equal-width) timm ViT into the leading slices.
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, Mapping, Optional, Union
+from typing import Dict, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from .model import HydraViT, HydraViTConfig, SubnetShape, nested_shape
+from .model import HydraViT, HydraViTConfig, SubnetShape, nested_shape, parameter_axes, qkv_blocks
 
 __all__ = [
     'subnet_state_dict', 'model_subnet_state_dict', 'subnet_vit_kwargs', 'extract_subnet', 'inflate_state_dict', 'init_from_vit',
@@ -51,23 +51,18 @@ def _member_state_dict(state_dict: Mapping[str, torch.Tensor], k: int) -> StateD
     return out
 
 
-def _slice_rules(shape: SubnetShape, full_dim: int) -> Dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """Parameter-name pattern -> slicing of that tensor for subnetwork ``shape`` (SPEC §2)."""
-    d, h = shape.embed_dim, shape.mlp_hidden
-    return {
-        r'patch_embed\.proj\.(weight|bias)': lambda t: t[:d],
-        r'(cls_token|pos_embed)': lambda t: t[..., :d],
-        r'(blocks\.\d+\.norm[12]|norm|fc_norm)\.(weight|bias)': lambda t: t[:d],
-        r'blocks\.\d+\.attn\.qkv\.weight': lambda t: t.view(3, full_dim, full_dim)[:, :d, :d].reshape(3 * d, d),
-        r'blocks\.\d+\.attn\.qkv\.bias': lambda t: t.view(3, full_dim)[:, :d].reshape(3 * d),
-        r'blocks\.\d+\.attn\.proj\.weight': lambda t: t[:d, :d],
-        r'blocks\.\d+\.(attn\.proj|mlp\.fc2)\.bias': lambda t: t[:d],
-        r'blocks\.\d+\.mlp\.fc1\.weight': lambda t: t[:h, :d],
-        r'blocks\.\d+\.mlp\.fc1\.bias': lambda t: t[:h],
-        r'blocks\.\d+\.mlp\.fc2\.weight': lambda t: t[:d, :h],
-        r'head\.weight': lambda t: t[:, :d],
-        r'head\.bias': lambda t: t,
-    }
+def _prefix(name: str, tensor: torch.Tensor, sizes: Mapping[str, int]) -> torch.Tensor:
+    """The leading ``sizes[unit]`` entries of every nested axis of parameter ``name`` (a view)."""
+    axes = parameter_axes(name)
+    if axes is None:
+        raise CheckpointMismatchError(
+            f'unexpected tensor {name!r}: not a parameter of a HydraViT / timm VisionTransformer')
+    blocks = qkv_blocks(name, tensor)
+    index = [slice(None)] * blocks.ndim
+    for dim, unit in axes.items():
+        index[dim] = slice(0, sizes[unit])
+    sliced = blocks[tuple(index)]
+    return sliced.flatten(0, 1) if blocks is not tensor else sliced
 
 
 def subnet_state_dict(
@@ -86,8 +81,7 @@ def subnet_state_dict(
     if nesting == 'separate':
         return _member_state_dict(state_dict, k)
     shape = _shape_of(state_dict, k, head_dim, mlp_ratio, nesting)
-    full_dim = state_dict['patch_embed.proj.weight'].shape[0]
-    rules = [(re.compile(p), fn) for p, fn in _slice_rules(shape, full_dim).items()]
+    sizes = {'channels': shape.embed_dim, 'heads': shape.embed_dim, 'neurons': shape.mlp_hidden}
     out: StateDict = {}
     for name, tensor in state_dict.items():
         separate = re.fullmatch(r'heads\.(\d+)\.(weight|bias)', name)
@@ -95,11 +89,7 @@ def subnet_state_dict(
             if int(separate.group(1)) == k:
                 out[f'head.{separate.group(2)}'] = tensor.detach().clone().contiguous()
             continue
-        fn = next((fn for pattern, fn in rules if pattern.fullmatch(name)), None)
-        if fn is None:
-            raise CheckpointMismatchError(
-                f'unexpected tensor {name!r}: not a parameter of a HydraViT / timm VisionTransformer')
-        out[name] = fn(tensor.detach()).clone().contiguous()
+        out[name] = _prefix(name, tensor.detach(), sizes).clone().contiguous()
     return out
 
 
@@ -160,13 +150,8 @@ def inflate_state_dict(
             continue
         if name not in out:
             raise CheckpointMismatchError(f'source tensor {name!r} has no counterpart in the HydraViT')
-        dst = out[name]
-        if name.endswith('attn.qkv.weight'):
-            dst.view(3, dst_dim, dst_dim)[:, :src_dim, :src_dim].copy_(src.view(3, src_dim, src_dim))
-        elif name.endswith('attn.qkv.bias'):
-            dst.view(3, dst_dim)[:, :src_dim].copy_(src.view(3, src_dim))
-        else:
-            _leading_slice(dst, src, name).copy_(src)
+        src = qkv_blocks(name, src)
+        _leading_slice(qkv_blocks(name, out[name]), src, name).copy_(src)
     return out
 
 
