@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 import timm
 
 from . import add_model_source
 from ..costs import cost_table
+from ..model import NESTINGS
 from ..registry import create_model_or_load
 
 COLUMNS = ('k', 'embed_dim', 'num_heads', 'mlp_hidden', 'params_m', 'gmacs')
@@ -19,6 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                    'params (M) and GMACs (analytic, per image).')
     add_model_source(p, 'hydravit_base_patch16_224')
     p.add_argument('--k', nargs='+', type=int, help='subnetworks to list (default: the model\'s k choices)')
+    p.add_argument('--nesting', choices=NESTINGS,
+                   help='widths of another nesting method for --model (default: the model\'s own, hydravit)')
     p.add_argument('--format', choices=('table', 'json'), default='table')
     p.add_argument('--list', action='store_true', help='list the registered HydraViT models and exit')
     return p
@@ -30,7 +34,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     model = create_model_or_load(model_name=args.model, checkpoint=args.checkpoint)
     ks = [model.resolve_k(k) for k in args.k] if args.k else None
-    rows = [c.to_dict() for c in cost_table(model.config, ks)]
+    config = model.config
+    if args.nesting:
+        if args.checkpoint:
+            raise ValueError(f'--nesting is for --model: the checkpoint is a {config.nesting} model')
+        config = replace(config, nesting=args.nesting)  # costs need the config only, not a model of that nesting
+    rows = [c.to_dict() for c in cost_table(config, ks)]
     if args.format == 'json':
         print(json.dumps(rows, indent=2))
         return 0
