@@ -8,9 +8,9 @@ normal training run; an interrupted comparison resumes its unfinished run and sk
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -20,19 +20,32 @@ from .sampling import create_sampler
 from .train import TrainConfig, train
 from .train_state import STATE_FILE
 
-__all__ = ['MethodRun', 'method_config', 'compare_methods', 'gaps_at_equal_cost', 'gaps_at_equal_k']
+__all__ = ['Run', 'run_config', 'method_config', 'train_runs', 'compare_methods', 'write_comparison', 'gaps_at_equal_cost',
+           'gaps_at_equal_k']
 
 Row = Dict[str, float]
 RESULTS_FILE = 'results.csv'
 
 
 @dataclass
-class MethodRun:
-    method: str
-    folder: Path
-    results: List[Row]
-    train_seconds: Optional[float]  # None when the run had finished before this comparison started
-    benchmark: List[Row]
+class Run:
+    """One training run of a comparison: its settings and, once trained, its per-k results and speed."""
+    label: str  # for tables and plot legends
+    config: TrainConfig
+    results: List[Row] = field(default_factory=list)
+    train_seconds: Optional[float] = None  # None when it had finished before this comparison started
+    benchmark: List[Row] = field(default_factory=list)
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.config.output) / str(self.config.experiment)
+
+
+def run_config(cfg: TrainConfig, out_dir: Path, name: str) -> TrainConfig:
+    """``cfg`` writing to ``out_dir/name``, resuming the run found there if it was interrupted."""
+    folder = out_dir / name
+    resume = str(folder) if (folder / STATE_FILE).is_file() else None
+    return replace(cfg, output=str(out_dir), experiment=name, resume=resume, report=False)
 
 
 def subnets_per_step(cfg: TrainConfig, k_choices: Sequence[int]) -> int:
@@ -47,47 +60,52 @@ def method_config(base: TrainConfig, method: str, out_dir: Path, k_choices: Sequ
     scheme = get_method(method).sampler
     sampler = scheme or base.sampler
     num_random = subnets_per_step(base, k_choices) if method == 'sortednet' else base.num_random
-    folder = out_dir / method
-    resume = str(folder) if (folder / STATE_FILE).is_file() else None
-    return replace(base, method=method, sampler=sampler, num_random=num_random,
-                   head_weights=base.head_weights if sampler == 'weighted' else None,
-                   inplace_distill=base.inplace_distill and method not in ('dynabert', 'separate'),
-                   separate_heads=base.separate_heads and method not in ('dynabert', 'separate'),
-                   teacher_epochs=teacher_epochs if method == 'dynabert' else None,
-                   output=str(out_dir), experiment=method, resume=resume, report=False)
+    cfg = replace(base, method=method, sampler=sampler, num_random=num_random,
+                  head_weights=base.head_weights if sampler == 'weighted' else None,
+                  inplace_distill=base.inplace_distill and method not in ('dynabert', 'separate'),
+                  separate_heads=base.separate_heads and method not in ('dynabert', 'separate'),
+                  teacher_epochs=teacher_epochs if method == 'dynabert' else None)
+    return run_config(cfg, out_dir, method)
 
 
-def _train_or_reuse(cfg: TrainConfig, folder: Path) -> Tuple[List[Row], Optional[float]]:
-    if (folder / RESULTS_FILE).is_file():
-        print(f'{cfg.method}: finished earlier, reusing {folder / RESULTS_FILE}')
-        return read_results(folder / RESULTS_FILE), None
+def _train_or_reuse(run: Run) -> None:
+    if (run.folder / RESULTS_FILE).is_file():
+        print(f'{run.label}: finished earlier, reusing {run.folder / RESULTS_FILE}')
+        run.results = read_results(run.folder / RESULTS_FILE)
+        return
     tic = time.perf_counter()
-    result = train(cfg)
-    return result.results, time.perf_counter() - tic
+    run.results = train(run.config).results
+    run.train_seconds = time.perf_counter() - tic
 
 
-def _benchmark(folder: Path, ks: Sequence[int], batch_size: int, seconds: float, measure_memory: bool) -> List[Row]:
+def _benchmark(run: Run, batch_size: int, seconds: float, measure_memory: bool) -> None:
     """Speed of each extracted subnetwork (what is deployed), saved next to the run."""
     from .benchmark import benchmark_subnets
     from .checkpoint import load_model
 
-    rows = benchmark_subnets(load_model(folder / 'last.safetensors'), ks, modes=('extracted',),
-                             batch_size=batch_size, rounds=3, min_seconds=seconds, latency_iters=20,
-                             measure_memory=measure_memory, flop_count=False)
-    write_results(rows, folder, 'benchmark', verbose=False)
-    return rows
+    run.benchmark = benchmark_subnets(load_model(run.folder / 'last.safetensors'), [r['k'] for r in run.results],
+                                      modes=('extracted',), batch_size=batch_size, rounds=3, min_seconds=seconds,
+                                      latency_iters=20, measure_memory=measure_memory, flop_count=False)
+    write_results(run.benchmark, run.folder, 'benchmark', verbose=False)
+
+
+def train_runs(runs: Sequence[Run], *, benchmark: bool = True, bench_batch_size: int = 256,
+               bench_seconds: float = 0.2, measure_memory: bool = False) -> None:
+    """Train (or reuse) each run in turn, then time its subnetworks; fills the runs' results in place."""
+    for run in runs:
+        _train_or_reuse(run)
+        if benchmark:
+            _benchmark(run, bench_batch_size, bench_seconds, measure_memory)
 
 
 def compare_methods(base: TrainConfig, methods: Sequence[str] = tuple(METHODS), out_dir: str | Path = 'output/compare',
                     *, separate_ks: Optional[Sequence[int]] = None, teacher_epochs: Optional[int] = None,
-                    benchmark: bool = True,
-                    bench_batch_size: int = 256, bench_seconds: float = 0.2,
-                    measure_memory: bool = False) -> Dict[str, MethodRun]:
+                    **bench: Any) -> Dict[str, Run]:
     """Train, evaluate and benchmark every method; write ``out_dir/report`` (table, plots, gaps).
 
     ``separate_ks`` trains separate ViTs for these k only (one ViT per k costs the most to train);
-    ``teacher_epochs`` is DynaBERT's full-width phase (default: see ``TrainConfig.dynabert_teacher_epochs``).
-    Throughput is timed over interleaved rounds of ``bench_seconds`` at ``bench_batch_size``.
+    ``teacher_epochs`` is DynaBERT's full-width phase (default: see ``TrainConfig.dynabert_teacher_epochs``);
+    ``bench`` goes to :func:`train_runs` (``benchmark``, ``bench_batch_size``, ``bench_seconds``, ``measure_memory``).
     """
     from .registry import create_model
 
@@ -95,17 +113,15 @@ def compare_methods(base: TrainConfig, methods: Sequence[str] = tuple(METHODS), 
         get_method(m)
     out_dir = Path(out_dir)
     k_choices = list(base.heads or create_model(base.model).k_choices)
-    runs: Dict[str, MethodRun] = {}
+    runs: Dict[str, Run] = {}
     for method in methods:
         cfg = method_config(base, method, out_dir, k_choices, teacher_epochs)
         if method == 'separate' and separate_ks:
             cfg = replace(cfg, heads=sorted(separate_ks))
-        folder = out_dir / method
-        results, seconds = _train_or_reuse(cfg, folder)
-        bench = (_benchmark(folder, [r['k'] for r in results], bench_batch_size, bench_seconds, measure_memory)
-                 if benchmark else [])
-        runs[method] = MethodRun(method, folder, results, seconds, bench)
-    _write_comparison(runs, out_dir, base)
+        runs[method] = Run(get_method(method).label, cfg)
+    train_runs(list(runs.values()), **bench)
+    write_comparison(list(runs.values()), out_dir, title='Nested-width methods compared',
+                     separate=runs.get('separate'), reference=runs.get('hydravit'))
     return runs
 
 
@@ -134,43 +150,58 @@ def gaps_at_equal_cost(rows: Sequence[Row], other: Sequence[Row], x: str = 'gmac
     return out
 
 
-def _summary_lines(runs: Dict[str, MethodRun], reference: str = 'hydravit') -> List[str]:
-    lines = []
-    ref = runs.get(reference)
-    if ref is None:
-        return lines
-    if 'separate' in runs:
-        gaps = gaps_at_equal_k(runs['separate'].results, ref.results)
-        lines += ['## Separately trained ViTs minus HydraViT at the same k (p.p.)', '',
-                  markdown_table([{'k': g['k'], 'separate': g['top1'], 'HydraViT': g['reference_top1'],
-                                   'gap': g['gap']} for g in gaps]), '']
-    for method in ('sortednet', 'dynabert', 'matformer'):
-        if method not in runs:
-            continue
-        x = 'gmacs'
-        gaps = gaps_at_equal_cost(ref.results, runs[method].results, x)
-        label = get_method(method).label
-        if not gaps:
-            lines += [f'{label}: no point within HydraViT\'s GMACs range.', '']
-            continue
-        values = [g['gap'] for g in gaps]
-        lines += [f'## HydraViT minus {label} at equal GMACs (HydraViT interpolated; p.p.)', '',
-                  f'ahead at {sum(v > 0 for v in values)} of {len(values)} points; mean {sum(values) / len(values):+.2f}, '
-                  f'min {min(values):+.2f}, max {max(values):+.2f}', '',
-                  markdown_table([{'k': g['k'], 'gmacs': g['gmacs'], label: g['top1'], 'HydraViT': g['reference_top1'],
-                                   'gap': g['gap']} for g in gaps]), '']
-    return lines
+def _runs_table(runs: Sequence[Run]) -> List[str]:
+    rows = [{'run': run.label, 'method': run.config.method, 'sampler': run.config.sampler,
+             'train_minutes': run.train_seconds / 60 if run.train_seconds else None,
+             'k': ' '.join(str(r['k']) for r in run.results), 'folder': str(run.folder)} for run in runs]
+    c = runs[0].config
+    return ['## Runs', '', f'{c.model} on {c.dataset}, {c.epochs} epochs, batch {c.batch_size}, seed {c.seed} '
+            '(train_minutes: empty when the run was reused)', '', markdown_table(rows), '']
 
 
-def _write_comparison(runs: Dict[str, MethodRun], out_dir: Path, base: TrainConfig) -> None:
-    labels = {m: get_method(m).label for m in runs}
-    evals = {labels[m]: run.results for m, run in runs.items()}
-    benches = {labels[m]: run.benchmark for m, run in runs.items() if run.benchmark}
-    timing = [{'method': labels[m], 'train_minutes': run.train_seconds / 60 if run.train_seconds else None,
-               'k': ' '.join(str(r['k']) for r in run.results), 'folder': str(run.folder)} for m, run in runs.items()]
-    extra = ['## Runs', '', f'recipe: {base.model} on {base.dataset}, {base.epochs} epochs, batch {base.batch_size}, '
-             f'seed {base.seed}', '', markdown_table(timing), '', *_summary_lines(runs)]
-    paths = write_report(evals, benches, out_dir / 'report', title='Nested-width methods compared',
-                         extra_sections=extra)
+def _separate_gap_lines(runs: Sequence[Run], separate: Run) -> List[str]:
+    """Separate ViTs' top-1 minus each HydraViT-shaped run's, at every k both trained."""
+    shaped = [run for run in runs if run is not separate and get_method(run.config.method).nesting == 'hydravit']
+    table = []
+    for run in shaped:
+        gaps = {g['k']: g['gap'] for g in gaps_at_equal_k(separate.results, run.results)}
+        if gaps:
+            table.append({'run': run.label, **{f'k{k}': v for k, v in gaps.items()},
+                          'mean': sum(gaps.values()) / len(gaps), 'max': max(gaps.values())})
+    if not table:
+        return []
+    return [f'## {separate.label} minus each run at the same k (p.p.; <= 0 means the gap is closed)', '',
+            markdown_table(table), '']
+
+
+def _equal_cost_lines(reference: Run, other: Run, x: str = 'gmacs') -> List[str]:
+    gaps = gaps_at_equal_cost(reference.results, other.results, x)
+    if not gaps:
+        return [f'{other.label}: no point within {reference.label}\'s {x} range.', '']
+    values = [g['gap'] for g in gaps]
+    return [f'## {reference.label} minus {other.label} at equal {x} ({reference.label} interpolated; p.p.)', '',
+            f'ahead at {sum(v > 0 for v in values)} of {len(values)} points; mean {sum(values) / len(values):+.2f}, '
+            f'min {min(values):+.2f}, max {max(values):+.2f}', '',
+            markdown_table([{'k': g['k'], x: g[x], other.label: g['top1'], reference.label: g['reference_top1'],
+                             'gap': g['gap']} for g in gaps]), '']
+
+
+def write_comparison(runs: Sequence[Run], out_dir: str | Path, *, title: str, separate: Optional[Run] = None,
+                     reference: Optional[Run] = None) -> Dict[str, Path]:
+    """``out_dir/report``: the joined table, both Pareto plots, the runs, and the gaps.
+
+    Gaps: ``separate`` minus every HydraViT-shaped run at equal k; ``reference`` minus every other run
+    (except ``separate``) at equal GMACs.
+    """
+    extra = _runs_table(runs)
+    if separate is not None:
+        extra += _separate_gap_lines(runs, separate)
+    for run in runs:
+        if reference is not None and run not in (reference, separate):
+            extra += _equal_cost_lines(reference, run)
+    paths = write_report({run.label: run.results for run in runs},
+                         {run.label: run.benchmark for run in runs if run.benchmark},
+                         Path(out_dir) / 'report', title=title, extra_sections=extra)
     print('\n'.join(extra))
     print('report: ' + ', '.join(str(p) for p in paths.values()))
+    return paths

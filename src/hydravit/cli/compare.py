@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
                 setattr(recipe, name, value)
     base = config_from_args(recipe)
     compare_methods(base, settings['methods'], settings['output'], separate_ks=settings['separate_ks'],
-                    teacher_epochs=settings['teacher_epochs'],
-                    benchmark=not settings['no_benchmark'], bench_batch_size=settings['bench_batch_size'],
+                    teacher_epochs=settings['teacher_epochs'], benchmark=not settings['no_benchmark'],
+                    bench_batch_size=settings['bench_batch_size'],
                     bench_seconds=0.05 if settings['quick'] else 0.2, measure_memory=settings['memory'])
     return 0
