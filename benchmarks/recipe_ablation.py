@@ -1,0 +1,92 @@
+"""Which HydraViT recipe closes the gap to separately trained ViTs? (issue 5, "beyond the paper")
+
+Trains HydraViT variants with the built-in recipe (same data, epochs, seed) and reports each one's
+top-1 per k next to the separate ViTs of a finished ``hydravit compare`` run, with the gap at every k:
+
+    python benchmarks/recipe_ablation.py --compare-dir output/compare -o output/ablation
+    python benchmarks/recipe_ablation.py --compare-dir /tmp/cq -o /tmp/ab --set epochs=1 max_train_samples=512  # smoke
+
+Variants (``--variants`` picks some): the paper's uniform sampler, weighted sampling favouring small k,
+the built-in sandwich rule (taken from the comparison), sandwich + in-place distillation, sandwich +
+one classifier per k, and sandwich starting from the separately trained k=3 ViT (DeiT-Ti-style init;
+it costs that ViT's training on top). Finished variants are reused; an interrupted one resumes.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Dict
+
+import yaml
+from safetensors.torch import save_file
+
+from hydravit.checkpoint import load_model
+from hydravit.compare import Run, run_config, train_runs, write_comparison
+from hydravit.registry import create_model
+from hydravit.report import read_results
+from hydravit.subnet import model_subnet_state_dict
+from hydravit.train import TrainConfig, load_train_config
+
+Variant = Callable[[TrainConfig, Path], TrainConfig]
+
+
+def _weighted(cfg: TrainConfig, _: Path) -> TrainConfig:
+    ks = sorted(cfg.heads or create_model(cfg.model).k_choices)
+    return replace(cfg, sampler='weighted', heads=ks, head_weights=[float(len(ks) - i) for i in range(len(ks))])
+
+
+def _init_from_separate(cfg: TrainConfig, compare_dir: Path) -> TrainConfig:
+    """Start from the separately trained smallest ViT, written into the leading slices."""
+    separate = load_model(compare_dir / 'separate' / 'last.safetensors')
+    k = min(separate.k_choices)
+    path = compare_dir / 'separate' / f'vit_k{k}.safetensors'
+    save_file(model_subnet_state_dict(separate, k), str(path))
+    return replace(cfg, initial_checkpoint=str(path))
+
+
+VARIANTS: Dict[str, tuple] = {  # name -> (label, settings on top of the built-in recipe)
+    'uniform': ('uniform (paper)', lambda cfg, _: replace(cfg, sampler='uniform')),
+    'weighted': ('weighted 10:1 to small k', _weighted),
+    'sandwich': ('sandwich (built-in)', None),  # the comparison's HydraViT run
+    'distill': ('sandwich + in-place distill', lambda cfg, _: replace(cfg, inplace_distill=True)),
+    'separate-heads': ('sandwich + classifier per k', lambda cfg, _: replace(cfg, separate_heads=True)),
+    'init-small': ('sandwich + init from separate k=3', _init_from_separate),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--compare-dir', type=Path, default=Path('output/compare'),
+                        help='a finished `hydravit compare` output folder (its hydravit and separate runs)')
+    parser.add_argument('-o', '--output', type=Path, default=Path('output/ablation'))
+    parser.add_argument('--variants', nargs='+', choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument('--no-benchmark', action='store_true')
+    parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE',
+                        help='recipe settings for every variant, e.g. epochs=1 max_train_samples=2048 (YAML values)')
+    args = parser.parse_args()
+    settings = {key: yaml.safe_load(value) for key, value in (item.split('=', 1) for item in args.set)}
+
+    def recipe() -> TrainConfig:
+        return load_train_config(None, **settings)
+
+    def finished(name: str) -> TrainConfig:  # a run of the comparison, with the settings it was trained with
+        return run_config(load_train_config(args.compare_dir / name / 'args.yaml'), args.compare_dir, name)
+
+    separate = Run('Separate ViTs', finished('separate'),
+                   results=read_results(args.compare_dir / 'separate' / 'results.csv'))
+    runs = []
+    for name in args.variants:
+        label, variant = VARIANTS[name]
+        if variant is None:
+            cfg = finished('hydravit')
+        else:
+            cfg = run_config(variant(recipe(), args.compare_dir), args.output, name)
+        runs.append(Run(label, cfg))
+    train_runs(runs, benchmark=not args.no_benchmark)
+    write_comparison([*runs, separate], args.output, title='HydraViT recipes against separately trained ViTs',
+                     separate=separate)
+
+
+if __name__ == '__main__':
+    main()
