@@ -1,7 +1,10 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+from hydravit.data import FASHION_MNIST_DIR
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -18,3 +21,17 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 @pytest.fixture
 def randomize():
     return randomize_
+
+
+FMNIST = Path(FASHION_MNIST_DIR)
+needs_fmnist = pytest.mark.skipif(not (FMNIST / 'train-images-idx3-ubyte.gz').is_file(),
+                                  reason='Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)')
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 spinning OpenMP threads can run 10-40x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -15,17 +15,11 @@ from hydravit.separate import SeparateViTs
 from hydravit.subnet import extract_subnet
 from hydravit.train import TEACHER_FILE, DistEnv, Trainer, load_train_config, train
 
-FMNIST = Path('/usr/share/datasets/fashion-mnist')
-needs_fmnist = pytest.mark.skipif(not (FMNIST / 'train-images-idx3-ubyte.gz').is_file(),
-                                  reason='Fashion-MNIST not installed')
+from conftest import FMNIST, needs_fmnist
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def quick(tmp_path: Path, **overrides):

@@ -9,10 +9,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from hydravit.data import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, DataError, build_transform, load_dataset)
+from hydravit.data import FASHION_MNIST_CLASSES, DataError, build_transform, load_dataset
 
-needs_fmnist = pytest.mark.skipif(not Path(FASHION_MNIST_DIR, 't10k-labels-idx1-ubyte.gz').exists(),
-                                  reason='Fashion-MNIST not installed (apt-get install -y dataset-fashion-mnist)')
+from conftest import needs_fmnist
 
 
 def write_image(path: Path, value: int, size=(8, 8)) -> None:

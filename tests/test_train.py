@@ -23,9 +23,9 @@ from hydravit.subnet import extract_subnet
 from hydravit.train import build_model, effective_lr, load_train_config, train
 from hydravit.train_state import STATE_FILE
 
-FMNIST = Path('/usr/share/datasets/fashion-mnist')
-needs_fmnist = pytest.mark.skipif(not (FMNIST / 'train-images-idx3-ubyte.gz').is_file(),
-                                  reason='Fashion-MNIST not installed')
+from conftest import FMNIST, needs_fmnist
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 # a small, fast run of the real model on real data; each test adds what it checks
 QUICK = ['--dataset', 'fashion-mnist', '--data-dir', str(FMNIST), '--max-train-samples', '256',
@@ -34,13 +34,6 @@ QUICK = ['--dataset', 'fashion-mnist', '--data-dir', str(FMNIST), '--max-train-s
          '--sampler', 'uniform']
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 spinning OpenMP threads can run 10-40x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def quick_config(tmp_path: Path, **overrides):
