@@ -15,13 +15,8 @@ SCHEMA = ['k', 'mode', 'infer_samples_per_sec', 'infer_batch_size', 'infer_laten
 QUICK = dict(rounds=1, min_seconds=0.005, warmup=1, latency_iters=5)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """These tests check schemas and counts, not speed: one thread avoids OpenMP stalls on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# these tests check schemas and counts, not speed: one thread avoids OpenMP stalls on a busy machine
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')
@@ -67,6 +62,13 @@ def test_peak_memory_grows_with_batch_and_width():
     small = peak_memory_mb(cfg, 3, 'timm', batch_size=8)
     large = peak_memory_mb(cfg, 12, 'timm', batch_size=512)
     assert 0 < small < large
+
+
+def test_memory_rows_from_a_device_given_as_a_string():
+    model = timm.create_model('hydravit_test_patch4_16')
+    rows = benchmark_subnets(model, [1, 4], modes=('sliced', 'timm'), batch_size=4, device='cpu', flop_count=False,
+                             **QUICK)
+    assert all(r['device'] == 'cpu' and r['peak_mem_mb'] >= 0 for r in rows)
 
 
 def test_switching_table():

@@ -229,7 +229,7 @@ def benchmark_subnets(
     if batch_size < 1:
         raise ValueError(f'batch_size must be >= 1, got {batch_size}')
     ks, model, x = _prepare(model, ks, device, batch_size)
-    cfg = model.config
+    cfg, device = model.config, x.device
     rows = []
     for k in ks:
         runners = {mode: build_runner(model, k, mode) for mode in modes}
@@ -296,7 +296,7 @@ def measure_switching(model: HydraViT, ks: Optional[Sequence[int]] = None, *, ba
     ViT + load_state_dict from a safetensors file + first forward (the paper's loading latency).
     """
     ks, model, x = _prepare(model, ks, device, batch_size)
-    cfg = model.config
+    cfg, device = model.config, x.device
     rows = []
     with torch.inference_mode(), tempfile.TemporaryDirectory(prefix='hydravit-switch-') as tmp:
         for k in ks:
