@@ -25,7 +25,7 @@ from hydravit.subnet import extract_subnet
 
 def make_step(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, optimize: bool = True,
               **forward_kwargs):
-    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05, fused=FUSED)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05, fused=True)  # as the trainer
     net.train()
 
     def step() -> None:
