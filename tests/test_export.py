@@ -137,6 +137,9 @@ def test_existing_output_needs_overwrite(checkpoint, tmp_path, capsys):
     assert (out / 'k1' / 'model.safetensors').stat().st_mtime_ns == before
     with pytest.raises(ExportError):
         export_subnets(path, [1], ['timm'], out)
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(ExportError, match='--overwrite'):
+        export_subnets(path, [1], ['timm'], tmp_path / 'empty')
     assert main(['export', '--checkpoint', str(path), '--k', 'all', '--format', 'safetensors', '--output', str(out),
                  '--overwrite']) == 0
     assert sorted(p.name for p in out.glob('k*.safetensors')) == [f'k{k}.safetensors' for k in (1, 2, 3, 4)]

@@ -265,9 +265,9 @@ def _check_formats(formats: Sequence[str]) -> List[str]:
 def _prepare_output(output: Path, overwrite: bool) -> None:
     if output.exists() and not output.is_dir():
         raise ExportError(f'output {output} exists and is not a folder')
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise ExportError(f'output folder {output} already exists and is not empty; pass --overwrite to replace '
-                          'the exported files in it')
+    if output.is_dir() and not overwrite:
+        raise ExportError(f'output folder {output} already exists; pass --overwrite to write the exported files '
+                          'into it (files of the same name are replaced)')
     output.mkdir(parents=True, exist_ok=True)
 
 
@@ -304,7 +304,7 @@ def export_subnets(
         cost = subnet_cost(model.config, k)
         costs = {**cost.to_dict(), 'params_m': cost.params_m, 'gmacs': cost.gmacs}  # unrounded: tiny models
         info = {**parent, 'metrics': {**costs, **accuracy.get(k, {})}, 'pretrained_cfg': preprocessing}
-        row: Dict[str, Any] = dict(k=k, embed_dim=cost.embed_dim, num_heads=k, param_count=cost.params_m,
+        row: Dict[str, Any] = dict(k=k, embed_dim=cost.embed_dim, num_heads=cost.num_heads, param_count=cost.params_m,
                                    gmacs=cost.gmacs, **{a: accuracy.get(k, {}).get(a) for a in ('top1', 'top5')})
         for fmt in formats:
             start = time.perf_counter()
