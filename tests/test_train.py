@@ -133,7 +133,8 @@ def _wait_for_mid_epoch_checkpoint(proc: subprocess.Popen, run: Path, timeout: f
 @pytest.mark.parametrize('method', [[], ['--method', 'dynabert', '--teacher-epochs', '1']], ids=['hydravit', 'dynabert'])
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, method):
     """DynaBERT is killed after its reordering: the resumed run must reload the same teacher."""
-    args = [*QUICK, *method, '--epochs', '2', '--checkpoint-interval-steps', '1', '--output', str(tmp_path)]
+    args = [*QUICK, *method, '--epochs', '2', '--checkpoint-interval-steps', '1', '--model-ema', '--model-ema-decay',
+            '0.9', '--output', str(tmp_path)]
     full = run_cli(*args, '--experiment', 'full')
     killed = run_cli(*args, '--experiment', 'killed')
     state = _wait_for_mid_epoch_checkpoint(killed, tmp_path / 'killed')
@@ -148,10 +149,11 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, method
     assert 'resumed' in out_resumed
     assert ('reordered heads' in out_resumed) is False  # the reordering happened before the kill, once
     assert (tmp_path / 'killed' / 'teacher.safetensors').is_file() == bool(method)
-    a, b = load_file(tmp_path / 'full' / 'last.safetensors'), load_file(tmp_path / 'killed' / 'last.safetensors')
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+    for weights in ('last.safetensors', 'last_ema.safetensors'):  # the EMA is restored too
+        a, b = load_file(tmp_path / 'full' / weights), load_file(tmp_path / 'killed' / weights)
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=f'{weights}: {name}')
     full_summary, resumed_summary = read_csv(tmp_path / 'full' / 'summary.csv'), read_csv(tmp_path / 'killed' / 'summary.csv')
     assert len(resumed_summary) == 2
     for row_a, row_b in zip(full_summary, resumed_summary):
@@ -177,6 +179,16 @@ def test_two_process_gloo_run_keeps_replicas_identical(tmp_path, method):
     assert len(state['rng']) == 2  # one RNG stream per process, restored per rank on resume
     assert state['num_updates'] == 2  # 256 images / (2 processes x 32) = 4 batches, 2 per update
     assert not list(tmp_path.glob('ddp-*')), 'only rank 0 may create the run folder'
+    # metrics are reduced over both processes' halves of the validation set: one process scoring all of it agrees
+    from hydravit.evaluate import evaluate_subnets
+    from hydravit.train import _data_config, build_datasets
+    cfg = load_train_config(run / 'args.yaml')
+    _, val_set = build_datasets(cfg, _data_config(cfg))
+    loader = torch.utils.data.DataLoader(val_set, batch_size=64)
+    single = evaluate_subnets(load_model(run / 'last.safetensors'), loader, [2, 3, 4])
+    reduced = read_csv(run / 'results.csv')
+    assert [float(r['top1']) for r in reduced] == pytest.approx([r['top1'] for r in single], abs=1e-4)  # csv: 6 digits
+    assert [float(r['loss']) for r in reduced] == pytest.approx([r['loss'] for r in single], rel=1e-4)
 
 
 # ------------------------------------------------------------------------------------------ init
@@ -317,6 +329,21 @@ def test_several_k_per_step_accumulate_gradients_into_one_optimizer_step(tmp_pat
     assert trainer.num_updates == 1
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), reference[n] - 0.1 * expected[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_model_best_tracks_the_chosen_k(tmp_path):
+    data = _Tensors(torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(1)),
+                    torch.randint(0, 10, (32,), generator=torch.Generator().manual_seed(2)))
+    cfg = load_train_config(None, model='hydravit_test_patch4_16', heads=[2, 4], sampler='all', batch_size=8,
+                            epochs=3, lr=0.05, warmup_epochs=0, eval_metric='top1_k2', val_interval=1, output=str(tmp_path),
+                            experiment='run', report=False, log_interval=1000)
+    result = train(cfg, datasets=(data, data))
+    per_epoch = [row['eval_top1_k2'] for row in result.summary]
+    assert result.best_metric == max(per_epoch)
+    assert result.best_epoch == per_epoch.index(max(per_epoch))
+    best = load_model(tmp_path / 'run' / 'model_best.safetensors')
+    assert int(read_metadata(tmp_path / 'run' / 'model_best.safetensors')['epochs_completed']) == result.best_epoch + 1
+    assert best.k_choices == (2, 4)
 
 
 @pytest.mark.gpu

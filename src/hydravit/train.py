@@ -34,7 +34,8 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-from .checkpoint import CheckpointError, load_config_and_state, load_model, load_state_dict_file, read_metadata
+from .checkpoint import (CheckpointError, atomic_write, load_config_and_state, load_model, load_state_dict_file,
+                         read_metadata)
 from .costs import subnet_cost
 from .methods import get_method
 from .model import HydraViT
@@ -543,7 +544,7 @@ class Trainer:
                     world_size=self.env.world_size, batch_size=self.cfg.batch_size)
 
     def _metadata(self) -> Dict[str, str]:
-        return {'class_names': json.dumps(self.class_names), 'epoch': str(self.epoch),
+        return {'class_names': json.dumps(self.class_names), 'epochs_completed': str(self.epoch),
                 'train_config': json.dumps(self.cfg.to_dict())}
 
     def save_checkpoint(self) -> None:
@@ -557,7 +558,8 @@ class Trainer:
         cfg, env = self.cfg, self.env
         if env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / 'args.yaml').write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            args = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+            atomic_write(self.out_dir / 'args.yaml', lambda tmp: Path(tmp).write_text(args))
             print(f'training {cfg.model} as {get_method(cfg.method).label} k={list(self.model.k_choices)} '
                   f'({cfg.sampler} sampler) on {cfg.dataset}: '
                   f'{self.batches_per_epoch} steps/epoch x {self.num_epochs} epochs, lr {self.lr:.3g}, '
