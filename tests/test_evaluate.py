@@ -239,6 +239,27 @@ def test_eval_cli_end_to_end_with_report(tmp_path, monkeypatch, randomize):
     assert all(r['infer_samples_per_sec'] > 0 for r in report)
 
 
+def test_eval_cli_extracted_mode_scores_an_untrained_k_too(tmp_path, monkeypatch, randomize):
+    from hydravit.cli import eval as eval_cli, main
+    from hydravit.report import read_results
+    model = randomize(timm.create_model('hydravit_test_patch4_16', k_choices=(2, 4)), seed=3).eval()
+    path = save_model(tmp_path / 'm.safetensors', model)
+    g = torch.Generator().manual_seed(8)
+    data = TensorSet(torch.randn(10, 3, 16, 16, generator=g), torch.randint(0, 10, (10,), generator=g), 10)
+    monkeypatch.setattr(eval_cli, 'build_eval_dataset', lambda model, args, names: data)
+    out = tmp_path / 'eval.csv'
+    with pytest.warns(UserWarning, match=r'k \[1\] not in the trained set'):
+        assert main(['eval', '--checkpoint', str(path), '--k', '1', '4', '--mode', 'extracted', '--workers', '0',
+                     '--results-file', str(out)]) == 0
+    rows = read_results(out)
+    assert [(r['k'], r['mode']) for r in rows] == [(1, 'extracted'), (4, 'extracted')]
+    wide = timm.create_model('hydravit_test_patch4_16', k_choices=(1, 2, 3, 4))
+    wide.load_state_dict(model.state_dict())
+    direct = evaluate_subnets(wide, [(data.x, data.y)], [1, 4])  # the sliced model, k=1 included
+    assert [r['top1'] for r in rows] == pytest.approx([r['top1'] for r in direct])
+    assert [r['loss'] for r in rows] == pytest.approx([r['loss'] for r in direct], rel=1e-4)
+
+
 def _image_folder(root, folders, per_class=3, seed=0):
     from PIL import Image
     g = torch.Generator().manual_seed(seed)

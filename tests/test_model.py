@@ -1,6 +1,7 @@
 """HydraViT's contract: k is explicit and validated, widths follow k, timm's API is honoured."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hydravit import HydraViT
 from hydravit.subnet import subnet_state_dict
@@ -117,3 +118,26 @@ def test_timm_optimizer_factory_and_ema_accept_the_model(model):
     assert id(model.pos_embed) in no_decay and id(model.blocks[0].norm1.weight) in no_decay
     ema = ModelEmaV3(model, decay=0.9)
     assert isinstance(ema.module, HydraViT)
+
+
+class _OpLog(TorchDispatchMode):
+    """The ATen operators a forward pass dispatches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func).split('.')[1])
+        return func(*args, **(kwargs or {}))
+
+
+def test_forward_reads_weights_through_views_never_copies(model):
+    """SPEC §2: slicing by views; fancy indexing of q/k/v rows (the reference code) would show as aten.index."""
+    x = torch.randn(2, 3, 16, 16)
+    for k in model.k_choices:
+        with torch.no_grad(), _OpLog() as log:
+            model(x, k=k)
+        assert 'slice' in log.ops and 'addmm' in log.ops, log.ops
+        copies = log.ops & {'clone', 'copy_', 'index', 'index_select', '_to_copy', 'contiguous', 'gather'}
+        assert not copies, f'k={k}: {copies}'

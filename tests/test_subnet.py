@@ -171,3 +171,17 @@ def test_timm_create_model_registers_variants():
     assert model.pretrained_cfg['input_size'] == (3, 16, 16)
     with pytest.raises(ValueError, match='no pretrained weights'):
         timm.create_model('hydravit_test_patch4_16', pretrained=True)
+
+
+def test_deit_tiny_initialises_k3_of_the_base_model_exactly():
+    """SPEC §3: the real DeiT-Ti shape into hydravit_base_patch16_224 (no download: its weights are perturbed init)."""
+    deit = timm.create_model('deit_tiny_patch16_224').eval()
+    with torch.no_grad():
+        for p in deit.parameters():
+            p.add_(torch.randn_like(p) * 0.02)  # norms and biases away from 1 and 0
+    model = timm.create_model('hydravit_base_patch16_224')
+    init_from_vit(model, deit)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x, k=3), deit(x), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(model(x, k=4), deit(x), atol=1e-3)
