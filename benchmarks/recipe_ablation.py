@@ -9,7 +9,10 @@ top-1 per k next to the separate ViTs of a finished ``hydravit compare`` run, wi
 Variants (``--variants`` picks some): the paper's uniform sampler, weighted sampling favouring small k,
 the built-in sandwich rule (taken from the comparison), sandwich + in-place distillation, sandwich +
 one classifier per k, and sandwich starting from the separately trained k=3 ViT (DeiT-Ti-style init;
-it costs that ViT's training on top). Finished variants are reused; an interrupted one resumes.
+it costs that ViT's training on top). One more run is not a HydraViT recipe: DynaBERT starting from, and
+distilled from, the separately trained k=12 ViT, i.e. with the trained teacher it is published with
+(the comparison gives it only a quarter of the epochs for its teacher). Finished variants are reused; an
+interrupted one resumes.
 """
 from __future__ import annotations
 
@@ -36,13 +39,23 @@ def _weighted(cfg: TrainConfig, _: Path) -> TrainConfig:
     return replace(cfg, sampler='weighted', heads=ks, head_weights=[float(len(ks) - i) for i in range(len(ks))])
 
 
-def _init_from_separate(cfg: TrainConfig, compare_dir: Path) -> TrainConfig:
-    """Start from the separately trained smallest ViT, written into the leading slices."""
+def _separate_vit(compare_dir: Path, widest: bool) -> str:
+    """The comparison's separately trained smallest (or widest) ViT as a timm state dict file."""
     separate = load_model(compare_dir / 'separate' / 'last.safetensors')
-    k = min(separate.k_choices)
+    k = max(separate.k_choices) if widest else min(separate.k_choices)
     path = compare_dir / 'separate' / f'vit_k{k}.safetensors'
     save_file(model_subnet_state_dict(separate, k), str(path))
-    return replace(cfg, initial_checkpoint=str(path))
+    return str(path)
+
+
+def _init_from_separate(cfg: TrainConfig, compare_dir: Path) -> TrainConfig:
+    """Start from the separately trained smallest ViT, written into the leading slices."""
+    return replace(cfg, initial_checkpoint=_separate_vit(compare_dir, widest=False))
+
+
+def _dynabert_trained_teacher(cfg: TrainConfig, compare_dir: Path) -> TrainConfig:
+    """DynaBERT as published: start from (and distil from) a fully trained full-width model."""
+    return replace(cfg, method='dynabert', initial_checkpoint=_separate_vit(compare_dir, widest=True))
 
 
 VARIANTS: Dict[str, tuple] = {  # name -> (label, settings on top of the built-in recipe)
@@ -52,6 +65,8 @@ VARIANTS: Dict[str, tuple] = {  # name -> (label, settings on top of the built-i
     'distill': ('sandwich + in-place distill', lambda cfg, _: replace(cfg, inplace_distill=True)),
     'separate-heads': ('sandwich + classifier per k', lambda cfg, _: replace(cfg, separate_heads=True)),
     'init-small': ('sandwich + init from separate k=3', _init_from_separate),
+    # not a HydraViT recipe: DynaBERT with the teacher it is published with (costs a full ViT training more)
+    'dynabert-trained-teacher': ('DynaBERT, teacher = separate k=12', _dynabert_trained_teacher),
 }
 
 
