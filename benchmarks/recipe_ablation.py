@@ -7,7 +7,8 @@ top-1 per k next to the separate ViTs of a finished ``hydravit compare`` run, wi
     python benchmarks/recipe_ablation.py --compare-dir /tmp/cq -o /tmp/ab --set epochs=1 max_train_samples=512  # smoke
 
 Variants (``--variants`` picks some): the paper's uniform sampler, weighted sampling favouring small k,
-the built-in sandwich rule (taken from the comparison), sandwich + in-place distillation, sandwich +
+the built-in sandwich rule (taken from the comparison), sandwich with 3 random k instead of 1, every k
+each step (the separate ViTs' compute), sandwich + in-place distillation, sandwich +
 one classifier per k, and sandwich starting from the separately trained k=3 ViT (DeiT-Ti-style init;
 it costs that ViT's training on top). One more run is not a HydraViT recipe: DynaBERT starting from, and
 distilled from, the separately trained k=12 ViT, i.e. with the trained teacher it is published with
@@ -62,6 +63,8 @@ VARIANTS: Dict[str, tuple] = {  # name -> (label, settings on top of the built-i
     'uniform': ('uniform (paper)', lambda cfg, _: replace(cfg, sampler='uniform')),
     'weighted': ('weighted 10:1 to small k', _weighted),
     'sandwich': ('sandwich (built-in)', None),  # the comparison's HydraViT run
+    'sandwich-3': ('sandwich, 3 random k', lambda cfg, _: replace(cfg, num_random=3)),
+    'all': ('all k each step', lambda cfg, _: replace(cfg, sampler='all')),
     'distill': ('sandwich + in-place distill', lambda cfg, _: replace(cfg, inplace_distill=True)),
     'separate-heads': ('sandwich + classifier per k', lambda cfg, _: replace(cfg, separate_heads=True)),
     'init-small': ('sandwich + init from separate k=3', _init_from_separate),
