@@ -1,6 +1,7 @@
 """Checkpoints are safe to load, self-describing, and rejected clearly when they are not HydraViT's."""
 import argparse
 import json
+import os
 
 import pytest
 import torch
@@ -96,3 +97,10 @@ def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path):
         atomic_write(target, failing)
     assert target.read_bytes() == b'old'
     assert [p.name for p in tmp_path.iterdir()] == ['f.bin']
+
+
+def test_atomic_write_gives_the_permissions_a_plain_write_would(tmp_path):
+    plain = tmp_path / 'plain.txt'
+    plain.write_text('x')
+    written = atomic_write(tmp_path / 'atomic.txt', lambda tmp: open(tmp, 'w').write('x'))
+    assert os.stat(written).st_mode & 0o777 == os.stat(plain).st_mode & 0o777  # not mkstemp's private 0600

@@ -38,6 +38,7 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); a plain open() would not
         write(tmp)
         with open(tmp, 'rb') as f:
             os.fsync(f.fileno())
@@ -46,6 +47,12 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_model(path: PathLike, model: HydraViT, metadata: Optional[Mapping[str, str]] = None) -> Path:
