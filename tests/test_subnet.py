@@ -9,15 +9,8 @@ from hydravit.costs import subnet_cost
 from hydravit.subnet import (CheckpointMismatchError, extract_subnet, inflate_state_dict, init_from_vit,
                              subnet_state_dict, subnet_vit_kwargs)
 
-CONFIGS = {
-    'default': dict(img_size=16, patch_size=4, in_chans=3, num_classes=7, num_heads=4, head_dim=8, depth=2),
-    'odd': dict(img_size=15, patch_size=5, in_chans=2, num_classes=5, num_heads=5, head_dim=6, depth=3,
-                mlp_ratio=2.5, qkv_bias=False),
-    'avg_no_cls': dict(img_size=12, patch_size=3, in_chans=1, num_classes=3, num_heads=3, head_dim=12, depth=2,
-                       mlp_ratio=3.0, class_token=False, global_pool='avg'),
-    'avg_cls': dict(img_size=12, patch_size=4, in_chans=3, num_classes=11, num_heads=6, head_dim=10, depth=1,
-                    global_pool='avg'),
-}
+from conftest import CONFIGS
+
 
 
 def make(name, randomize, **extra):
