@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from .checkpoint import (CheckpointError, atomic_write, load_config_and_state, load_model, load_state_dict_file,
-                         read_metadata)
+                         read_metadata, save_model)
 from .costs import subnet_cost
 from .methods import get_method
 from .model import HydraViT
@@ -664,7 +664,6 @@ class Trainer:
         Every rank measures its share of the same training images and the scores are summed across
         ranks, so all of them apply the same permutation.
         """
-        from .checkpoint import save_model
         from .importance import measure_importance, permutation_from_importance, permute_optimizer_state, \
             reorder_model
 
@@ -672,9 +671,7 @@ class Trainer:
         self.train_set.set_epoch(self.epoch)
         images = Subset(self.train_set, range(env.rank, min(cfg.importance_samples, len(self.train_set)),
                                               env.world_size))
-        batches = ((x.to(env.device), y.to(env.device))
-                   for x, y in rng_preserving(DataLoader(images, batch_size=cfg.batch_size)))
-        importance = measure_importance(self.model, batches)
+        importance = measure_importance(self.model, rng_preserving(DataLoader(images, batch_size=cfg.batch_size)))
         importance = replace(importance, **{f.name: _all_reduce_tensor(getattr(importance, f.name), env)
                                             for f in fields(importance)})
         perm = permutation_from_importance(importance)
@@ -765,7 +762,6 @@ class Trainer:
         if self.env.is_main:
             write_summary(self.out_dir / 'summary.csv', self.summary)
             if improved:
-                from .checkpoint import save_model
                 save_model(self.out_dir / 'model_best.safetensors', self.model, self._metadata())
                 if self.ema is not None:
                     save_model(self.out_dir / 'model_best_ema.safetensors', self.ema.module, self._metadata())
