@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from .methods import METHODS, get_method
+from .registry import create_model
 from .report import markdown_table, read_results, write_report, write_results
 from .sampling import create_sampler
 from .train import TrainConfig, train
@@ -107,8 +108,6 @@ def compare_methods(base: TrainConfig, methods: Sequence[str] = tuple(METHODS), 
     ``teacher_epochs`` is DynaBERT's full-width phase (default: see ``TrainConfig.dynabert_teacher_epochs``);
     ``bench`` goes to :func:`train_runs` (``benchmark``, ``bench_batch_size``, ``bench_seconds``, ``measure_memory``).
     """
-    from .registry import create_model
-
     for m in methods:
         get_method(m)
     out_dir = Path(out_dir)
