@@ -68,6 +68,8 @@ VARIANTS: Dict[str, tuple] = {  # name -> (label, settings on top of the built-i
     'distill': ('sandwich + in-place distill', lambda cfg, _: replace(cfg, inplace_distill=True)),
     'separate-heads': ('sandwich + classifier per k', lambda cfg, _: replace(cfg, separate_heads=True)),
     'init-small': ('sandwich + init from separate k=3', _init_from_separate),
+    'init-small-3': ('sandwich, 3 random k + init from separate k=3',
+                     lambda cfg, out: replace(_init_from_separate(cfg, out), num_random=3)),
     # not a HydraViT recipe: DynaBERT with the teacher it is published with (costs a full ViT training more)
     'dynabert-trained-teacher': ('DynaBERT, teacher = separate k=12', _dynabert_trained_teacher),
 }
