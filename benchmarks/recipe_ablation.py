@@ -10,7 +10,8 @@ Variants (``--variants`` picks some): the paper's uniform sampler, weighted samp
 the built-in sandwich rule (taken from the comparison), sandwich with 3 random k instead of 1, every k
 each step (the separate ViTs' compute), sandwich + in-place distillation, sandwich +
 one classifier per k, and sandwich starting from the separately trained k=3 ViT (DeiT-Ti-style init;
-it costs that ViT's training on top). One more run is not a HydraViT recipe: DynaBERT starting from, and
+it costs that ViT's training on top), or from the separately trained k=12 ViT (the paper's DeiT-B init).
+One more run is not a HydraViT recipe: DynaBERT starting from, and
 distilled from, the separately trained k=12 ViT, i.e. with the trained teacher it is published with
 (the comparison gives it only a quarter of the epochs for its teacher). Finished variants are reused; an
 interrupted one resumes.
@@ -54,6 +55,11 @@ def _init_from_separate(cfg: TrainConfig, compare_dir: Path) -> TrainConfig:
     return replace(cfg, initial_checkpoint=_separate_vit(compare_dir, widest=False))
 
 
+def _init_from_widest_separate(cfg: TrainConfig, compare_dir: Path) -> TrainConfig:
+    """Start from the separately trained full-width ViT (the paper's DeiT-B init; DynaBERT's starting point)."""
+    return replace(cfg, initial_checkpoint=_separate_vit(compare_dir, widest=True))
+
+
 def _dynabert_trained_teacher(cfg: TrainConfig, compare_dir: Path) -> TrainConfig:
     """DynaBERT as published: start from (and distil from) a fully trained full-width model."""
     return replace(cfg, method='dynabert', initial_checkpoint=_separate_vit(compare_dir, widest=True))
@@ -68,6 +74,7 @@ VARIANTS: Dict[str, tuple] = {  # name -> (label, settings on top of the built-i
     'distill': ('sandwich + in-place distill', lambda cfg, _: replace(cfg, inplace_distill=True)),
     'separate-heads': ('sandwich + classifier per k', lambda cfg, _: replace(cfg, separate_heads=True)),
     'init-small': ('sandwich + init from separate k=3', _init_from_separate),
+    'init-large': ('sandwich + init from separate k=12', _init_from_widest_separate),
     'init-small-3': ('sandwich, 3 random k + init from separate k=3',
                      lambda cfg, out: replace(_init_from_separate(cfg, out), num_random=3)),
     # not a HydraViT recipe: DynaBERT with the teacher it is published with (costs a full ViT training more)
