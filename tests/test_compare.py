@@ -128,6 +128,19 @@ def test_dynabert_trains_the_full_width_then_reorders_and_distils_every_k(tmp_pa
         torch.testing.assert_close(p.detach(), reference[n] - 0.1 * expected[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_a_run_stopped_before_its_first_checkpoint_starts_again_in_its_folder(tmp_path):
+    base = load_train_config(None)
+    (tmp_path / 'hydravit').mkdir()
+    (tmp_path / 'hydravit' / 'args.yaml').write_text('model: x\n')  # killed before epoch 0 ended
+    cfg = method_config(base, 'hydravit', tmp_path, [3, 12])
+    assert (cfg.resume, cfg.experiment) == (None, 'hydravit') and not (tmp_path / 'hydravit').exists()
+    (tmp_path / 'matformer').mkdir()
+    (tmp_path / 'matformer' / 'notes.txt').write_text('mine')
+    with pytest.raises(ValueError, match='no checkpoint'):
+        method_config(base, 'matformer', tmp_path, [3, 12])
+    assert (tmp_path / 'matformer' / 'notes.txt').read_text() == 'mine'
+
+
 # ------------------------------------------------------------------------------------------ comparison
 def test_gaps_at_equal_cost_interpolate_the_reference_and_never_extrapolate():
     hydra = [dict(k=1, gmacs=1.0, top1=60.0), dict(k=2, gmacs=3.0, top1=70.0), dict(k=3, gmacs=5.0, top1=74.0)]

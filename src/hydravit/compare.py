@@ -43,9 +43,20 @@ class Run:
 
 
 def run_config(cfg: TrainConfig, out_dir: Path, name: str) -> TrainConfig:
-    """``cfg`` writing to ``out_dir/name``, resuming the run found there if it was interrupted."""
+    """``cfg`` writing to ``out_dir/name``, resuming the run found there if it was interrupted.
+
+    A run stopped before its first checkpoint left only ``args.yaml``: it starts again in that folder
+    (the trainer would otherwise pick ``name-1``). Any other folder without a checkpoint is an error.
+    """
     folder = out_dir / name
     resume = str(folder) if (folder / STATE_FILE).is_file() else None
+    if resume is None and folder.is_dir() and not (folder / RESULTS_FILE).is_file():
+        leftovers = sorted(p.name for p in folder.iterdir())
+        if set(leftovers) - {'args.yaml'}:
+            raise ValueError(f'{folder} holds {leftovers} but no checkpoint ({STATE_FILE}) to resume from: '
+                             'move it away to train this run again')
+        (folder / 'args.yaml').unlink(missing_ok=True)
+        folder.rmdir()
     return replace(cfg, output=str(out_dir), experiment=name, resume=resume, report=False)
 
 
