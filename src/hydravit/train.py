@@ -384,7 +384,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> HydraViT:
 
 
 def load_initial_checkpoint(model: HydraViT, path: str) -> None:
-    """Start from a HydraViT checkpoint (same architecture) or a smaller timm ViT/DeiT (leading slices)."""
+    """Start from a HydraViT checkpoint (same architecture) or a timm ViT/DeiT of the same or a smaller width (leading slices)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f'--initial-checkpoint {path} does not exist')
     is_hydra = path.endswith('.safetensors') and 'hydravit_config' in read_metadata(path)

@@ -23,7 +23,7 @@ OPTIONS = [
     (('--data-dir',), {}, 'data root (default: the data set\'s standard location)'),
     (('--num-classes',), dict(type=int), 'number of classes (must match the data set)'),
     (('--img-size',), dict(type=int), 'input size (default: the model\'s)'),
-    (('--initial-checkpoint',), {}, 'start from a HydraViT .safetensors or a smaller timm ViT/DeiT state dict'),
+    (('--initial-checkpoint',), {}, 'start from a HydraViT .safetensors or a timm ViT/DeiT state dict of the same or a smaller width'),
     (('--separate-heads',), dict(action=BOOL), 'one classifier per k instead of the shared sliced head'),
     (('--max-train-samples',), dict(type=int), 'train on a subset of N images (quick runs)'),
     (('--max-val-samples',), dict(type=int), 'evaluate on a subset of N images'),
