@@ -20,8 +20,6 @@ from conftest import FMNIST, needs_fmnist
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
-
-
 def quick(tmp_path: Path, **overrides):
     base = dict(dataset='fashion-mnist', data_dir=str(FMNIST), max_train_samples=256, max_val_samples=128,
                 batch_size=32, heads=[2, 4], lr=3e-3, warmup_epochs=0, epochs=1, log_interval=1000,

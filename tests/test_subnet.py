@@ -12,7 +12,6 @@ from hydravit.subnet import (CheckpointMismatchError, extract_subnet, inflate_st
 from conftest import CONFIGS
 
 
-
 def make(name, randomize, **extra):
     model = randomize(HydraViT(**CONFIGS[name], **extra)).eval()
     x = torch.randn(3, model.config.in_chans, model.config.img_size, model.config.img_size,

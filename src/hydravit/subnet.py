@@ -81,7 +81,7 @@ def subnet_state_dict(
     if nesting == 'separate':
         return _member_state_dict(state_dict, k)
     shape = _shape_of(state_dict, k, head_dim, mlp_ratio, nesting)
-    sizes = {'channels': shape.embed_dim, 'heads': shape.embed_dim, 'neurons': shape.mlp_hidden}
+    sizes = {'channels': shape.embed_dim, 'heads': shape.num_heads * head_dim, 'neurons': shape.mlp_hidden}
     out: StateDict = {}
     for name, tensor in state_dict.items():
         separate = re.fullmatch(r'heads\.(\d+)\.(weight|bias)', name)

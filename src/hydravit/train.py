@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 from .checkpoint import (CheckpointError, atomic_write, load_config_and_state, load_model, load_state_dict_file,
                          read_metadata, save_model)
 from .costs import subnet_cost
+from .importance import measure_importance, permutation_from_importance, permute_optimizer_state, reorder_model
 from .methods import get_method
 from .model import HydraViT
 from .registry import create_model
@@ -664,9 +665,6 @@ class Trainer:
         Every rank measures its share of the same training images and the scores are summed across
         ranks, so all of them apply the same permutation.
         """
-        from .importance import measure_importance, permutation_from_importance, permute_optimizer_state, \
-            reorder_model
-
         cfg, env = self.cfg, self.env
         self.train_set.set_epoch(self.epoch)
         images = Subset(self.train_set, range(env.rank, min(cfg.importance_samples, len(self.train_set)),
