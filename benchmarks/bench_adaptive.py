@@ -17,11 +17,11 @@ import sys
 
 import torch
 
-from hydravit.adaptive import (AdaptivePredictor, LoadPhase, adaptive_policy, calibrate_latencies, fixed_k_policy,
+from hydravit.deployment.adaptive import (AdaptivePredictor, LoadPhase, adaptive_policy, calibrate_latencies, fixed_k_policy,
                                reexec_with_passive_omp, run_under_load, summarize)
-from hydravit.export import read_accuracy
-from hydravit.registry import create_model_or_load
-from hydravit.report import format_table
+from hydravit.storage.run_folder import read_accuracy
+from hydravit.storage.checkpoint import model_from_name_or_checkpoint
+from hydravit.storage.results import format_table
 
 # SPEC §4: ImageNet-1K top-1 (%) of HydraViT trained on 3-12 heads
 SPEC_IMAGENET_TOP1 = {3: 70.56, 4: 75.40, 5: 77.80, 6: 79.28, 7: 80.35, 8: 80.80, 9: 80.98, 10: 81.03, 11: 81.08,
@@ -58,7 +58,7 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    model = create_model_or_load(model_name=args.model, checkpoint=args.checkpoint).eval()
+    model = model_from_name_or_checkpoint(model_name=args.model, checkpoint=args.checkpoint).eval()
     c, ks = model.config, list(model.k_choices)
     x = torch.randn(args.batch_size, c.in_chans, c.img_size, c.img_size)
     base = calibrate_latencies(model, x, ks, repeats=5)

@@ -16,11 +16,11 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 
-from hydravit.checkpoint import save_model
-from hydravit.export import export_subnets
-from hydravit.registry import create_model
-from hydravit.report import format_table
-from hydravit.subnet import extract_subnet
+from hydravit.storage.checkpoint import save_model
+from hydravit.deployment.export import export_subnets
+from hydravit.models.factory import create_model
+from hydravit.storage.results import format_table
+from hydravit.models.subnet import extract_subnet
 
 
 def median_ms(fn, iters: int) -> float:

@@ -12,7 +12,7 @@ import timm
 import torch
 
 import hydravit  # noqa: F401  (registers the models)
-from hydravit.subnet import extract_subnet
+from hydravit.models.subnet import extract_subnet
 from paired_timing import print_ratios, timing_parser
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import hydravit  # noqa: F401  (registers the models)
-from hydravit.subnet import extract_subnet
+from hydravit.models.subnet import extract_subnet
 from paired_timing import print_ratios, timing_parser
 
 

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Tuple
 
 import torch
 
-from hydravit.benchmark import reexec_with_malloc_env
+from hydravit.evaluation.benchmark import reexec_with_malloc_env
 
 Step = Callable[[], object]
 

@@ -26,12 +26,12 @@ from typing import Callable, Dict
 import yaml
 from safetensors.torch import save_file
 
-from hydravit.checkpoint import load_model
-from hydravit.compare import Run, run_config, train_runs, write_comparison
-from hydravit.registry import create_model
-from hydravit.report import read_results
-from hydravit.subnet import model_subnet_state_dict
-from hydravit.train import TrainConfig, load_train_config
+from hydravit.storage.checkpoint import load_model
+from hydravit.training.compare import Run, run_config, train_runs, write_comparison
+from hydravit.models.factory import create_model
+from hydravit.storage.results import read_results
+from hydravit.models.subnet import model_subnet_state_dict
+from hydravit.training import TrainConfig, load_train_config
 
 Variant = Callable[[TrainConfig, Path], TrainConfig]
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hydravit import HydraViT
-from hydravit.adaptive import (AdaptivePredictor, LatencyController, LoadPhase, applied_load, run_under_load,
+from hydravit.deployment.adaptive import (AdaptivePredictor, LatencyController, LoadPhase, applied_load, run_under_load,
                                summarize)
 
 KS = list(range(3, 13))

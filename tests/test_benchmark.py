@@ -5,9 +5,9 @@ import timm
 import torch
 
 import hydravit  # noqa: F401
-from hydravit.benchmark import BENCH_MODES, benchmark_subnets, measure_switching, peak_memory_mb
+from hydravit.evaluation.benchmark import BENCH_MODES, benchmark_subnets, measure_switching, peak_memory_mb
 from hydravit.cli import main
-from hydravit.costs import subnet_cost
+from hydravit.models.costs import subnet_cost
 
 SCHEMA = ['k', 'mode', 'infer_samples_per_sec', 'infer_batch_size', 'infer_latency_ms', 'infer_latency_ms_p10',
           'infer_latency_ms_p90', 'train_samples_per_sec', 'peak_mem_mb', 'param_count', 'gmacs',

@@ -2,18 +2,24 @@
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 
-from hydravit.checkpoint import load_model
-from hydravit.compare import compare_methods, gaps_at_equal_cost, gaps_at_equal_k, method_config
-from hydravit.costs import subnet_cost
-from hydravit.methods import METHODS
-from hydravit.separate import SeparateViTs
-from hydravit.subnet import extract_subnet
-from hydravit.train import TEACHER_FILE, DistEnv, Trainer, load_train_config, train
+from hydravit.storage.checkpoint import load_model
+from hydravit.training.compare import compare_methods, gaps_at_equal_cost, gaps_at_equal_k, method_config
+from hydravit.models.costs import subnet_cost
+from hydravit.training.methods import METHODS
+from hydravit.models.separate import SeparateViTs
+from hydravit.models.subnet import extract_subnet
+from hydravit.training.distributed import DistEnv
+from hydravit.training.methods import CompareOptions, DynaBERT
+from hydravit.training.recipe import load_train_config
+from hydravit.training.trainer import Trainer, train
+
+TEACHER_FILE = 'teacher.safetensors'
 
 from conftest import FMNIST, needs_fmnist
 
@@ -54,17 +60,17 @@ def test_a_method_brings_its_update_scheme_and_rejects_what_it_cannot_honour():
     ]:
         with pytest.raises(ValueError, match=message):
             load_train_config(None, **overrides)
-    assert load_train_config(None, method='dynabert', epochs=8).dynabert_teacher_epochs == 2
-    assert load_train_config(None, method='dynabert', initial_checkpoint='x.pth').dynabert_teacher_epochs == 0
+    assert DynaBERT.teacher_epochs(load_train_config(None, method='dynabert', epochs=8)) == 2
+    assert DynaBERT.teacher_epochs(load_train_config(None, method='dynabert', initial_checkpoint='x.pth')) == 0
 
 
 def test_sortednet_in_a_comparison_draws_as_many_subnets_per_step_as_the_recipe(tmp_path):
     base = load_train_config(None, sampler='sandwich', num_random=2, heads=[3, 6, 9, 12])
-    cfg = method_config(base, 'sortednet', tmp_path, base.heads)
+    cfg = method_config(base, 'sortednet', tmp_path, CompareOptions(base.heads))
     assert (cfg.sampler, cfg.num_random, cfg.method) == ('random', 4, 'sortednet')
-    assert method_config(base, 'separate', tmp_path, base.heads).sampler == 'all'
-    assert method_config(base, 'matformer', tmp_path, base.heads).sampler == 'sandwich'
-    assert method_config(base, 'hydravit', tmp_path, base.heads).output == str(tmp_path)
+    assert method_config(base, 'separate', tmp_path, CompareOptions(base.heads)).sampler == 'all'
+    assert method_config(base, 'matformer', tmp_path, CompareOptions(base.heads)).sampler == 'sandwich'
+    assert method_config(base, 'hydravit', tmp_path, CompareOptions(base.heads)).output == str(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -97,22 +103,23 @@ def test_dynabert_trains_the_full_width_then_reorders_and_distils_every_k(tmp_pa
     trainer = Trainer(cfg, DistEnv(), datasets=(data, data))
     randomize(trainer.model)
     model = trainer.model
-    trainer.out_dir.mkdir(parents=True)
-    assert trainer._ks_for_step(0) == [4] and trainer.teacher is None  # phase 1: the full width only
+    trainer.out_dir.mkdir(parents=True, exist_ok=True)
+    # phase 1: the full width only
+    assert trainer.method.ks_for_step(trainer, 0) == [4] and trainer.method.teacher is None
     x = data.tensors[0][:8]
     with torch.no_grad():
         before = model(x)
     trainer.epoch = 1
-    trainer._start_width_adaptive()
+    trainer.method.on_epoch_start(trainer)
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)  # reordering keeps the function
-        torch.testing.assert_close(trainer.teacher(x), before, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(trainer.method.teacher(x), before, rtol=1e-5, atol=1e-5)
     assert load_model(tmp_path / 'run' / TEACHER_FILE).config.nesting == 'dynabert'
-    assert not any(p.requires_grad for p in trainer.teacher.parameters())
+    assert not any(p.requires_grad for p in trainer.method.teacher.parameters())
     # phase 2: every k of the step learns from the frozen teacher's soft labels, gradients summed
     reference = {n: p.detach().clone() for n, p in model.named_parameters()}
     images, target = x, data.tensors[1][:8]
-    soft = torch.softmax(trainer.teacher(images), dim=-1).detach()
+    soft = torch.softmax(trainer.method.teacher(images), dim=-1).detach()
     expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     for k in (4, 2):
         model.zero_grad()
@@ -130,12 +137,12 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again_in_its_folder(tm
     base = load_train_config(None)
     (tmp_path / 'hydravit').mkdir()
     (tmp_path / 'hydravit' / 'args.yaml').write_text('model: x\n')  # killed before epoch 0 ended
-    cfg = method_config(base, 'hydravit', tmp_path, [3, 12])
+    cfg = method_config(base, 'hydravit', tmp_path, CompareOptions([3, 12]))
     assert (cfg.resume, cfg.experiment) == (None, 'hydravit') and not (tmp_path / 'hydravit').exists()
     (tmp_path / 'matformer').mkdir()
     (tmp_path / 'matformer' / 'notes.txt').write_text('mine')
     with pytest.raises(ValueError, match='no checkpoint'):
-        method_config(base, 'matformer', tmp_path, [3, 12])
+        method_config(base, 'matformer', tmp_path, CompareOptions([3, 12]))
     assert (tmp_path / 'matformer' / 'notes.txt').read_text() == 'mine'
 
 
@@ -153,7 +160,7 @@ def test_gaps_at_equal_cost_interpolate_the_reference_and_never_extrapolate():
 
 
 @needs_fmnist
-def test_compare_trains_every_method_alike_and_reports_them_on_one_plot(tmp_path, capsys):
+def test_compare_trains_every_method_alike_and_reports_them_on_one_plot(tmp_path, caplog):
     base = quick(tmp_path, max_train_samples=128, max_val_samples=64, heads=[2, 12])
     out = tmp_path / 'compare'
     runs = compare_methods(base, list(METHODS), out, bench_batch_size=8, bench_seconds=0.01)
@@ -175,7 +182,8 @@ def test_compare_trains_every_method_alike_and_reports_them_on_one_plot(tmp_path
         assert heading in text, heading
     # run again: finished methods are reused, not retrained
     stamp = (out / 'separate' / 'last.safetensors').stat().st_mtime_ns
-    capsys.readouterr()
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger='hydravit')
     compare_methods(base, ['separate'], out, benchmark=False)
-    assert 'finished earlier' in capsys.readouterr().out
+    assert any('finished earlier' in m for m in caplog.messages)
     assert (out / 'separate' / 'last.safetensors').stat().st_mtime_ns == stamp

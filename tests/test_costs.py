@@ -5,9 +5,9 @@ import pytest
 import timm
 
 import hydravit  # noqa: F401  (registers the models)
-from hydravit.checkpoint import save_model
+from hydravit.storage.checkpoint import save_model
 from hydravit.cli import main as cli_main
-from hydravit.costs import cost_table
+from hydravit.models.costs import cost_table
 
 # SPEC §4 (the paper's Table): k -> (params in M, GMACs) of hydravit_base_patch16_224
 PAPER = {3: (5.717, 1.254), 4: (9.982, 2.136), 5: (15.427, 3.251), 6: (22.051, 4.599), 7: (29.854, 6.179),
@@ -27,7 +27,7 @@ def test_base_model_reproduces_the_papers_table_and_the_deits():
 def test_info_prints_every_k_for_a_model_or_another_nesting(capsys):
     assert cli_main(['info', '--model', 'hydravit_base_patch16_224', '--format', 'json']) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [(r['k'], r['params_m'], r['gmacs']) for r in rows] == [(k, *PAPER[k]) for k in sorted(PAPER)]
+    assert [(r['k'], round(r['param_count'], 3), round(r['gmacs'], 3)) for r in rows] == [(k, *PAPER[k]) for k in sorted(PAPER)]
     assert cli_main(['info', '--model', 'hydravit_base_patch16_224', '--nesting', 'matformer', '--k', '3', '12']) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[1].split() == ['3', '768', '12', '768', '44.073', '9.198']  # full attention, MLP 768

@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import hydravit  # noqa: F401
-from hydravit.checkpoint import CheckpointError, save_model
-from hydravit.evaluate import (add_costs, evaluate_dataset, evaluate_subnets, label_map, load_for_eval,
-                               resolve_checkpoint)
-from hydravit.costs import subnet_cost
+from hydravit.storage.checkpoint import CheckpointError, save_model
+from hydravit.evaluation.evaluate import evaluate_dataset, evaluate_subnets, label_map, load_for_eval
+from hydravit.models.costs import add_costs
+from hydravit.storage.run_folder import resolve_checkpoint
+from hydravit.models.costs import subnet_cost
 
 
 class LogitsModel(nn.Module):
@@ -208,7 +209,7 @@ def test_evaluate_dataset_scores_a_class_subset_like_imagenet_r(randomize):
 
 def test_eval_cli_end_to_end_with_report(tmp_path, monkeypatch, randomize):
     from hydravit.cli import eval as eval_cli, main
-    from hydravit.report import read_results
+    from hydravit.storage.results import read_results
     model = randomize(timm.create_model('hydravit_test_patch4_16', k_choices=(2, 3, 4)), seed=6)
     run = tmp_path / 'run1'
     save_model(run / 'model_best.safetensors', model)
@@ -241,7 +242,7 @@ def test_eval_cli_end_to_end_with_report(tmp_path, monkeypatch, randomize):
 
 def test_eval_cli_extracted_mode_scores_an_untrained_k_too(tmp_path, monkeypatch, randomize):
     from hydravit.cli import eval as eval_cli, main
-    from hydravit.report import read_results
+    from hydravit.storage.results import read_results
     model = randomize(timm.create_model('hydravit_test_patch4_16', k_choices=(2, 4)), seed=3).eval()
     path = save_model(tmp_path / 'm.safetensors', model)
     g = torch.Generator().manual_seed(8)
@@ -275,7 +276,7 @@ def test_eval_cli_on_imagefolder_class_subsets(tmp_path, randomize, capsys):
     from timm.data import resolve_data_config
     from hydravit.cli import main
     from hydravit.data import build_transform, load_dataset
-    from hydravit.report import read_results
+    from hydravit.storage.results import read_results
     names = [f'class{i}' for i in range(10)]
     model = randomize(timm.create_model('hydravit_test_patch4_16'), seed=8).eval()
     path = save_model(tmp_path / 'm.safetensors', model, {'class_names': json.dumps(names)})

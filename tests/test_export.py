@@ -9,12 +9,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
-from hydravit.checkpoint import save_model
+from hydravit.storage.checkpoint import save_model
 from hydravit.cli import main
-from hydravit.costs import subnet_cost
-from hydravit.export import ExportError, export_subnets, file_sha256, preprocessing_config
-from hydravit.model import HydraViT
-from hydravit.registry import create_model
+from hydravit.models.costs import subnet_cost
+from hydravit.deployment.export import ExportError, export_subnets, file_sha256
+from hydravit.storage.run_folder import preprocessing_config
+from hydravit.models import HydraViT
+from hydravit.models.factory import create_model
 
 TRAIN_CFG = dict(mean=[0.1, 0.2, 0.3], std=[0.5, 0.6, 0.7], interpolation='bilinear', crop_pct=0.9,
                  input_size=[3, 16, 16])
@@ -54,7 +55,7 @@ def test_timm_folder_loads_with_local_dir_and_matches(checkpoint, tmp_path):
         info = json.loads((out / f'k{k}' / 'hydravit.json').read_text())
         assert info['k'] == k and info['parent_sha256'] == file_sha256(path)
         assert info['metrics']['top1'] == pytest.approx(50.0 + k)
-        assert info['metrics']['params'] == subnet_cost(model.config, k).params
+        assert info['metrics']['param_count'] == pytest.approx(subnet_cost(model.config, k).params / 1e6, rel=1e-12)
         assert info['metrics']['gmacs'] == pytest.approx(subnet_cost(model.config, k).gmacs)  # not rounded to 0
     assert [r['k'] for r in index] == [2, 4]
     on_disk = json.loads((out / 'index.json').read_text())
@@ -146,8 +147,8 @@ def test_existing_output_needs_overwrite(checkpoint, tmp_path, capsys):
 
 
 def test_read_accuracy_uses_ema_columns_for_an_ema_checkpoint(tmp_path):
-    from hydravit.export import read_accuracy
-    from hydravit.report import write_results
+    from hydravit.storage.run_folder import read_accuracy
+    from hydravit.storage.results import write_results
     write_results([dict(k=3, top1=70.0, ema_top1=72.0, mode='sliced'), dict(k=3, top1=1.0, mode='extracted'),
                    dict(k=6, top1=75.0, ema_top1=None, mode='sliced')], tmp_path, 'results', verbose=False)
     assert read_accuracy(tmp_path / 'last.safetensors')[3]['top1'] == 70.0

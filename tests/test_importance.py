@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 import hydravit  # noqa: F401  (registers the timm models)
 from hydravit import HydraViT
-from hydravit.importance import (Importance, Permutation, importance_from_gradients, measure_importance,
+from hydravit.training.importance import (Importance, Permutation, importance_from_gradients, measure_importance,
                                  permutation_from_importance, permute_optimizer_state, permute_state_dict,
                                  reorder_by_importance, reorder_model)
-from hydravit.separate import SeparateViTs
+from hydravit.models.separate import SeparateViTs
 
 BASE = dict(img_size=16, patch_size=4, in_chans=3, num_classes=7, depth=2)
 CONFIGS = {

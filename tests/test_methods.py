@@ -7,11 +7,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import hydravit  # noqa: F401  (registers the models)
 from hydravit import HydraViT, HydraViTConfig
-from hydravit.checkpoint import load_model, save_model
-from hydravit.costs import subnet_cost
-from hydravit.model import NESTINGS, model_from_config
-from hydravit.separate import SeparateViTs
-from hydravit.subnet import (CheckpointMismatchError, extract_subnet, inflate_state_dict, init_from_vit,
+from hydravit.storage.checkpoint import load_model, save_model
+from hydravit.models.costs import subnet_cost
+from hydravit.models import NESTINGS, model_from_config
+from hydravit.models.separate import SeparateViTs
+from hydravit.models.subnet import (CheckpointMismatchError, extract_subnet, inflate_state_dict, init_from_vit,
                              model_subnet_state_dict, subnet_vit_kwargs)
 
 from conftest import CONFIGS

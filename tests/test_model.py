@@ -4,7 +4,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hydravit import HydraViT
-from hydravit.subnet import subnet_state_dict
+from hydravit.models.subnet import subnet_state_dict
 
 TINY = dict(img_size=16, patch_size=4, in_chans=3, num_classes=5, num_heads=4, head_dim=8, depth=2)
 

@@ -1,10 +1,11 @@
+import logging
 import struct
 
 import pytest
 
 from hydravit.cli import main
-from hydravit.report import (join_results, plot_accuracy, read_results, result_label, write_report,
-                             write_results)
+from hydravit.evaluation.report import join_results, plot_accuracy, write_report
+from hydravit.storage.results import read_results, result_label, write_results
 
 
 def png_size(path):
@@ -25,7 +26,8 @@ def bench_rows():
 
 
 @pytest.mark.parametrize('fmt', ['csv', 'json'])
-def test_results_round_trip(tmp_path, fmt, capsys):
+def test_results_round_trip(tmp_path, fmt, caplog):
+    caplog.set_level(logging.INFO, logger='hydravit')
     rows = eval_rows() + [dict(k=1, top1=1 / 3, note='x', extra=None)]
     path = write_results(rows, tmp_path, 'eval', fmt)
     assert path == tmp_path / f'eval.{fmt}'
@@ -33,7 +35,7 @@ def test_results_round_trip(tmp_path, fmt, capsys):
     assert [r['k'] for r in back] == [3, 6, 12, 1]
     assert back[0]['top1'] == pytest.approx(69.0) and back[3]['top1'] == pytest.approx(1 / 3, rel=1e-5)
     assert back[3]['note'] == 'x' and back[3]['extra'] is None
-    printed = capsys.readouterr().out.splitlines()
+    printed = caplog.messages[-1].splitlines()
     assert printed[0].split()[:3] == ['k', 'top1', 'top1_err'] and len(printed) == 5
     with pytest.raises(ValueError, match='csv'):
         write_results(rows, tmp_path, 'eval', 'xml')
@@ -43,7 +45,7 @@ def test_join_takes_the_sliced_benchmark_rows():
     joined = join_results(eval_rows(), bench_rows())
     assert [r['infer_samples_per_sec'] for r in joined] == [1000 / 3, 1000 / 6, 1000 / 12]
     assert joined[1]['peak_mem_mb'] == 16.0 and joined[1]['top1'] == 78.0
-    trainer_rows = [dict(k=3, params_m=1.5, top1=50.0)]  # the trainer's results.csv names params params_m
+    trainer_rows = [dict(k=3, param_count=1.5, top1=50.0)]  # an eval row's own size wins over the benchmark's
     assert join_results(trainer_rows, bench_rows())[0]['param_count'] == 1.5
 
 

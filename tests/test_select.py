@@ -2,12 +2,12 @@
 
 import pytest
 
-from hydravit.checkpoint import save_model
+from hydravit.storage.checkpoint import save_model
 from hydravit.cli import main
-from hydravit.costs import subnet_cost
-from hydravit.registry import create_model
-from hydravit.report import write_results
-from hydravit.selection import (Budget, NoSubnetworkFits, analytic_table, benchmark_table, merge_accuracy,
+from hydravit.models.costs import subnet_cost
+from hydravit.models.factory import create_model
+from hydravit.storage.results import write_results
+from hydravit.deployment.selection import (Budget, NoSubnetworkFits, analytic_table, benchmark_table, merge_accuracy,
                                 select_subnet)
 
 

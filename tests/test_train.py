@@ -16,12 +16,15 @@ import torch
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
-from hydravit.checkpoint import load_model, read_metadata, save_model
+from hydravit.storage.checkpoint import load_model, read_metadata, save_model
 from hydravit.cli import main as cli_main
-from hydravit.registry import create_model
-from hydravit.subnet import extract_subnet
-from hydravit.train import build_model, effective_lr, load_train_config, train
-from hydravit.train_state import STATE_FILE
+from hydravit.models.factory import create_model
+from hydravit.models.subnet import extract_subnet
+from hydravit.training.config import effective_lr
+from hydravit.training.model_setup import build_model
+from hydravit.training.recipe import load_train_config
+from hydravit.training.trainer import train
+from hydravit.storage.run_folder import STATE_FILE
 
 from conftest import FMNIST, needs_fmnist
 
@@ -61,7 +64,7 @@ def read_csv(path: Path):
 
 # ------------------------------------------------------------------------------------------ sampling
 def test_every_rank_draws_the_same_k_unless_asked_otherwise():
-    from hydravit.sampling import SAMPLERS, create_sampler
+    from hydravit.training.samplers import SAMPLERS, create_sampler
 
     ks = list(range(3, 13))
     for name in SAMPLERS:
@@ -92,7 +95,7 @@ def test_loss_decreases_and_run_folder_has_timm_layout(tmp_path):
         assert column in summary[0], column
     results = read_csv(out / 'results.csv')
     assert [int(r['k']) for r in results] == [2, 4]
-    assert {'embed_dim', 'params_m', 'gmacs', 'top1', 'top5', 'loss', 'ema_top1'} <= set(results[0])
+    assert {'embed_dim', 'param_count', 'gmacs', 'top1', 'top5', 'loss', 'ema_top1'} <= set(results[0])
     assert float(results[0]['gmacs']) < float(results[1]['gmacs'])
     for name in ('args.yaml', 'last.safetensors', 'last_ema.safetensors', STATE_FILE, 'model_best.safetensors',
                  'accuracy_vs_gmacs.png'):
@@ -178,10 +181,10 @@ def test_two_process_gloo_run_keeps_replicas_identical(tmp_path, method):
     assert state['num_updates'] == 2  # 256 images / (2 processes x 32) = 4 batches, 2 per update
     assert not list(tmp_path.glob('ddp-*')), 'only rank 0 may create the run folder'
     # metrics are reduced over both processes' halves of the validation set: one process scoring all of it agrees
-    from hydravit.evaluate import evaluate_subnets
-    from hydravit.train import _data_config, build_datasets
+    from hydravit.evaluation.evaluate import evaluate_subnets
+    from hydravit.training.loaders import build_datasets, run_data_config
     cfg = load_train_config(run / 'args.yaml')
-    _, val_set = build_datasets(cfg, _data_config(cfg))
+    _, val_set = build_datasets(cfg, run_data_config(cfg))
     loader = torch.utils.data.DataLoader(val_set, batch_size=64)
     single = evaluate_subnets(load_model(run / 'last.safetensors'), loader, [2, 3, 4])
     reduced = read_csv(run / 'results.csv')
@@ -299,7 +302,8 @@ class _Tensors(torch.utils.data.TensorDataset):
 
 @pytest.mark.parametrize('distill', [False, True])
 def test_several_k_per_step_accumulate_gradients_into_one_optimizer_step(tmp_path, randomize, distill):
-    from hydravit.train import DistEnv, Trainer
+    from hydravit.training.distributed import DistEnv
+    from hydravit.training.trainer import Trainer
 
     g = torch.Generator().manual_seed(0)
     data = _Tensors(torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g))

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
-from typing import List, Optional
+from contextlib import contextmanager
+from typing import Iterator, List, Optional
 
+LOG_LEVELS = ('DEBUG', 'INFO', 'WARNING', 'ERROR')
 # subcommand -> module defining ``add_parser(subparsers)`` and ``run(args) -> int``
 COMMANDS = {
     'info': 'hydravit.cli.info',
@@ -32,6 +36,12 @@ def add_model_source(parser: argparse.ArgumentParser, default_model: Optional[st
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='hydravit', description='HydraViT: one ViT checkpoint, a working subnetwork for every k heads.')
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument('-v', '--verbose', action='store_const', dest='log_level', const='DEBUG',
+                           help='also print debug messages')
+    verbosity.add_argument('-q', '--quiet', action='store_const', dest='log_level', const='WARNING',
+                           help='print only warnings and errors')
+    verbosity.add_argument('--log-level', choices=LOG_LEVELS, help='message level (default: INFO)')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
@@ -39,11 +49,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _BelowWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+
+@contextmanager
+def console_logging(level: str) -> Iterator[None]:
+    """Messages of the ``hydravit`` loggers on the console for one command: results and progress on stdout,
+    warnings and errors on stderr; only rank 0 of a multi-process run prints below WARNING. The
+    logger is restored afterwards, so calling :func:`main` from Python leaves no handlers behind."""
+    logger = logging.getLogger('hydravit')
+    saved = (logger.level, logger.propagate, list(logger.handlers))
+    out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+    out.addFilter(_BelowWarning())
+    err.setLevel(logging.WARNING)
+    for handler in (out, err):
+        handler.setFormatter(logging.Formatter('%(message)s'))
+    rank = int(os.environ.get('RANK', '0'))
+    logger.handlers = [out, err]
+    logger.setLevel(level if rank == 0 else max(logging.getLevelName(level), logging.WARNING))
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        for handler in (out, err):
+            handler.flush()
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        logger.handlers = saved[2]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        print(f'hydravit {args.command}: error: {e}', file=sys.stderr)
-        return 2
+    with console_logging(args.log_level or 'INFO'):
+        try:
+            return int(args._run(args) or 0)
+        except (ValueError, FileNotFoundError) as e:
+            logging.getLogger('hydravit').error('hydravit %s: error: %s', args.command, e)
+            return 2

@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 import torch
 
 from . import add_model_source
-from ..adaptive import (DEFAULT_PHASES, AdaptivePredictor, LoadPhase, adaptive_policy, calibrate_latencies,
+from ..deployment.adaptive import (DEFAULT_PHASES, AdaptivePredictor, LoadPhase, adaptive_policy, calibrate_latencies,
                         fixed_k_policy, reexec_with_passive_omp, run_under_load, summarize)
-from ..export import read_accuracy
-from ..registry import create_model_or_load
-from ..report import format_table
+from ..storage.checkpoint import model_from_name_or_checkpoint
+from ..storage.results import format_table
+from ..storage.run_folder import read_accuracy
+
+logger = logging.getLogger(__name__)
 
 AUTO_TARGET_SLACK = 1.1  # auto target: the largest k fits (within up_fraction) when the machine is as calibrated
 
@@ -42,14 +45,14 @@ def run(args: argparse.Namespace) -> int:
         reexec_with_passive_omp(['-c', 'import sys; from hydravit.cli import main; sys.exit(main())', *sys.argv[1:]])
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = create_model_or_load(model_name=args.model, checkpoint=args.checkpoint).eval()
+    model = model_from_name_or_checkpoint(model_name=args.model, checkpoint=args.checkpoint).eval()
     c = model.config
     x = torch.randn(args.batch_size, c.in_chans, c.img_size, c.img_size)
     ks = list(model.k_choices)
     base = calibrate_latencies(model, x, ks)
     target = args.target_ms or max(base.values()) / 0.7 * AUTO_TARGET_SLACK
-    print('calibrated ms per batch: ' + ', '.join(f'k{k}={v:.1f}' for k, v in base.items()))
-    print(f'target {target:.1f} ms per batch of {args.batch_size}')
+    logger.info('calibrated ms per batch: ' + ', '.join(f'k{k}={v:.1f}' for k, v in base.items()))
+    logger.info(f'target {target:.1f} ms per batch of {args.batch_size}')
     policies = {'adaptive': adaptive_policy(AdaptivePredictor(model, target, base_latency_ms=base))}
     if args.compare:
         policies.update({f'always k={k}': fixed_k_policy(model, k) for k in (ks[-1], ks[0])})
@@ -57,5 +60,5 @@ def run(args: argparse.Namespace) -> int:
     records = run_under_load(policies, x, phases, args.batches)
     accuracy = read_accuracy(args.checkpoint, args.results) if (args.checkpoint or args.results) else {}
     rows = summarize(records, target, {k: v['top1'] for k, v in accuracy.items() if 'top1' in v} or None)
-    print(format_table(rows))
+    logger.info(format_table(rows))
     return 0

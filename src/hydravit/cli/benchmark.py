@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import sys
 from collections import defaultdict
@@ -10,10 +11,13 @@ from pathlib import Path
 import torch
 
 from . import add_model_source
-from ..benchmark import BENCH_MODES, benchmark_subnets, measure_switching, reexec_with_malloc_env
-from ..model import HydraViT, model_from_config
-from ..registry import create_model_or_load
-from ..report import RESULT_FORMATS, format_table, write_results
+from ..evaluation.benchmark import BENCH_MODES, benchmark_subnets, measure_switching, reexec_with_malloc_env
+from ..models.factory import UniversalModel, model_from_config
+from ..models.kchoices import check_k_choices
+from ..storage.checkpoint import model_from_name_or_checkpoint
+from ..storage.results import RESULT_FORMATS, format_table, results_format, write_results
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -49,11 +53,11 @@ def print_ratios(rows: list) -> None:
         return
     table = [dict(k=k, **{f'{m}/timm': v / modes['timm'] for m, v in modes.items() if m != 'timm'})
              for k, modes in by_k.items()]
-    print('\nthroughput ratios (same run):')
-    print(format_table(table))
+    logger.info('\nthroughput ratios (same run):')
+    logger.info(format_table(table))
     for col in [c for c in table[0] if c != 'k']:
         values = [t[col] for t in table]
-        print(f'{col}: min {min(values):.3f}, median {statistics.median(values):.3f}')
+        logger.info(f'{col}: min {min(values):.3f}, median {statistics.median(values):.3f}')
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,11 +69,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError('--device cuda requested but CUDA is not available')
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = create_model_or_load(model_name=args.model, checkpoint=args.checkpoint)
+    model = model_from_name_or_checkpoint(model_name=args.model, checkpoint=args.checkpoint)
     if args.k:
         model = _with_ks(model, args.k)
     name = args.checkpoint or args.model
-    print(f'{name}: batch {args.batch_size}, {device}, fp32, {torch.get_num_threads()} threads, '
+    logger.info(f'{name}: batch {args.batch_size}, {device}, fp32, {torch.get_num_threads()} threads, '
           f'{args.rounds} rounds, median')
     rows = benchmark_subnets(model, args.k, modes=args.modes, batch_size=args.batch_size, device=device,
                              rounds=args.rounds, min_seconds=args.min_seconds, latency_iters=args.latency_iters,
@@ -80,12 +84,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_ks(model: HydraViT, ks: list) -> HydraViT:
+def _with_ks(model: UniversalModel, ks: list) -> UniversalModel:
     """Allow any k within 1..H for benchmarking (speed does not depend on whether k was trained)."""
     h = model.config.num_heads
-    bad = [k for k in ks if not 1 <= k <= h]
-    if bad:
-        raise ValueError(f'k {bad} outside 1..{h} (num_heads)')
+    check_k_choices(ks, h, what='--k')
     if all(k in model.k_choices for k in ks) or model.config.trained_k_only:
         return model
     wide = model_from_config(model.config, k_choices=tuple(range(1, h + 1)))
@@ -98,16 +100,16 @@ def _with_ks(model: HydraViT, ks: list) -> HydraViT:
 def _output(args: argparse.Namespace, rows: list, switching) -> None:
     if args.results_file:
         path = Path(args.results_file)
-        fmt = args.results_format or (path.suffix[1:] if path.suffix[1:] in RESULT_FORMATS else 'csv')
-        print(f'\nper k and mode -> {write_results(rows, path.parent, path.stem, fmt)}')
+        fmt = results_format(path, args.results_format)
+        logger.info(f'\nper k and mode -> {write_results(rows, path.parent, path.stem, fmt)}')
         if switching:
-            print(f'\nswitching vs loading -> {write_results(switching, path.parent, path.stem + "_switching", fmt)}')
+            logger.info(f'\nswitching vs loading -> {write_results(switching, path.parent, path.stem + "_switching", fmt)}')
     else:
-        print(format_table(rows))
+        logger.info(format_table(rows))
         if switching:
-            print('\nswitching vs loading:')
-            print(format_table(switching))
+            logger.info('\nswitching vs loading:')
+            logger.info(format_table(switching))
     print_ratios(rows)
     if switching:
         ratios = [s['load_vs_switch'] for s in switching]
-        print(f'load/switch: min {min(ratios):.0f}x, median {statistics.median(ratios):.0f}x')
+        logger.info(f'load/switch: min {min(ratios):.0f}x, median {statistics.median(ratios):.0f}x')

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 
 from .train import OPTIONS, SUPPRESS, config_from_args
-from ..compare import compare_methods
-from ..methods import METHODS
+from ..training.compare import compare_methods
+from ..training.methods import METHODS
 
 # train flags that name one run: a comparison sets them per method
 PER_RUN_FLAGS = ('--method', '--experiment', '--resume', '--output', '--report')

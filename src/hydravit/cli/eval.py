@@ -2,16 +2,23 @@
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 from timm.data import resolve_data_config
 
-from ..checkpoint import read_metadata
-from ..evaluate import EVAL_MODES, evaluate_dataset, load_for_eval, resolve_checkpoint
-from ..report import RESULT_FORMATS, format_table, write_report, write_results
+from ..data.datasets import load_dataset
+from ..data.transforms import build_transform
+from ..evaluation.benchmark import benchmark_subnets
+from ..evaluation.evaluate import EVAL_MODES, evaluate_dataset, load_for_eval
+from ..evaluation.report import write_report
+from ..models.kchoices import parse_ks
+from ..storage.results import RESULT_FORMATS, format_table, results_format, write_results
+from ..storage.run_folder import resolve_checkpoint, training_metadata
+
+logger = logging.getLogger(__name__)
 
 COLUMNS = ('k', 'top1', 'top1_err', 'top5', 'top5_err', 'loss', 'param_count', 'gmacs', 'img_size', 'crop_pct',
            'interpolation', 'mode', 'num_samples', 'num_classes_scored', 'checkpoint')
@@ -50,27 +57,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def parse_ks(values: List[str]) -> Optional[List[int]]:
-    if values == ['all']:
-        return None
-    try:
-        return [int(v) for v in values]
-    except ValueError:
-        raise ValueError(f"--k takes 'all' or integers, got {values}") from None
-
-
-def _training_metadata(path: Path) -> Dict[str, Any]:
-    """Class names and training data settings the trainer stores in checkpoint metadata ({} if none)."""
-    meta = read_metadata(path)
-    train_config = json.loads(meta.get('train_config') or '{}') or {}
-    return dict(class_names=json.loads(meta.get('class_names') or 'null'), dataset=train_config.get('dataset'),
-                data_dir=train_config.get('data_dir'))
-
-
 def build_eval_dataset(model: torch.nn.Module, args: argparse.Namespace, class_names: Optional[List[str]]):
     """The data set with the model's eval transform (pretrained_cfg via timm's resolve_data_config)."""
-    from ..data import build_transform, load_dataset  # imported here: data sets are only needed by eval
-
     data_config = resolve_data_config({}, model=model)
     return load_dataset(args.dataset, args.data_dir, split=args.split,
                         transform=build_transform(data_config, is_training=False), max_samples=args.max_samples,
@@ -80,7 +68,7 @@ def build_eval_dataset(model: torch.nn.Module, args: argparse.Namespace, class_n
 def run(args: argparse.Namespace) -> int:
     path = resolve_checkpoint(args.checkpoint, args.use_ema)
     model, ks = load_for_eval(path, parse_ks(args.k), args.model)
-    trained = _training_metadata(path)
+    trained = training_metadata(path)
     if args.dataset is None:
         args.dataset, args.data_dir = trained['dataset'] or 'fashion-mnist', args.data_dir or trained['data_dir']
     dataset = build_eval_dataset(model, args, trained['class_names'])
@@ -88,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
                             device=args.device, amp_dtype=AMP_DTYPES.get(args.amp_dtype), mode=args.mode)
     scored = rows[0]['num_classes_scored']
     if scored < model.num_classes:
-        print(f'{scored} of {model.num_classes} classes present: logits restricted to them')
+        logger.info(f'{scored} of {model.num_classes} classes present: logits restricted to them')
     rows = [{c: {**r, 'checkpoint': str(path)}[c] for c in COLUMNS} for r in rows]
     _write(args, rows, model, ks, path)
     return 0
@@ -97,18 +85,17 @@ def run(args: argparse.Namespace) -> int:
 def _write(args: argparse.Namespace, rows: List[Dict[str, Any]], model, ks, path: Path) -> None:
     if args.results_file:
         out = Path(args.results_file)
-        fmt = args.results_format or (out.suffix[1:] if out.suffix[1:] in RESULT_FORMATS else 'csv')
-        print(f'-> {write_results(rows, out.parent, out.stem, fmt)}')
+        fmt = results_format(out, args.results_format)
+        logger.info(f'-> {write_results(rows, out.parent, out.stem, fmt)}')
     else:
-        print(format_table(rows, [c for c in COLUMNS if c != 'checkpoint']))
+        logger.info(format_table(rows, [c for c in COLUMNS if c != 'checkpoint']))
     if args.report is not None:
         out_dir = Path(args.report) if args.report else path.parent / 'report'
         label = path.parent.name if path.stem.startswith(('model_best', 'last')) else path.stem
         bench = None
         if not args.no_benchmark:
-            from ..benchmark import benchmark_subnets
             bench = {label: benchmark_subnets(model, ks, modes=('sliced',), batch_size=args.batch_size,
                                               device=args.device, rounds=2, min_seconds=0.2, latency_iters=20,
                                               measure_memory=False, flop_count=False)}
         paths = write_report({label: rows}, bench, out_dir)
-        print('report: ' + ', '.join(str(p) for p in paths.values()))
+        logger.info('report: ' + ', '.join(str(p) for p in paths.values()))

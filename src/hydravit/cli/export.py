@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
-from ..export import EXPORT_FORMATS, export_subnets
-from ..report import format_table
+from ..deployment.export import EXPORT_FORMATS, export_subnets
+from ..storage.results import format_table
+
+logger = logging.getLogger(__name__)
 
 COLUMNS = ('k', 'param_count', 'gmacs', 'top1', 'timm_export_s', 'safetensors_export_s', 'onnx_export_s',
            'onnx_max_abs_diff')
@@ -35,6 +38,6 @@ def run(args: argparse.Namespace) -> int:
     rows = export_subnets(args.checkpoint, args.k, args.format, args.output, results=args.results,
                           model_name=args.model, overwrite=args.overwrite, onnx_opset=args.opset,
                           use_ema=args.use_ema)
-    print(format_table(rows, [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]))
-    print(f'exported {len(rows)} subnetworks to {args.output} (index.csv, index.json)')
+    logger.info(format_table(rows, [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]))
+    logger.info(f'exported {len(rows)} subnetworks to {args.output} (index.csv, index.json)')
     return 0

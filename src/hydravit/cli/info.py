@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 from dataclasses import replace
 
 import timm
 
 from . import add_model_source
-from ..costs import cost_table
-from ..model import NESTINGS
-from ..registry import create_model_or_load
+from ..models.config import NESTINGS
+from ..models.costs import cost_row
+from ..models.kchoices import parse_ks
+from ..storage.checkpoint import model_from_name_or_checkpoint
 
-COLUMNS = ('k', 'embed_dim', 'num_heads', 'mlp_hidden', 'params_m', 'gmacs')
+logger = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -20,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        description='Print one row per subnetwork k: embed_dim, num_heads, mlp_hidden, '
                                    'params (M) and GMACs (analytic, per image).')
     add_model_source(p, 'hydravit_base_patch16_224')
-    p.add_argument('--k', nargs='+', type=int, help='subnetworks to list (default: the model\'s k choices)')
+    p.add_argument('--k', nargs='+', help='subnetworks to list (default: the model\'s k choices)')
     p.add_argument('--nesting', choices=NESTINGS,
                    help='widths of another nesting method for --model (default: the model\'s own, hydravit)')
     p.add_argument('--format', choices=('table', 'json'), default='table')
@@ -30,21 +32,21 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     if args.list:
-        print('\n'.join(timm.list_models('hydravit_*')))
+        logger.info('\n'.join(timm.list_models('hydravit_*')))
         return 0
-    model = create_model_or_load(model_name=args.model, checkpoint=args.checkpoint)
-    ks = [model.resolve_k(k) for k in args.k] if args.k else None
+    model = model_from_name_or_checkpoint(model_name=args.model, checkpoint=args.checkpoint)
+    ks = parse_ks(args.k, model.k_choices, model.config.num_heads) or model.k_choices
     config = model.config
     if args.nesting:
         if args.checkpoint:
             raise ValueError(f'--nesting is for --model: the checkpoint is a {config.nesting} model')
         config = replace(config, nesting=args.nesting)  # costs need the config only, not a model of that nesting
-    rows = [c.to_dict() for c in cost_table(config, ks)]
+    rows = [cost_row(config, k) for k in ks]
     if args.format == 'json':
-        print(json.dumps(rows, indent=2))
+        logger.info(json.dumps(rows, indent=2))
         return 0
-    print(f'{"k":>3} {"embed_dim":>9} {"num_heads":>9} {"mlp_hidden":>10} {"params (M)":>11} {"GMACs":>8}')
+    logger.info(f'{"k":>3} {"embed_dim":>9} {"num_heads":>9} {"mlp_hidden":>10} {"params (M)":>11} {"GMACs":>8}')
     for r in rows:
-        print(f'{r["k"]:>3} {r["embed_dim"]:>9} {r["num_heads"]:>9} {r["mlp_hidden"]:>10} '
-              f'{r["params"] / 1e6:>11.3f} {r["macs"] / 1e9:>8.3f}')
+        logger.info(f'{r["k"]:>3} {r["embed_dim"]:>9} {r["num_heads"]:>9} {r["mlp_hidden"]:>10} '
+              f'{r["param_count"]:>11.3f} {r["gmacs"]:>8.3f}')
     return 0

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Dict, List
 
-from ..report import read_results, result_label, write_report
+from ..evaluation.report import write_report
+from ..storage.results import read_results, result_label
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -47,5 +51,5 @@ def load_labelled(files: List[str], labels: List[str] | None):
 def run(args: argparse.Namespace) -> int:
     evals, benches = load_labelled(args.results, args.labels)
     paths = write_report(evals, benches, Path(args.output), title=args.title)
-    print('report: ' + ', '.join(str(p) for p in paths.values()))
+    logger.info('report: ' + ', '.join(str(p) for p in paths.values()))
     return 0

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from . import add_model_source
-from ..evaluate import resolve_checkpoint
-from ..export import read_accuracy
-from ..registry import create_model_or_load
-from ..report import format_table, read_results
-from ..selection import Budget, NoSubnetworkFits, benchmark_table, measure_table, merge_accuracy, select_subnet
+from ..deployment.selection import Budget, NoSubnetworkFits, benchmark_table, measure_table, merge_accuracy, select_subnet
+from ..models.kchoices import parse_ks
+from ..storage.checkpoint import model_from_name_or_checkpoint
+from ..storage.results import format_table, read_results
+from ..storage.run_folder import read_accuracy, resolve_checkpoint
+
+logger = logging.getLogger(__name__)
 
 COLUMNS = ('k', 'fits', 'latency_ms', 'batch_size', 'infer_samples_per_sec', 'gmacs', 'peak_mem_mb', 'param_count',
            'top1')
@@ -33,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--device', default='cpu')
     p.add_argument('--mode', choices=('sliced', 'extracted'), default='sliced',
                    help='serve the universal model at k (sliced) or an extracted standalone ViT')
-    p.add_argument('--k', nargs='+', type=int, help="candidate k (default: the model's k choices)")
+    p.add_argument('--k', nargs='+', help="candidate k (default: the model's k choices)")
     p.add_argument('--benchmark-file', help='a hydravit benchmark results file (.csv/.json) instead of measuring')
     p.add_argument('--results', help='per-k accuracy file; default: results.csv/eval.csv next to the checkpoint')
     return p
@@ -51,15 +54,15 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f'--batch-size must be >= 1, got {args.batch_size}')
     checkpoint = str(resolve_checkpoint(args.checkpoint)) if args.checkpoint else None
-    model = create_model_or_load(model_name=args.model, checkpoint=checkpoint)
-    ks = [model.resolve_k(k) for k in args.k] if args.k else list(model.k_choices)
+    model = model_from_name_or_checkpoint(model_name=args.model, checkpoint=checkpoint)
+    ks = parse_ks(args.k, model.k_choices, model.config.num_heads) or list(model.k_choices)
     if args.benchmark_file:
         table = benchmark_table(read_results(args.benchmark_file), mode=args.mode, batch_size=args.batch_size, ks=ks)
-        print(f'numbers from {args.benchmark_file} (mode {args.mode})')
+        logger.info(f'numbers from {args.benchmark_file} (mode {args.mode})')
     else:
         batch = args.batch_size or DEFAULT_BATCH[budget.metric]
         if budget.metric != 'gmacs':
-            print(f'measuring k={ks} on {args.device} (mode {args.mode}, batch {batch}) ...', flush=True)
+            logger.info(f'measuring k={ks} on {args.device} (mode {args.mode}, batch {batch}) ...')
         table = measure_table(model, budget, batch_size=batch, device=args.device, mode=args.mode, ks=ks)
     if checkpoint or args.results:
         accuracy = read_accuracy(Path(checkpoint or '.'), args.results)
@@ -67,11 +70,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         choice = select_subnet(table, budget)
     except NoSubnetworkFits:
-        print(format_table([{**r, 'fits': 'no'} for r in table], _columns(table)))
+        logger.info(format_table([{**r, 'fits': 'no'} for r in table], _columns(table)))
         raise
     rows = [{**r, 'fits': 'yes' if r['k'] in choice.fitting else 'no'} for r in table]
-    print(format_table(rows, _columns(table)))
-    print(choice.describe())
+    logger.info(format_table(rows, _columns(table)))
+    logger.info(choice.describe())
     return 0
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..methods import METHODS
-from ..train import TrainConfig, load_train_config, train
+from ..training.config import TrainConfig
+from ..training.methods import METHODS
+from ..training.recipe import load_train_config
+from ..training.trainer import train
 
 SUPPRESS = argparse.SUPPRESS
 BOOL = argparse.BooleanOptionalAction
@@ -106,7 +108,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Recipe (``--config``, the resumed run's ``args.yaml`` or the built-in one) + the flags given."""
-    overrides = {k: v for k, v in vars(args).items() if not k.startswith('_') and k not in ('command', 'config')}
+    overrides = {k: v for k, v in vars(args).items() if not k.startswith('_') and k not in ('command', 'config', 'log_level')}
     config_path = getattr(args, 'config', None)
     if config_path is None and 'resume' in overrides:
         run_args = Path(overrides['resume'])

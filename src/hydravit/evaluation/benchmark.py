@@ -32,9 +32,10 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
-from .costs import subnet_cost
-from .model import HydraViT, HydraViTConfig, model_from_config
-from .subnet import extract_subnet, subnet_vit_kwargs
+from ..models.config import HydraViTConfig
+from ..models.costs import subnet_cost
+from ..models.factory import UniversalModel, model_from_config
+from ..models.subnet import extract_subnet, subnet_vit_kwargs
 
 __all__ = [
     'BENCH_MODES', 'MALLOC_ENV', 'benchmark_subnets', 'measure_switching', 'build_runner', 'flop_counter_gmacs',
@@ -53,7 +54,7 @@ def reexec_with_malloc_env(argv: Sequence[str]) -> None:
         os.execve(sys.executable, [sys.executable, *argv], {**os.environ, **MALLOC_ENV})
 
 
-def build_runner(model: HydraViT, k: int, mode: str) -> nn.Module | Runner:
+def build_runner(model: UniversalModel, k: int, mode: str) -> nn.Module | Runner:
     """The callable that runs subnetwork ``k`` in ``mode`` (eval mode)."""
     if mode == 'sliced':
         model.eval()
@@ -113,7 +114,7 @@ def _latencies(fn: Runner, x: torch.Tensor, iters: int, warmup: int) -> Dict[str
                 infer_latency_ms_p90=_percentile(times, 0.9))
 
 
-def _train_throughput(model: HydraViT, k: int, mode: str, x: torch.Tensor, iters: int, warmup: int) -> float:
+def _train_throughput(model: UniversalModel, k: int, mode: str, x: torch.Tensor, iters: int, warmup: int) -> float:
     """Images/s of forward + backward + SGD step, on a copy so the caller's weights never move."""
     net = copy.deepcopy(model) if mode == 'sliced' else build_runner(model, k, mode)
     net.train()
@@ -165,12 +166,12 @@ def _memory_child(config: dict, k: int, mode: str, batch_size: int, threads: int
         queue.put(f'{type(e).__name__}: {e}')
 
 
-def peak_memory_mb(config: HydraViTConfig, k: int, mode: str, batch_size: int, threads: int = 1) -> float:
+def peak_memory_mb(config: UniversalModelConfig, k: int, mode: str, batch_size: int, threads: int = 1) -> float:
     """Peak resident memory (MB) of one inference at ``batch_size`` in a fresh child process, above its start."""
     if not os.path.exists('/proc/self/status'):
         raise RuntimeError('CPU peak memory needs Linux /proc; run with measure_memory=False')
     ctx = multiprocessing.get_context('forkserver')
-    ctx.set_forkserver_preload(['torch', 'timm', 'hydravit.model'])
+    ctx.set_forkserver_preload(['torch', 'timm', 'hydravit.models'])
     queue = ctx.Queue()
     proc = ctx.Process(target=_memory_child, args=(config.to_dict(), k, mode, batch_size, threads, queue))
     proc.start()
@@ -191,8 +192,8 @@ def _cuda_peak_mb(fn: Runner, x: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------ main API
-def _prepare(model: HydraViT, ks: Optional[Sequence[int]], device: str | torch.device,
-             batch_size: int) -> Tuple[List[int], HydraViT, torch.Tensor]:
+def _prepare(model: UniversalModel, ks: Optional[Sequence[int]], device: str | torch.device,
+             batch_size: int) -> Tuple[List[int], UniversalModel, torch.Tensor]:
     """Validated ks, the model in eval mode on ``device`` and a random input batch for it."""
     ks = [model.resolve_k(k) for k in (model.k_choices if ks is None else ks)]
     device = torch.device(device)
@@ -202,7 +203,7 @@ def _prepare(model: HydraViT, ks: Optional[Sequence[int]], device: str | torch.d
 
 
 def benchmark_subnets(
-        model: HydraViT,
+        model: UniversalModel,
         ks: Optional[Sequence[int]] = None,
         *,
         modes: Sequence[str] = BENCH_MODES,
@@ -252,7 +253,7 @@ def benchmark_subnets(
 
 
 # ------------------------------------------------------------------------------------------ switching
-def _switch_pair(model: HydraViT, k_from: int, k: int, x: torch.Tensor) -> tuple:
+def _switch_pair(model: UniversalModel, k_from: int, k: int, x: torch.Tensor) -> tuple:
     """(seconds of use_k(k) + the first forward at k right after running at k_from, seconds of the next one)."""
     model(x, k=k_from)
     _sync(x.device)
@@ -266,7 +267,7 @@ def _switch_pair(model: HydraViT, k_from: int, k: int, x: torch.Tensor) -> tuple
     return tuple(times)
 
 
-def _use_k_seconds(model: HydraViT, k: int, iters: int = 1000) -> float:
+def _use_k_seconds(model: UniversalModel, k: int, iters: int = 1000) -> float:
     start = time.perf_counter()
     for _ in range(iters):
         with model.use_k(k):
@@ -285,7 +286,7 @@ def _load_from_disk(path: Path, kwargs: dict, x: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def measure_switching(model: HydraViT, ks: Optional[Sequence[int]] = None, *, batch_size: int = 1,
+def measure_switching(model: UniversalModel, ks: Optional[Sequence[int]] = None, *, batch_size: int = 1,
                       device: str | torch.device = 'cpu', repeats: int = 30) -> List[Dict]:
     """Per k: cost of switching the in-memory universal model to k vs loading a model of that size.
 

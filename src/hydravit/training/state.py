@@ -1,6 +1,6 @@
 """What a training run leaves on disk, and how it is read back for ``--resume``.
 
-A checkpoint is ``last.safetensors`` (+ ``last_ema.safetensors``) written by :func:`checkpoint.save_model`
+A checkpoint is ``last.safetensors`` (+ ``last_ema.safetensors``) written by :func:`hydravit.storage.save_model`
 and ``last.state.pth``: tensors and plain types only (optimizer, scheduler, scaler, RNG states, epoch,
 step), loaded with ``weights_only=True``. The state file is written last and is the commit record:
 weights files carry the update count they belong to, and the previous set is kept as ``*.prev`` until
@@ -8,25 +8,22 @@ the new state lands, so a kill between two writes still resumes from a consisten
 """
 from __future__ import annotations
 
-import csv
-import io
 import os
 import random
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, atomic_write, load_state_dict_file, read_metadata, save_model
-from .model import HydraViT
+from ..models.factory import UniversalModel
+from ..storage.checkpoint import CheckpointError, atomic_write, load_state_dict_file, read_metadata, save_model
+from ..storage.run_folder import STATE_FILE
 
 __all__ = [
-    'STATE_FILE', 'capture_rng', 'restore_rng', 'save_training_checkpoint', 'load_training_checkpoint',
-    'resolve_resume', 'write_summary', 'read_summary',
+    'capture_rng', 'restore_rng', 'save_training_checkpoint', 'load_training_checkpoint', 'resolve_resume',
 ]
 
-STATE_FILE = 'last.state.pth'
 UPDATES_KEY = 'num_updates'
 
 
@@ -62,7 +59,7 @@ def _weights_names(with_ema: bool) -> List[str]:
     return ['last', 'last_ema'] if with_ema else ['last']
 
 
-def save_training_checkpoint(out_dir: Path, model: HydraViT, ema_model: Optional[HydraViT],
+def save_training_checkpoint(out_dir: Path, model: UniversalModel, ema_model: Optional[UniversalModel],
                              state: Dict[str, Any], metadata: Mapping[str, str]) -> None:
     """Write ``last[_ema].safetensors`` then ``last.state.pth``; never leaves an unusable pair behind."""
     meta = {**metadata, UPDATES_KEY: str(state[UPDATES_KEY])}
@@ -106,24 +103,3 @@ def load_training_checkpoint(out_dir: Path, with_ema: bool, map_location: str = 
     for name, key in zip(_weights_names(with_ema), ('model', 'ema')):
         state[key] = load_state_dict_file(_matching_weights(out_dir, name, state[UPDATES_KEY]), map_location)
     return state
-
-
-# ------------------------------------------------------------------------------------------ summary.csv
-def write_summary(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    """One row per epoch (timm's summary.csv), rewritten whole and atomically."""
-    columns: Dict[str, None] = {}
-    for row in rows:
-        columns.update(dict.fromkeys(row))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator='\n')
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue()))
-
-
-def read_summary(path: Path) -> List[Dict[str, Any]]:
-    if not path.is_file():
-        return []
-    with open(path, newline='') as f:
-        return [{k: (float(v) if k != 'epoch' else int(v)) if v not in ('', None) else None
-                 for k, v in row.items()} for row in csv.DictReader(f)]

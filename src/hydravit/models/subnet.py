@@ -1,26 +1,56 @@
 """Subnetworks as data: pure functions between HydraViT and timm ``VisionTransformer`` state dicts.
 
-``subnet_state_dict`` cuts subnetwork k out of a universal state dict (SPEC §2, for every nesting of
-:data:`hydravit.model.NESTINGS`); ``inflate_state_dict`` goes the other way and writes a smaller (or
+``subnet_state_dict`` cuts subnetwork k out of a universal state dict (for every nesting of
+:data:`hydravit.models.config.NESTINGS`); ``inflate_state_dict`` goes the other way and writes a smaller (or
 equal-width) timm ViT into the leading slices.
 """
 from __future__ import annotations
 
 import re
-from typing import Dict, Mapping, Optional, Union
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from .model import HydraViT, HydraViTConfig, SubnetShape, nested_shape, parameter_axes, qkv_blocks
+from .config import HydraViTConfig, SubnetShape, nested_shape
 
 __all__ = [
     'subnet_state_dict', 'model_subnet_state_dict', 'subnet_vit_kwargs', 'extract_subnet', 'inflate_state_dict', 'init_from_vit',
-    'CheckpointMismatchError',
+    'CheckpointMismatchError', 'PARAMETER_AXES', 'parameter_axes', 'qkv_blocks',
 ]
 
 StateDict = Dict[str, torch.Tensor]
+
+# Which nested unit each dimension of a parameter indexes: residual 'channels', attention 'heads'
+# rows (head_dim per head) or MLP 'neurons'. q/k/v tensors are read as (3, D, ...) blocks first (see
+# qkv_blocks), so the rows of q, k and v each index heads. Subnetworks keep a prefix of every axis
+# (this module); DynaBERT's reordering permutes them (hydravit.training.importance).
+PARAMETER_AXES: Tuple[Tuple[re.Pattern, Dict[int, str]], ...] = tuple((re.compile(pattern), axes) for pattern, axes in (
+    (r'patch_embed\.proj\.(weight|bias)', {0: 'channels'}),
+    (r'cls_token|pos_embed', {-1: 'channels'}),
+    (r'(blocks\.\d+\.norm[12]|norm|fc_norm)\.(weight|bias)', {0: 'channels'}),
+    (r'blocks\.\d+\.attn\.qkv\.weight', {1: 'heads', 2: 'channels'}),
+    (r'blocks\.\d+\.attn\.qkv\.bias', {1: 'heads'}),
+    (r'blocks\.\d+\.attn\.proj\.weight', {0: 'channels', 1: 'heads'}),
+    (r'blocks\.\d+\.(attn\.proj|mlp\.fc2)\.bias', {0: 'channels'}),
+    (r'blocks\.\d+\.mlp\.fc1\.weight', {0: 'neurons', 1: 'channels'}),
+    (r'blocks\.\d+\.mlp\.fc1\.bias', {0: 'neurons'}),
+    (r'blocks\.\d+\.mlp\.fc2\.weight', {0: 'channels', 1: 'neurons'}),
+    (r'head\.weight', {1: 'channels'}),
+    (r'head\.bias', {}),
+))
+QKV_PARAMETER = re.compile(r'blocks\.\d+\.attn\.qkv\.(weight|bias)')
+
+
+def parameter_axes(name: str) -> Optional[Dict[int, str]]:
+    """``{dim: unit}`` of parameter ``name`` as read through :func:`qkv_blocks`; None if not a ViT parameter."""
+    return next((axes for pattern, axes in PARAMETER_AXES if pattern.fullmatch(name)), None)
+
+
+def qkv_blocks(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A fused q/k/v tensor as (3, D, ...) (its q, k and v blocks; a view when contiguous); others unchanged."""
+    return tensor.reshape(3, -1, *tensor.shape[1:]) if QKV_PARAMETER.fullmatch(name) else tensor
 
 
 class CheckpointMismatchError(ValueError):

@@ -21,7 +21,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 
-from .model import HydraViT
+from ..models.factory import UniversalModel
 
 __all__ = [
     'LatencyController', 'AdaptivePredictor', 'AdaptiveOutput', 'LoadPhase', 'applied_load', 'DEFAULT_PHASES',
@@ -115,7 +115,7 @@ class LatencyController:
         self.base[k] = (1 - b) * self.base[k] + b * latency_ms / self.load
 
 
-def _timed_forward(model: HydraViT, x: torch.Tensor, k: int, clock: Callable[[], float]) -> tuple:
+def _timed_forward(model: UniversalModel, x: torch.Tensor, k: int, clock: Callable[[], float]) -> tuple:
     """(logits, milliseconds) of one forward at k."""
     start = clock()
     with torch.inference_mode():
@@ -125,7 +125,7 @@ def _timed_forward(model: HydraViT, x: torch.Tensor, k: int, clock: Callable[[],
     return logits, (clock() - start) * 1e3
 
 
-def calibrate_latencies(model: HydraViT, x: torch.Tensor, ks: Sequence[int], *, repeats: int = 3,
+def calibrate_latencies(model: UniversalModel, x: torch.Tensor, ks: Sequence[int], *, repeats: int = 3,
                         clock: Callable[[], float] = time.perf_counter) -> Dict[int, float]:
     """Median latency (ms) of batch ``x`` at every k, after one warm-up call each."""
     base = {}
@@ -149,7 +149,7 @@ class AdaptivePredictor:
     is per batch, so batches should have similar sizes. ``clock`` returns seconds (injectable for tests).
     """
 
-    def __init__(self, model: HydraViT, target_ms: float, *, ks: Optional[Sequence[int]] = None,
+    def __init__(self, model: UniversalModel, target_ms: float, *, ks: Optional[Sequence[int]] = None,
                  base_latency_ms: Optional[Mapping[int, float]] = None,
                  clock: Callable[[], float] = time.perf_counter, **controller_kwargs) -> None:
         self.model = model.eval()
@@ -228,7 +228,7 @@ DEFAULT_PHASES = (LoadPhase('quiet'), LoadPhase('2 busy procs', busy=2), LoadPha
                   LoadPhase('quiet again'))
 
 
-def fixed_k_policy(model: HydraViT, k: int, clock: Callable[[], float] = time.perf_counter) -> Policy:
+def fixed_k_policy(model: UniversalModel, k: int, clock: Callable[[], float] = time.perf_counter) -> Policy:
     """Always serve ``k``: the baseline an adaptive policy is compared with."""
     k = model.resolve_k(k)
     return lambda x: (k, _timed_forward(model, x, k, clock)[1])

@@ -14,7 +14,9 @@ from typing import Any, Dict, List, Optional, Set, Union
 import torch
 import torch.nn as nn
 
-from .model import HydraViT, HydraViTConfig, KChoices, _square
+from .config import HydraViTConfig, square_size
+from .hydravit import HydraViT
+from .kchoices import KChoices
 
 __all__ = ['SeparateViTs', 'member_config']
 
@@ -29,7 +31,7 @@ class SeparateViTs(KChoices, nn.Module):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__()
-        sizes = {name: _square(name, kwargs[name]) for name in ('img_size', 'patch_size') if name in kwargs}
+        sizes = {name: square_size(name, kwargs[name]) for name in ('img_size', 'patch_size') if name in kwargs}
         self.config = HydraViTConfig(**{**kwargs, **sizes, 'nesting': 'separate'})
         self.subnets = nn.ModuleDict({str(k): HydraViT(**member_config(self.config, k).to_dict())
                                       for k in self.config.k_choices})

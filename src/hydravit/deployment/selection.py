@@ -2,7 +2,7 @@
 
 :func:`select_subnet` is pure (a table of per-k rows and a budget in, a :class:`Selection` out). The
 table comes from a ``hydravit benchmark`` results file (:func:`benchmark_table`) or from measuring this
-device now (:func:`measure_table`, which calls :func:`hydravit.benchmark.benchmark_subnets`).
+device now (:func:`measure_table`, which calls :func:`hydravit.evaluation.benchmark_subnets`).
 (Named ``selection`` because a ``select`` module would shadow the standard library's.)
 """
 from __future__ import annotations
@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from .costs import subnet_cost
-from .model import HydraViT, HydraViTConfig
+from ..evaluation.benchmark import benchmark_subnets
+from ..models.config import HydraViTConfig
+from ..models.costs import cost_row
+from ..models.factory import UniversalModel
 
 __all__ = [
     'BUDGETS', 'Budget', 'Selection', 'NoSubnetworkFits', 'select_subnet', 'benchmark_table', 'analytic_table',
@@ -139,15 +141,14 @@ def benchmark_table(rows: Sequence[Row], *, mode: str = 'sliced', batch_size: Op
 def analytic_table(config: HydraViTConfig, ks: Optional[Sequence[int]] = None) -> List[Row]:
     """Rows with analytic GMACs and params only: enough for a GMACs budget, nothing timed."""
     ks = config.k_choices if ks is None else ks
-    return [dict(k=k, gmacs=subnet_cost(config, k).gmacs, param_count=subnet_cost(config, k).params_m) for k in ks]
+    return [{key: cost_row(config, k)[key] for key in ('k', 'gmacs', 'param_count')} for k in ks]
 
 
-def measure_table(model: HydraViT, budget: Budget, *, batch_size: int = 1, device: str = 'cpu',
+def measure_table(model: UniversalModel, budget: Budget, *, batch_size: int = 1, device: str = 'cpu',
                   mode: str = 'sliced', ks: Optional[Sequence[int]] = None, quick: bool = True) -> List[Row]:
-    """Measure this device now (``hydravit.benchmark``) and return selection rows for ``budget``."""
+    """Measure this device now (``hydravit.evaluation.benchmark``) and return selection rows for ``budget``."""
     if budget.metric == 'gmacs':
         return analytic_table(model.config, ks)
-    from .benchmark import benchmark_subnets  # imported here: only live measurement needs it
     timing = dict(rounds=2, min_seconds=0.1, latency_iters=15, warmup=2) if quick else {}
     rows = benchmark_subnets(model, ks, modes=(mode,), batch_size=batch_size, device=device,
                              measure_memory=budget.metric == 'memory_mb', flop_count=False, **timing)

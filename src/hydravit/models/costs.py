@@ -1,15 +1,19 @@
-"""Analytic size and cost of every subnetwork (SPEC §4): exact parameter counts and MACs per image.
+"""Analytic size and cost of every subnetwork: exact parameter counts and MACs per image.
 
 FLOP counters miss fused attention, so the formula is the reference and a counter only a cross-check.
+Every table of the project (training results, eval, export index, selection, ``hydravit info``) gets its
+cost columns from :func:`cost_row`, under timm's names: ``param_count`` (millions) and ``gmacs``.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Dict, Iterable, List, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Mapping, Optional
 
-from .model import HydraViTConfig
+from .config import HydraViTConfig
 
-__all__ = ['SubnetCost', 'subnet_cost', 'cost_table']
+__all__ = ['SubnetCost', 'subnet_cost', 'cost_table', 'cost_row', 'add_costs', 'COST_COLUMNS']
+
+COST_COLUMNS = ('embed_dim', 'num_heads', 'mlp_hidden', 'param_count', 'gmacs')
 
 
 @dataclass(frozen=True)
@@ -29,8 +33,10 @@ class SubnetCost:
     def gmacs(self) -> float:
         return self.macs / 1e9
 
-    def to_dict(self) -> Dict[str, float]:
-        return {**asdict(self), 'params_m': round(self.params_m, 3), 'gmacs': round(self.gmacs, 3)}
+    def to_row(self) -> Dict[str, Any]:
+        """The cost columns of a table row (:data:`COST_COLUMNS`), unrounded: tiny models need the digits."""
+        return dict(k=self.k, embed_dim=self.embed_dim, num_heads=self.num_heads, mlp_hidden=self.mlp_hidden,
+                    param_count=self.params_m, gmacs=self.gmacs)
 
 
 def _params(cfg: HydraViTConfig, d: int, hidden: int) -> int:
@@ -64,3 +70,13 @@ def subnet_cost(cfg: HydraViTConfig, k: int) -> SubnetCost:
 def cost_table(cfg: HydraViTConfig, ks: Optional[Iterable[int]] = None) -> List[SubnetCost]:
     """One :class:`SubnetCost` per k (default: the model's ``k_choices``)."""
     return [subnet_cost(cfg, k) for k in (cfg.k_choices if ks is None else ks)]
+
+
+def cost_row(cfg: HydraViTConfig, k: int) -> Dict[str, Any]:
+    """``k`` and its cost columns (:data:`COST_COLUMNS`) for a table row."""
+    return subnet_cost(cfg, k).to_row()
+
+
+def add_costs(rows: Iterable[Mapping[str, Any]], cfg: HydraViTConfig, **extra: Any) -> List[Dict[str, Any]]:
+    """``rows`` (each with a ``k``) with the cost columns of their k and ``extra`` columns added."""
+    return [{**row, **cost_row(cfg, int(row['k'])), **extra} for row in rows]

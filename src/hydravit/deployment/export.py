@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -22,144 +24,29 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import timm
 import torch
-import yaml
 from safetensors.torch import save_file
-from timm.models import get_pretrained_cfg
-from timm.models._hub import save_config_for_hf
+from timm.models import save_for_hf
 
-from .checkpoint import atomic_write, load_model, read_metadata
-from .costs import subnet_cost
-from .evaluate import resolve_checkpoint
-from .model import HydraViT
-from .report import read_results, write_results
-from .subnet import extract_subnet, model_subnet_state_dict, subnet_vit_kwargs
+from ..models.costs import cost_row
+from ..models.factory import UniversalModel
+from ..models.kchoices import parse_ks
+from ..models.subnet import extract_subnet, model_subnet_state_dict, subnet_vit_kwargs
+from ..storage.checkpoint import atomic_write, load_model, read_metadata
+from ..storage.results import write_results
+from ..storage.run_folder import (CLASS_NAMES_KEY, PREPROCESSING_KEYS, PRETRAINED_CFG_KEY, preprocessing_config,
+                                  read_accuracy, resolve_checkpoint)
 
-__all__ = [
-    'EXPORT_FORMATS', 'TIMM_ARCHITECTURE', 'PREPROCESSING_KEYS', 'ExportError', 'preprocessing_config',
-    'read_accuracy', 'file_sha256', 'export_timm', 'export_safetensors', 'export_onnx', 'export_subnets',
-    'parse_ks',
-]
+__all__ = ['EXPORT_FORMATS', 'TIMM_ARCHITECTURE', 'ExportError', 'file_sha256', 'export_timm', 'export_safetensors',
+           'export_onnx', 'export_subnets']
 
 EXPORT_FORMATS = ('timm', 'safetensors', 'onnx')
 # timm architecture written to config.json; model_args override every shape argument of its factory
 TIMM_ARCHITECTURE = 'vit_base_patch16_224'
-PREPROCESSING_KEYS = ('input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std', 'num_classes',
-                      'fixed_input_size', 'first_conv', 'classifier')
-PRETRAINED_CFG_KEY = 'pretrained_cfg'  # optional safetensors metadata written by training
-TRAIN_CONFIG_KEY = 'train_config'  # the trainer's config (JSON, with the registered model name)
-RESULTS_NAMES = ('results.csv', 'results.json', 'eval.csv', 'eval.json')
-ACCURACY_KEYS = ('top1', 'top1_err', 'top5', 'top5_err', 'loss')
 ONNX_ATOL = 1e-4
 
 
 class ExportError(ValueError):
     """An export that would be wrong (output mismatch) or would overwrite something."""
-
-
-# ------------------------------------------------------------------------------------------ inputs
-def parse_ks(values: Sequence[str | int], model: HydraViT) -> List[int]:
-    """``['all']`` -> the trained k; otherwise each k validated against the model's ``k_choices``."""
-    if [str(v) for v in values] == ['all']:
-        return list(model.k_choices)
-    try:
-        ints = [int(v) for v in values]
-    except ValueError:
-        raise ValueError(f"k must be 'all' or integers from {list(model.k_choices)}, got {list(values)}") from None
-    return sorted({model.resolve_k(k) for k in ints})
-
-
-def _registered_cfg(name: str) -> Dict[str, Any]:
-    cfg = get_pretrained_cfg(name)
-    if cfg is None:
-        raise ValueError(f'unknown model {name!r}: cannot read its default preprocessing')
-    return cfg.to_dict()
-
-
-def _matching_registered_cfgs(model: HydraViT) -> Dict[str, Dict[str, Any]]:
-    """Registered HydraViT default cfgs whose input size and class count fit ``model``."""
-    c = model.config
-    found = {}
-    for name in timm.list_models('hydravit_*'):
-        cfg = _registered_cfg(name)
-        if tuple(cfg['input_size']) == (c.in_chans, c.img_size, c.img_size) and cfg['num_classes'] == c.num_classes:
-            found[name] = cfg
-    return found
-
-
-def preprocessing_config(checkpoint: str | os.PathLike, model: HydraViT,
-                         model_name: Optional[str] = None) -> Dict[str, Any]:
-    """The preprocessing used in training (mean/std/input size/interpolation/crop), and where it came from.
-
-    In order: ``pretrained_cfg`` JSON in the checkpoint metadata; the default cfg of ``model_name``; of
-    the ``model`` named in the trainer's ``train_config`` metadata or in the run's ``args.yaml``; of the
-    one registered HydraViT whose input size and class count match. Anything else is an error:
-    guessing the normalisation silently costs accuracy.
-    """
-    path = Path(checkpoint)
-    meta = read_metadata(path)
-    source, cfg = None, None
-    if PRETRAINED_CFG_KEY in meta:
-        source, cfg = f'{path.name} metadata', json.loads(meta[PRETRAINED_CFG_KEY])
-    elif model_name:
-        source, cfg = f'model {model_name}', _registered_cfg(model_name)
-    elif json.loads(meta.get(TRAIN_CONFIG_KEY, '{}')).get('model'):
-        name = json.loads(meta[TRAIN_CONFIG_KEY])['model']
-        source, cfg = f'model {name} (training config in {path.name})', _registered_cfg(name)
-    elif (path.parent / 'args.yaml').is_file():
-        name = (yaml.safe_load((path.parent / 'args.yaml').read_text()) or {}).get('model')
-        if name:
-            source, cfg = f'model {name} (args.yaml)', _registered_cfg(name)
-    if cfg is None:
-        matches = _matching_registered_cfgs(model)
-        if len(matches) != 1:
-            raise ValueError(
-                f'{path}: no preprocessing stored with the checkpoint (no {PRETRAINED_CFG_KEY!r} metadata, no '
-                f'args.yaml) and {len(matches)} registered models match its input size; pass the model name '
-                f'(--model) whose mean/std/interpolation were used in training')
-        (name, cfg), = matches.items()
-        source = f'model {name} (matched by input size and classes)'
-    out = {k: cfg[k] for k in PREPROCESSING_KEYS if cfg.get(k) is not None}
-    c = model.config
-    out.update(input_size=(c.in_chans, c.img_size, c.img_size), num_classes=c.num_classes)
-    for key in ('mean', 'std'):
-        if key not in out or len(out[key]) != c.in_chans:
-            raise ValueError(f'preprocessing from {source}: {key}={out.get(key)} does not have in_chans={c.in_chans} '
-                             'values')
-        out[key] = tuple(float(v) for v in out[key])
-    out['source'] = source
-    return out
-
-
-def _results_file(checkpoint: Path, results: Optional[str | os.PathLike]) -> Optional[Path]:
-    if results:
-        return Path(results)
-    return next((checkpoint.parent / n for n in RESULTS_NAMES if (checkpoint.parent / n).is_file()), None)
-
-
-def read_accuracy(checkpoint: str | os.PathLike, results: Optional[str | os.PathLike] = None,
-                  use_ema: Optional[bool] = None) -> Dict[int, Dict[str, float]]:
-    """Per-k accuracy columns of ``results`` (or a results/eval file next to the checkpoint); {} if none.
-
-    A training ``results.csv`` with ``ema_*`` columns: EMA numbers are used for an ``*_ema`` checkpoint.
-    """
-    path = _results_file(Path(checkpoint), results)
-    if path is None:
-        return {}
-    rows = read_results(path)
-    if rows and 'k' not in rows[0]:
-        raise ValueError(f'{path}: results file has no k column (columns: {list(rows[0])})')
-    ema = Path(checkpoint).stem.endswith('_ema') if use_ema is None else use_ema
-    out = {}
-    for row in rows:
-        if row.get('mode') not in (None, '', 'sliced'):  # eval files may hold an 'extracted' row per k too
-            continue
-        picked = {key: row.get(f'ema_{key}') if ema and row.get(f'ema_{key}') is not None else row.get(key)
-                  for key in ACCURACY_KEYS}
-        out[int(row['k'])] = {key: float(v) for key, v in picked.items() if v is not None}
-    out = {k: v for k, v in out.items() if v}
-    if out:
-        out = {k: {**v, 'results_file': str(path)} for k, v in out.items()}
-    return out
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -171,11 +58,11 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 # ------------------------------------------------------------------------------------------ formats
-def _subnet_tensors(model: HydraViT, k: int) -> Dict[str, torch.Tensor]:
+def _subnet_tensors(model: UniversalModel, k: int) -> Dict[str, torch.Tensor]:
     return {n: t.cpu() for n, t in model_subnet_state_dict(model, k).items()}
 
 
-def _timm_vit(model: HydraViT, k: int, preprocessing: Mapping[str, Any]) -> torch.nn.Module:
+def _timm_vit(model: UniversalModel, k: int, preprocessing: Mapping[str, Any]) -> torch.nn.Module:
     """Subnetwork k built by timm's own factory, so it records its architecture and model args."""
     cfg = {key: v for key, v in preprocessing.items() if key in PREPROCESSING_KEYS}
     vit = timm.create_model(TIMM_ARCHITECTURE, pretrained=False, pretrained_cfg=cfg,
@@ -188,20 +75,22 @@ def _write_json(path: Path, data: Any) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + '\n'))
 
 
-def export_timm(model: HydraViT, k: int, folder: str | os.PathLike, preprocessing: Mapping[str, Any],
+def export_timm(model: UniversalModel, k: int, folder: str | os.PathLike, preprocessing: Mapping[str, Any],
                 info: Optional[Mapping[str, Any]] = None, label_names: Optional[Sequence[str]] = None) -> Path:
     """``folder`` loadable with ``timm.create_model('local-dir:' + folder, pretrained=True)``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vit = _timm_vit(model, model.resolve_k(k), preprocessing)
     extra = {'label_names': list(label_names)} if label_names else None
-    atomic_write(folder / 'config.json', lambda tmp: save_config_for_hf(vit, tmp, model_config=extra))
-    atomic_write(folder / 'model.safetensors', lambda tmp: save_file(vit.state_dict(), tmp))
+    with tempfile.TemporaryDirectory(prefix='.export-', dir=folder) as tmp:  # then renamed in: never half-written
+        save_for_hf(vit, tmp, model_config=extra, safe_serialization=True)
+        for name in ('config.json', 'model.safetensors'):
+            atomic_write(folder / name, lambda dst, src=Path(tmp) / name: shutil.copyfile(src, dst))
     _write_json(folder / 'hydravit.json', {'k': k, **(info or {})})
     return folder
 
 
-def export_safetensors(model: HydraViT, k: int, path: str | os.PathLike, preprocessing: Mapping[str, Any],
+def export_safetensors(model: UniversalModel, k: int, path: str | os.PathLike, preprocessing: Mapping[str, Any],
                        info: Optional[Mapping[str, Any]] = None) -> Path:
     """Subnet state dict (timm names) with ``vit_kwargs``, ``pretrained_cfg`` and ``hydravit`` JSON metadata."""
     k = model.resolve_k(k)
@@ -211,7 +100,7 @@ def export_safetensors(model: HydraViT, k: int, path: str | os.PathLike, preproc
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def export_onnx(model: HydraViT, k: int, path: str | os.PathLike, *, opset: int = 17,
+def export_onnx(model: UniversalModel, k: int, path: str | os.PathLike, *, opset: int = 17,
                 atol: float = ONNX_ATOL, check_batch_sizes: Sequence[int] = (1, 3)) -> Dict[str, Any]:
     """Write subnetwork k (the extracted timm ViT) as ONNX and check it with onnxruntime.
 
@@ -291,21 +180,19 @@ def export_subnets(
     formats = _check_formats(formats)
     checkpoint = resolve_checkpoint(checkpoint, use_ema)
     model = load_model(checkpoint).eval()
-    ks = parse_ks(ks, model)
+    ks = parse_ks(ks, model.k_choices, model.config.num_heads) or list(model.k_choices)
     output = Path(output)
     preprocessing = preprocessing_config(checkpoint, model, model_name)
     accuracy = read_accuracy(checkpoint, results)
-    label_names = json.loads(read_metadata(checkpoint).get('class_names') or 'null')
+    label_names = json.loads(read_metadata(checkpoint).get(CLASS_NAMES_KEY) or 'null')
     _prepare_output(output, overwrite)
     parent = {'parent_checkpoint': str(checkpoint.resolve()), 'parent_sha256': file_sha256(checkpoint),
               'parent_config': model.config.to_dict()}
     rows = []
     for k in ks:
-        cost = subnet_cost(model.config, k)
-        costs = {**cost.to_dict(), 'params_m': cost.params_m, 'gmacs': cost.gmacs}  # unrounded: tiny models
-        info = {**parent, 'metrics': {**costs, **accuracy.get(k, {})}, 'pretrained_cfg': preprocessing}
-        row: Dict[str, Any] = dict(k=k, embed_dim=cost.embed_dim, num_heads=cost.num_heads, param_count=cost.params_m,
-                                   gmacs=cost.gmacs, **{a: accuracy.get(k, {}).get(a) for a in ('top1', 'top5')})
+        costs = cost_row(model.config, k)
+        info = {**parent, 'metrics': {**costs, **accuracy.get(k, {})}, PRETRAINED_CFG_KEY: preprocessing}
+        row: Dict[str, Any] = dict(**costs, **{a: accuracy.get(k, {}).get(a) for a in ('top1', 'top5')})
         for fmt in formats:
             start = time.perf_counter()
             if fmt == 'timm':

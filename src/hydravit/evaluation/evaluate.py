@@ -15,16 +15,16 @@ from typing import Dict, Iterable, List, Literal, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_model
-from .costs import subnet_cost
-from .model import HydraViT, HydraViTConfig
-from .subnet import extract_subnet
+from ..models.costs import add_costs
+from ..models.factory import UniversalModel
+from ..models.kchoices import check_k_choices
+from ..models.subnet import extract_subnet
+from ..storage.checkpoint import load_model
+from ..storage.run_folder import preprocessing_config
 
-__all__ = ['evaluate_subnets', 'add_costs', 'label_map', 'resolve_checkpoint', 'load_for_eval',
-           'evaluate_dataset', 'EVAL_MODES']
+__all__ = ['evaluate_subnets', 'label_map', 'load_for_eval', 'evaluate_dataset', 'EVAL_MODES']
 
 EVAL_MODES = ('sliced', 'extracted')
-RUN_CHECKPOINTS = ('model_best', 'last')  # what the trainer writes in a run folder, in order of preference
 Mode = Literal['sliced', 'extracted']
 
 
@@ -66,7 +66,7 @@ def label_map(class_indices: Sequence[int], num_classes: int) -> torch.Tensor:
     return mapping
 
 
-def _subnet_fns(model: HydraViT, ks: Sequence[int], mode: Mode) -> Iterable[tuple]:
+def _subnet_fns(model: UniversalModel, ks: Sequence[int], mode: Mode) -> Iterable[tuple]:
     """(k, forward function) pairs; extracted subnets are built one at a time to bound memory."""
     for k in ks:
         if mode == 'extracted':
@@ -92,7 +92,7 @@ def _batches(loader: Iterable, device: torch.device, mapping: Optional[torch.Ten
 
 
 def evaluate_subnets(
-        model: HydraViT,
+        model: UniversalModel,
         loader: Iterable,
         ks: Optional[Sequence[int]] = None,
         *,
@@ -146,56 +146,23 @@ def _restrict(logits: torch.Tensor, columns: Optional[torch.Tensor]) -> torch.Te
     return logits if columns is None else logits.index_select(1, columns)
 
 
-def add_costs(rows: Iterable[Dict], config: HydraViTConfig, **extra) -> List[Dict]:
-    """Rows with timm's ``param_count`` (millions) and analytic ``gmacs`` per k, plus ``extra`` columns."""
-    out = []
-    for row in rows:
-        cost = subnet_cost(config, int(row['k']))
-        out.append({**row, 'param_count': cost.params_m, 'gmacs': cost.gmacs, **extra})
-    return out
-
-
-def resolve_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> Path:
-    """A checkpoint file from a file or a run folder (``model_best`` then ``last``); ``_ema`` twin if asked."""
-    path = Path(path)
-    if path.is_dir():
-        found = next((path / f'{n}.safetensors' for n in RUN_CHECKPOINTS if (path / f'{n}.safetensors').is_file()),
-                     None)
-        if found is None:
-            raise FileNotFoundError(f'run folder {path} holds none of {[n + ".safetensors" for n in RUN_CHECKPOINTS]}')
-        path = found
-    elif not path.is_file():
-        raise FileNotFoundError(f'checkpoint {path} does not exist')
-    if use_ema and not path.stem.endswith('_ema'):
-        ema = path.with_name(f'{path.stem}_ema{path.suffix}')
-        if not ema.is_file():
-            raise FileNotFoundError(f'--use-ema: no EMA checkpoint {ema.name} next to {path} (train with EMA)')
-        path = ema
-    return path
-
-
 def load_for_eval(path: str | os.PathLike, ks: Optional[Sequence[int]] = None,
-                  model_name: Optional[str] = None) -> Tuple[HydraViT, List[int]]:
+                  model_name: Optional[str] = None) -> Tuple[UniversalModel, List[int]]:
     """Model of a checkpoint, with its training preprocessing as ``pretrained_cfg``, and the k to evaluate.
 
     ks default to the trained ones. A k outside the trained set but within 1..H is evaluated with a
     warning (the model is rebuilt with every k allowed); beyond H it is an error. The preprocessing
-    comes from :func:`hydravit.export.preprocessing_config` (``model_name`` settles ambiguous cases).
+    comes from :func:`hydravit.storage.run_folder.preprocessing_config` (``model_name`` settles ambiguous cases).
     """
-    from .export import preprocessing_config  # the one place that knows where training stored it
-
     model = _load_with_ks(path, ks)
     model.pretrained_cfg = preprocessing_config(path, model, model_name)
-    return model, (list(model.k_choices) if not ks else [int(k) for k in ks])
+    return model, (list(model.k_choices) if not ks else list(check_k_choices(ks, model.config.num_heads)))
 
 
-def _load_with_ks(path: str | os.PathLike, ks: Optional[Sequence[int]]) -> HydraViT:
+def _load_with_ks(path: str | os.PathLike, ks: Optional[Sequence[int]]) -> UniversalModel:
     model = load_model(path)
     h = model.config.num_heads
-    ks = list(model.k_choices) if not ks else [int(k) for k in ks]
-    bad = [k for k in ks if not 1 <= k <= h]
-    if bad:
-        raise ValueError(f'k {bad} outside 1..{h}: the checkpoint has {h} heads (trained k: {list(model.k_choices)})')
+    ks = list(model.k_choices) if not ks else list(check_k_choices(ks, h, what=f'k (trained: {list(model.k_choices)})'))
     untrained = [k for k in ks if k not in model.k_choices]
     if untrained:
         if model.config.trained_k_only:
@@ -206,7 +173,7 @@ def _load_with_ks(path: str | os.PathLike, ks: Optional[Sequence[int]]) -> Hydra
     return model
 
 
-def evaluate_dataset(model: HydraViT, dataset, ks: Optional[Sequence[int]] = None, *, batch_size: int = 256,
+def evaluate_dataset(model: UniversalModel, dataset, ks: Optional[Sequence[int]] = None, *, batch_size: int = 256,
                      workers: int = 0, device: str | torch.device = 'cpu', amp_dtype: Optional[torch.dtype] = None,
                      mode: Mode = 'sliced') -> List[Dict]:
     """:func:`evaluate_subnets` on a data set, with timm's validate.py columns and per-k costs.

@@ -20,7 +20,8 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import torch
 import torch.nn as nn
 
-from .model import HydraViT, parameter_axes, qkv_blocks
+from ..models.hydravit import HydraViT
+from ..models.subnet import parameter_axes, qkv_blocks
 
 __all__ = [
     'Importance', 'Permutation', 'importance_from_gradients', 'measure_importance', 'permutation_from_importance',

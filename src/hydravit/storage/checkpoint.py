@@ -17,10 +17,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from .model import HydraViT, HydraViTConfig, model_from_config
+from ..models.config import HydraViTConfig
+from ..models.factory import UniversalModel, create_model, model_from_config
 
 __all__ = [
     'CheckpointError', 'atomic_write', 'save_model', 'load_model', 'load_state_dict_file', 'read_metadata',
+    'load_config_and_state', 'model_from_name_or_checkpoint',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -38,8 +40,8 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); a plain open() would not
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # after writing: mkstemp makes it 0600 and some writers recreate the file
         with open(tmp, 'rb') as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -55,7 +57,7 @@ def _umask() -> int:
     return mask
 
 
-def save_model(path: PathLike, model: HydraViT, metadata: Optional[Mapping[str, str]] = None) -> Path:
+def save_model(path: PathLike, model: UniversalModel, metadata: Optional[Mapping[str, str]] = None) -> Path:
     """Write ``model``'s weights and config to a self-describing safetensors file, atomically."""
     meta = {CONFIG_KEY: json.dumps(model.config.to_dict()), 'format': 'pt', **(metadata or {})}
     state = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
@@ -102,7 +104,7 @@ def load_state_dict_file(path: PathLike, map_location: str = 'cpu') -> Dict[str,
     return {str(k).removeprefix('module.'): v for k, v in obj.items()}
 
 
-def load_model(path: PathLike, map_location: str = 'cpu', **overrides: Any) -> HydraViT:
+def load_model(path: PathLike, map_location: str = 'cpu', **overrides: Any) -> UniversalModel:
     """Rebuild a universal model from a checkpoint written by :func:`save_model` (config in its metadata).
 
     ``overrides`` change non-architectural settings, e.g. ``drop_path_rate`` or a wider ``k_choices``.
@@ -122,14 +124,24 @@ def load_config_and_state(path: PathLike, map_location: str = 'cpu') -> Tuple[Hy
     if path.suffix != '.safetensors':
         raise CheckpointError(
             f'{path}: HydraViT checkpoints are .safetensors files with the model config in their metadata; '
-            'to start from a timm ViT/DeiT state dict use hydravit.subnet.init_from_vit')
+            'to start from a timm ViT/DeiT state dict use hydravit.models.init_from_vit')
     meta = read_metadata(path)
     if CONFIG_KEY not in meta:
         raise CheckpointError(
             f'{path} has no {CONFIG_KEY!r} metadata: it is not a HydraViT checkpoint '
-            '(a timm ViT/DeiT state dict can initialise one through hydravit.subnet.init_from_vit)')
+            '(a timm ViT/DeiT state dict can initialise one through hydravit.models.init_from_vit)')
     try:
         config = HydraViTConfig(**json.loads(meta[CONFIG_KEY]))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f'{path}: invalid model config in metadata ({e})') from e
     return config, load_state_dict_file(path, map_location)
+
+
+def model_from_name_or_checkpoint(model_name: Optional[str] = None, checkpoint: Optional[PathLike] = None,
+                                  **kwargs: Any) -> UniversalModel:
+    """A registered model (``--model``) or the model of a checkpoint file (``--checkpoint``)."""
+    if checkpoint:
+        return load_model(checkpoint, **kwargs)
+    if not model_name:
+        raise ValueError('give a model name (--model) or a checkpoint (--checkpoint)')
+    return create_model(model_name, **kwargs)

@@ -1,28 +1,23 @@
-"""Results files, tables and the accuracy-cost Pareto plots of one or several runs.
+"""The accuracy-cost report of one or several runs: eval and benchmark rows joined per k, and Pareto plots.
 
-Rows are plain dicts (one per k, or per k and mode) so eval, benchmark and trainer output mix freely.
 Plots use matplotlib's Agg canvas directly: no pyplot global state, no display needed.
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
-import math
+import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
-from .checkpoint import atomic_write
+from ..models.config import HydraViTConfig
+from ..models.costs import add_costs
+from ..storage.checkpoint import atomic_write
+from ..storage.results import Row, format_table, markdown_table, write_results
 
-__all__ = [
-    'write_results', 'read_results', 'format_table', 'markdown_table', 'plot_accuracy', 'join_results',
-    'write_report', 'result_label', 'RESULT_FORMATS', 'PLOT_AXES',
-]
+__all__ = ['plot_accuracy', 'join_results', 'write_report', 'PLOT_AXES']
 
+logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
-Row = Dict[str, Any]
-RESULT_FORMATS = ('csv', 'json')
 PLOT_AXES = {
     'gmacs': 'GMACs per image (analytic)',
     'infer_samples_per_sec': 'inference throughput (images/s)',
@@ -31,107 +26,6 @@ PLOT_AXES = {
 }
 REPORT_COLUMNS = ('method', 'k', 'top1', 'top5', 'loss', 'param_count', 'gmacs', 'infer_samples_per_sec',
                   'infer_latency_ms', 'peak_mem_mb')
-
-
-def _columns(rows: Sequence[Row]) -> List[str]:
-    """Union of the rows' keys in first-seen order (rows may differ, e.g. optional train throughput)."""
-    seen: Dict[str, None] = {}
-    for row in rows:
-        seen.update(dict.fromkeys(row))
-    return list(seen)
-
-
-def _round(value: Any) -> Any:
-    return float(f'{value:.6g}') if isinstance(value, float) and math.isfinite(value) else value
-
-
-def _cell(value: Any) -> str:
-    if value is None or value == '':
-        return '-'
-    if isinstance(value, float):
-        return f'{value:.1f}' if abs(value) >= 1000 else f'{value:.2f}' if abs(value) >= 1 else f'{value:.4g}'
-    return str(value)
-
-
-def format_table(rows: Sequence[Row], columns: Optional[Sequence[str]] = None) -> str:
-    """An aligned plain-text table (numbers right-aligned)."""
-    columns = list(columns or _columns(rows))
-    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(line[i]) for line in cells]) for i, c in enumerate(columns)]
-    lines = [' '.join(c.rjust(w) for c, w in zip(columns, widths))]
-    lines += [' '.join(v.rjust(w) for v, w in zip(line, widths)) for line in cells]
-    return '\n'.join(lines)
-
-
-def markdown_table(rows: Sequence[Row], columns: Optional[Sequence[str]] = None) -> str:
-    columns = list(columns or _columns(rows))
-    lines = ['| ' + ' | '.join(columns) + ' |', '|' + '|'.join('---:' for _ in columns) + '|']
-    lines += ['| ' + ' | '.join(_cell(r.get(c)) for c in columns) + ' |' for r in rows]
-    return '\n'.join(lines)
-
-
-def write_results(rows: Sequence[Row], out_dir: PathLike, name: str = 'results', fmt: str = 'csv',
-                  *, verbose: bool = True) -> Path:
-    """Write ``rows`` to ``out_dir/name.{csv,json}`` atomically and print them as an aligned table."""
-    if fmt not in RESULT_FORMATS:
-        raise ValueError(f'results format must be one of {RESULT_FORMATS}, got {fmt!r}')
-    if not rows:
-        raise ValueError('no result rows to write')
-    rows = [{k: _round(v) for k, v in r.items()} for r in rows]
-    columns = _columns(rows)
-    if fmt == 'json':
-        text = json.dumps(rows, indent=2) + '\n'
-    else:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator='\n')
-        writer.writeheader()
-        writer.writerows(rows)
-        text = buf.getvalue()
-    path = atomic_write(Path(out_dir) / f'{name}.{fmt}', lambda tmp: Path(tmp).write_text(text))
-    if verbose:
-        print(format_table(rows, columns))
-    return path
-
-
-def _parse(value: str) -> Any:
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return None if value == '' else value
-
-
-def read_results(path: PathLike) -> List[Row]:
-    """Rows of a results file written by :func:`write_results` (CSV numbers parsed back)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'results file {path} does not exist')
-    if path.suffix == '.json':
-        data = json.loads(path.read_text())
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise ValueError(f'{path}: expected a JSON list of row objects')
-        return data
-    if path.suffix != '.csv':
-        raise ValueError(f'{path}: results files are .csv or .json')
-    with open(path, newline='') as f:
-        return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def result_label(path: PathLike) -> str:
-    """Default label of a results file: its stem without an eval/benchmark suffix, else its folder name.
-
-    ``run1/eval.csv`` and ``run1/benchmark.csv`` both get ``run1``, so they are joined in one series.
-    """
-    path = Path(path)
-    stem = path.stem
-    for suffix in ('eval', 'benchmark', 'bench', 'results'):
-        for sep in ('_', '-', '.'):
-            if stem.endswith(sep + suffix):
-                return stem[:-len(suffix) - 1]
-        if stem == suffix:
-            return path.resolve().parent.name
-    return stem
 
 
 def join_results(eval_rows: Sequence[Row], bench_rows: Sequence[Row] = (), bench_mode: str = 'sliced') -> List[Row]:
@@ -143,8 +37,6 @@ def join_results(eval_rows: Sequence[Row], bench_rows: Sequence[Row] = (), bench
     joined = []
     for row in eval_rows:
         bench = by_k.get(int(row['k']), {})
-        if 'param_count' not in row and 'params_m' in row:  # the trainer's results.csv (hydravit info naming)
-            row = {**row, 'param_count': row['params_m']}
         extra = {c: bench[c] for c in ('param_count', 'gmacs') if c in bench and c not in row}
         extra.update({c: bench[c] for c in ('infer_samples_per_sec', 'infer_latency_ms', 'peak_mem_mb')
                       if c in bench})
@@ -190,7 +82,7 @@ def plot_accuracy(series: Mapping[str, Sequence[Row]], x: str, path: PathLike, t
 
 def write_report(eval_rows_by_label: Mapping[str, Sequence[Row]],
                  bench_rows_by_label: Optional[Mapping[str, Sequence[Row]]] = None,
-                 out_dir: PathLike = '.', *, config: Any = None, title: str = 'HydraViT accuracy-cost report',
+                 out_dir: PathLike = '.', *, config: Optional[HydraViTConfig] = None, title: str = 'HydraViT accuracy-cost report',
                  extra_sections: Sequence[str] = ()) -> Dict[str, Path]:
     """Markdown table, joined CSV and the two Pareto plots of one or several methods.
 
@@ -211,7 +103,6 @@ def write_report(eval_rows_by_label: Mapping[str, Sequence[Row]],
     for label, rows in eval_rows_by_label.items():
         rows = join_results(rows, bench_rows_by_label.get(label, ()))
         if config is not None:
-            from .evaluate import add_costs
             rows = [r if 'gmacs' in r else add_costs([r], config)[0] for r in rows]
         series[label] = sorted(rows, key=lambda r: int(r['k']))
     out_dir = Path(out_dir)
@@ -229,5 +120,5 @@ def write_report(eval_rows_by_label: Mapping[str, Sequence[Row]],
     text += [f'![{p.stem}]({p.name})' for key, p in paths.items() if key.startswith('plot')]
     text += ['', *extra_sections] if extra_sections else []
     paths['markdown'] = atomic_write(out_dir / 'report.md', lambda tmp: Path(tmp).write_text('\n'.join(text) + '\n'))
-    print(format_table(table, columns))
+    logger.info('%s', format_table(table, columns))
     return paths

@@ -1,31 +1,35 @@
 """The paper's comparison, reproducible: every nesting method trained alike, measured alike, on one plot.
 
 Each method is trained by the same trainer with the same recipe, data order, epochs and seed; only its
-nesting and update scheme differ (:mod:`hydravit.methods`). SortedNet draws as many sub-models per step
+nesting and update scheme differ (:mod:`hydravit.training.methods`; each method's ``compare_config``). SortedNet draws as many sub-models per step
 as the recipe's sampler trains, so both see the same number of forward passes. Every run folder is a
 normal training run; an interrupted comparison resumes its unfinished run and skips finished ones.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Type
 
 import numpy as np
 
-from .methods import METHODS, get_method
-from .registry import create_model
-from .report import markdown_table, read_results, write_report, write_results
-from .sampling import create_sampler
-from .train import TrainConfig, train
-from .train_state import STATE_FILE
+from ..evaluation.benchmark import benchmark_subnets
+from ..evaluation.report import write_report
+from ..models.factory import create_model
+from ..storage.checkpoint import load_model
+from ..storage.results import markdown_table, read_results, write_results
+from ..storage.run_folder import RunFolder
+from .config import TrainConfig
+from .methods import METHODS, CompareOptions, NestingMethod, method_class
+from .trainer import train
 
 __all__ = ['Run', 'run_config', 'method_config', 'train_runs', 'compare_methods', 'write_comparison', 'gaps_at_equal_cost',
            'gaps_at_equal_k']
 
-Row = Dict[str, float]
-RESULTS_FILE = 'results.csv'
+logger = logging.getLogger(__name__)
+Row = Dict[str, Any]
 
 
 @dataclass
@@ -41,6 +45,10 @@ class Run:
     def folder(self) -> Path:
         return Path(self.config.output) / str(self.config.experiment)
 
+    @property
+    def method(self) -> Type[NestingMethod]:
+        return method_class(self.config.method)
+
 
 def run_config(cfg: TrainConfig, out_dir: Path, name: str) -> TrainConfig:
     """``cfg`` writing to ``out_dir/name``, resuming the run found there if it was interrupted.
@@ -48,42 +56,28 @@ def run_config(cfg: TrainConfig, out_dir: Path, name: str) -> TrainConfig:
     A run stopped before its first checkpoint left only ``args.yaml``: it starts again in that folder
     (the trainer would otherwise pick ``name-1``). Any other folder without a checkpoint is an error.
     """
-    folder = out_dir / name
-    resume = str(folder) if (folder / STATE_FILE).is_file() else None
-    if resume is None and folder.is_dir() and not (folder / RESULTS_FILE).is_file():
-        leftovers = sorted(p.name for p in folder.iterdir())
-        if set(leftovers) - {'args.yaml'}:
-            raise ValueError(f'{folder} holds {leftovers} but no checkpoint ({STATE_FILE}) to resume from: '
+    run = RunFolder(out_dir / name)
+    resume = str(run.path) if run.is_resumable() else None
+    if resume is None and run.path.is_dir() and not run.is_finished():
+        leftovers = sorted(p.name for p in run.path.iterdir())
+        if set(leftovers) - {run.args.name}:
+            raise ValueError(f'{run.path} holds {leftovers} but no checkpoint ({run.state.name}) to resume from: '
                              'move it away to train this run again')
-        (folder / 'args.yaml').unlink(missing_ok=True)
-        folder.rmdir()
+        run.args.unlink(missing_ok=True)
+        run.path.rmdir()
     return replace(cfg, output=str(out_dir), experiment=name, resume=resume, report=False)
 
 
-def subnets_per_step(cfg: TrainConfig, k_choices: Sequence[int]) -> int:
-    """Forward passes per step of the recipe's sampler (SortedNet gets the same number)."""
-    sampler = create_sampler(cfg.sampler, k_choices, weights=cfg.head_weights, num_random=cfg.num_random)
-    return len(sampler.ks_for_step(0, 0))
-
-
-def method_config(base: TrainConfig, method: str, out_dir: Path, k_choices: Sequence[int],
-                  teacher_epochs: Optional[int] = None) -> TrainConfig:
+def method_config(base: TrainConfig, method: str, out_dir: Path, options: CompareOptions) -> TrainConfig:
     """``base`` with ``method``'s nesting and update scheme, written to ``out_dir/method``."""
-    scheme = get_method(method).sampler
-    sampler = scheme or base.sampler
-    num_random = subnets_per_step(base, k_choices) if method == 'sortednet' else base.num_random
-    cfg = replace(base, method=method, sampler=sampler, num_random=num_random,
-                  head_weights=base.head_weights if sampler == 'weighted' else None,
-                  inplace_distill=base.inplace_distill and method not in ('dynabert', 'separate'),
-                  separate_heads=base.separate_heads and method not in ('dynabert', 'separate'),
-                  teacher_epochs=teacher_epochs if method == 'dynabert' else None)
-    return run_config(cfg, out_dir, method)
+    return run_config(method_class(method).compare_config(base, options), out_dir, method)
 
 
 def _train_or_reuse(run: Run) -> None:
-    if (run.folder / RESULTS_FILE).is_file():
-        print(f'{run.label}: finished earlier, reusing {run.folder / RESULTS_FILE}')
-        run.results = read_results(run.folder / RESULTS_FILE)
+    folder = RunFolder(run.folder)
+    if folder.is_finished():
+        logger.info('%s: finished earlier, reusing %s', run.label, folder.results)
+        run.results = read_results(folder.results)
         return
     tic = time.perf_counter()
     run.results = train(run.config).results
@@ -92,10 +86,7 @@ def _train_or_reuse(run: Run) -> None:
 
 def _benchmark(run: Run, batch_size: int, seconds: float, measure_memory: bool) -> None:
     """Speed of each extracted subnetwork (what is deployed), saved next to the run."""
-    from .benchmark import benchmark_subnets
-    from .checkpoint import load_model
-
-    run.benchmark = benchmark_subnets(load_model(run.folder / 'last.safetensors'), [r['k'] for r in run.results],
+    run.benchmark = benchmark_subnets(load_model(RunFolder(run.folder).weights('last')), [r['k'] for r in run.results],
                                       modes=('extracted',), batch_size=batch_size, rounds=3, min_seconds=seconds,
                                       latency_iters=20, measure_memory=measure_memory, flop_count=False)
     write_results(run.benchmark, run.folder, 'benchmark', verbose=False)
@@ -116,22 +107,20 @@ def compare_methods(base: TrainConfig, methods: Sequence[str] = tuple(METHODS), 
     """Train, evaluate and benchmark every method; write ``out_dir/report`` (table, plots, gaps).
 
     ``separate_ks`` trains separate ViTs for these k only (one ViT per k costs the most to train);
-    ``teacher_epochs`` is DynaBERT's full-width phase (default: see ``TrainConfig.dynabert_teacher_epochs``);
+    ``teacher_epochs`` is DynaBERT's full-width phase (default: see :meth:`DynaBERT.teacher_epochs`);
     ``bench`` goes to :func:`train_runs` (``benchmark``, ``bench_batch_size``, ``bench_seconds``, ``measure_memory``).
     """
-    for m in methods:
-        get_method(m)
+    classes = [method_class(m) for m in methods]
     out_dir = Path(out_dir)
     k_choices = list(base.heads or create_model(base.model).k_choices)
-    runs: Dict[str, Run] = {}
-    for method in methods:
-        cfg = method_config(base, method, out_dir, k_choices, teacher_epochs)
-        if method == 'separate' and separate_ks:
-            cfg = replace(cfg, heads=sorted(separate_ks))
-        runs[method] = Run(get_method(method).label, cfg)
+    options = CompareOptions(k_choices=k_choices, teacher_epochs=teacher_epochs, separate_ks=separate_ks)
+    if separate_ks:
+        create_model(base.model, k_choices=tuple(separate_ks))  # a bad k fails now, not after hours of training
+    runs = {cls.name: Run(cls.label, method_config(base, cls.name, out_dir, options)) for cls in classes}
     train_runs(list(runs.values()), **bench)
-    write_comparison(list(runs.values()), out_dir, title='Nested-width methods compared',
-                     separate=runs.get('separate'), reference=runs.get('hydravit'))
+    baseline = next((run for run in runs.values() if run.method.is_baseline), None)
+    write_comparison(list(runs.values()), out_dir, title='Nested-width methods compared', separate=baseline,
+                     reference=runs.get('hydravit'))
     return runs
 
 
@@ -171,7 +160,7 @@ def _runs_table(runs: Sequence[Run]) -> List[str]:
 
 def _separate_gap_lines(runs: Sequence[Run], separate: Run) -> List[str]:
     """Separate ViTs' top-1 minus each HydraViT-shaped run's, at every k both trained."""
-    shaped = [run for run in runs if run is not separate and get_method(run.config.method).nesting == 'hydravit']
+    shaped = [run for run in runs if run is not separate and run.method.nesting == 'hydravit']
     table = []
     for run in shaped:
         gaps = {g['k']: g['gap'] for g in gaps_at_equal_k(separate.results, run.results)}
@@ -212,6 +201,6 @@ def write_comparison(runs: Sequence[Run], out_dir: str | Path, *, title: str, se
     paths = write_report({run.label: run.results for run in runs},
                          {run.label: run.benchmark for run in runs if run.benchmark},
                          Path(out_dir) / 'report', title=title, extra_sections=extra)
-    print('\n'.join(extra))
-    print('report: ' + ', '.join(str(p) for p in paths.values()))
+    logger.info('%s', '\n'.join(extra))
+    logger.info('report: %s', ', '.join(str(p) for p in paths.values()))
     return paths

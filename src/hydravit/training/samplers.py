@@ -15,32 +15,24 @@ from __future__ import annotations
 
 import hashlib
 import math
-import numbers
 import random
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Type
+
+from ..models.kchoices import check_k_choices, is_int
 
 __all__ = ['SAMPLERS', 'SubnetSampler', 'UniformSampler', 'WeightedSampler', 'SandwichSampler', 'RandomSubsetSampler',
            'AllSampler', 'create_sampler']
 
-SAMPLERS = ('uniform', 'weighted', 'sandwich', 'random', 'all')
 
 
 def _validate_k_choices(k_choices: Sequence[int]) -> Tuple[int, ...]:
-    ks = list(k_choices)
-    if not ks:
-        raise ValueError('k_choices is empty: give at least one head count k >= 1')
-    bad = [k for k in ks if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1]
-    if bad:
-        raise ValueError(f'k_choices must be positive integers, got {bad} in {ks}')
-    ks = [int(k) for k in ks]
-    duplicates = sorted({k for k in ks if ks.count(k) > 1})
-    if duplicates:
-        raise ValueError(f'k_choices has duplicates {duplicates}: {ks}')
-    return tuple(ks)
+    """The project's k rule (ints >= 1, each once), keeping the caller's order (weights follow it)."""
+    check_k_choices(k_choices)
+    return tuple(int(k) for k in k_choices)
 
 
 def _check_index(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not is_int(value) or value < 0:
         raise ValueError(f'{name} must be an integer >= 0, got {value!r}')
 
 
@@ -53,6 +45,12 @@ class SubnetSampler:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f'seed must be an integer, got {seed!r}')
         self.seed, self.per_rank = seed, bool(per_rank)
+
+    @classmethod
+    def from_options(cls, k_choices: Sequence[int], *, seed: int, weights: Optional[Sequence[float]],
+                     num_random: int, per_rank: bool) -> SubnetSampler:
+        """Build from :func:`create_sampler`'s options, taking the ones this sampler uses."""
+        return cls(k_choices, seed=seed, per_rank=per_rank)
 
     def _rng(self, epoch: int, step: int, rank: int) -> random.Random:
         """A generator seeded from a hash of (sampler, seed, epoch, step[, rank]): same inputs, same draws."""
@@ -97,6 +95,11 @@ class WeightedSampler(SubnetSampler):
         super().__init__(k_choices, seed=seed, per_rank=per_rank)
         self.weights = self._validate_weights(weights)
 
+    @classmethod
+    def from_options(cls, k_choices: Sequence[int], *, seed: int, weights: Optional[Sequence[float]],
+                     num_random: int, per_rank: bool) -> SubnetSampler:
+        return cls(k_choices, weights, seed=seed, per_rank=per_rank)
+
     def _validate_weights(self, weights: Optional[Sequence[float]]) -> Tuple[float, ...]:
         if weights is None:
             raise ValueError(f'the weighted sampler needs weights (--head-weights): '
@@ -119,21 +122,33 @@ class WeightedSampler(SubnetSampler):
         return {k: w / total for k, w in zip(self.k_choices, self.weights)}
 
 
-class SandwichSampler(SubnetSampler):
+class _NumRandomSampler(SubnetSampler):
+    """A sampler that draws ``num_random`` k per step besides any fixed ones."""
+
+    def __init__(self, k_choices: Sequence[int], num_random: int = 1, *, seed: int = 0,
+                 per_rank: bool = False) -> None:
+        super().__init__(k_choices, seed=seed, per_rank=per_rank)
+        self.num_random = num_random
+
+    @classmethod
+    def from_options(cls, k_choices: Sequence[int], *, seed: int, weights: Optional[Sequence[float]],
+                     num_random: int, per_rank: bool) -> SubnetSampler:
+        return cls(k_choices, num_random, seed=seed, per_rank=per_rank)
+
+
+class SandwichSampler(_NumRandomSampler):
     """The largest and smallest k plus ``num_random`` distinct others per step (the sandwich rule)."""
     name = 'sandwich'
 
     def __init__(self, k_choices: Sequence[int], num_random: int = 1, *, seed: int = 0,
                  per_rank: bool = False) -> None:
-        super().__init__(k_choices, seed=seed, per_rank=per_rank)
+        super().__init__(k_choices, num_random, seed=seed, per_rank=per_rank)
         ordered = sorted(self.k_choices)
         self.largest, self.smallest, self.middle = ordered[-1], ordered[0], tuple(ordered[1:-1])
-        if isinstance(num_random, bool) or not isinstance(num_random, int) or \
-                not 0 <= num_random <= len(self.middle):
+        if not is_int(num_random) or not 0 <= num_random <= len(self.middle):
             raise ValueError(f'num_random must be an integer in 0..{len(self.middle)} (the k choices '
                              f'{ordered} have {len(self.middle)} between the largest and the smallest), '
                              f'got {num_random!r}')
-        self.num_random = num_random
 
     def _draw(self, rng: random.Random) -> List[int]:
         picked = sorted(rng.sample(self.middle, self.num_random), reverse=True)
@@ -146,18 +161,16 @@ class SandwichSampler(SubnetSampler):
         return {k: share[k] for k in self.k_choices}
 
 
-class RandomSubsetSampler(SubnetSampler):
+class RandomSubsetSampler(_NumRandomSampler):
     """``num_random`` distinct k per step, uniformly, largest first (SortedNet's random sub-models)."""
     name = 'random'
 
     def __init__(self, k_choices: Sequence[int], num_random: int = 1, *, seed: int = 0,
                  per_rank: bool = False) -> None:
-        super().__init__(k_choices, seed=seed, per_rank=per_rank)
-        if isinstance(num_random, bool) or not isinstance(num_random, int) or \
-                not 1 <= num_random <= len(self.k_choices):
+        super().__init__(k_choices, num_random, seed=seed, per_rank=per_rank)
+        if not is_int(num_random) or not 1 <= num_random <= len(self.k_choices):
             raise ValueError(f'num_random must be an integer in 1..{len(self.k_choices)} (the number of k choices '
                              f'{sorted(self.k_choices)}), got {num_random!r}')
-        self.num_random = num_random
 
     def _draw(self, rng: random.Random) -> List[int]:
         return sorted(rng.sample(self.k_choices, self.num_random), reverse=True)
@@ -177,6 +190,10 @@ class AllSampler(SubnetSampler):
         return {k: 1.0 / len(self.k_choices) for k in self.k_choices}
 
 
+SAMPLERS: Dict[str, Type[SubnetSampler]] = {cls.name: cls for cls in (
+    UniformSampler, WeightedSampler, SandwichSampler, RandomSubsetSampler, AllSampler)}
+
+
 def create_sampler(name: str, k_choices: Sequence[int], *, seed: int = 0, weights: Optional[Sequence[float]] = None,
                    num_random: int = 1, per_rank: bool = False) -> SubnetSampler:
     """The sampler called ``name`` (one of :data:`SAMPLERS`).
@@ -188,11 +205,5 @@ def create_sampler(name: str, k_choices: Sequence[int], *, seed: int = 0, weight
         raise ValueError(f'unknown sampler {name!r}: choose one of {", ".join(SAMPLERS)}')
     if weights is not None and name != 'weighted':
         raise ValueError(f'weights (--head-weights) are used only by the weighted sampler, not {name!r}')
-    common = dict(seed=seed, per_rank=per_rank)
-    if name == 'weighted':
-        return WeightedSampler(k_choices, weights, **common)
-    if name == 'sandwich':
-        return SandwichSampler(k_choices, num_random, **common)
-    if name == 'random':
-        return RandomSubsetSampler(k_choices, num_random, **common)
-    return (UniformSampler if name == 'uniform' else AllSampler)(k_choices, **common)
+    return SAMPLERS[name].from_options(k_choices, seed=seed, weights=weights, num_random=num_random,
+                                       per_rank=per_rank)

@@ -1,0 +1,128 @@
+"""Every setting of a training run, named as timm ``train.py``'s arguments (the YAML keys of ``--config``).
+
+Only checks that need no knowledge of a nesting method live here; what a method fixes or forbids is
+checked by its plug-in (:mod:`hydravit.training.methods`), and recipes are read by
+:mod:`hydravit.training.recipe`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from ..models.kchoices import check_k_choices
+
+__all__ = ['TrainConfig', 'AMP_DTYPES', 'effective_lr']
+
+AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
+EVAL_METRIC = re.compile(r'top[15]_(mean|k(\d+))')
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run; names are timm ``train.py`` argument names (YAML keys of ``--config``)."""
+    model: str = 'hydravit_fmnist_patch7_28'
+    dataset: str = 'fashion-mnist'
+    data_dir: Optional[str] = None
+    num_classes: Optional[int] = None
+    img_size: Optional[int] = None
+    batch_size: int = 128
+    validation_batch_size: Optional[int] = None
+    epochs: int = 300
+    lr: Optional[float] = None
+    lr_base: float = 5e-4
+    opt: str = 'adamw'
+    momentum: float = 0.9
+    weight_decay: float = 0.05
+    sched: str = 'cosine'
+    warmup_epochs: float = 5
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    cooldown_epochs: int = 0
+    drop_path: float = 0.0
+    smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = 'batch'
+    no_aug: bool = False
+    scale: Optional[Tuple[float, float]] = None
+    ratio: Optional[Tuple[float, float]] = None
+    hflip: float = 0.5
+    vflip: float = 0.0
+    color_jitter: float = 0.0
+    aa: Optional[str] = None
+    reprob: float = 0.0
+    remode: str = 'pixel'
+    model_ema: bool = False
+    model_ema_decay: float = 0.9998
+    amp: bool = False
+    amp_dtype: str = 'float16'
+    grad_accum_steps: int = 1
+    clip_grad: Optional[float] = None
+    clip_mode: str = 'norm'
+    initial_checkpoint: Optional[str] = None
+    resume: Optional[str] = None
+    output: str = 'output/train'
+    experiment: Optional[str] = None
+    seed: int = 42
+    workers: int = 0
+    log_interval: int = 50
+    val_interval: int = 1
+    device: str = 'cpu'
+    max_train_samples: Optional[int] = None
+    max_val_samples: Optional[int] = None
+    skip_bad_images: bool = False
+    method: str = 'hydravit'
+    heads: Optional[List[int]] = None
+    sampler: str = 'uniform'
+    head_weights: Optional[List[float]] = None
+    num_random: int = 1
+    k_per_rank: bool = False
+    inplace_distill: bool = False
+    separate_heads: bool = False
+    teacher_epochs: Optional[int] = None
+    importance_samples: int = 2048
+    eval_heads: Optional[List[int]] = None
+    eval_metric: str = 'top1_mean'
+    checkpoint_interval_steps: int = 0
+    report: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ('batch_size', 'epochs', 'grad_accum_steps', 'val_interval', 'log_interval', 'importance_samples'):
+            if getattr(self, name) < 1:
+                raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
+        for name in ('workers', 'checkpoint_interval_steps', 'num_random'):
+            if getattr(self, name) < 0:
+                raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
+        if self.amp_dtype not in AMP_DTYPES:
+            raise ValueError(f'amp_dtype must be one of {list(AMP_DTYPES)}, got {self.amp_dtype!r}')
+        if not EVAL_METRIC.fullmatch(self.eval_metric):
+            raise ValueError(f"eval_metric must be 'top1_mean', 'top5_mean' or 'top1_k<N>'/'top5_k<N>', "
+                             f'got {self.eval_metric!r}')
+        if self.heads is not None:
+            check_k_choices(self.heads, what='--heads')
+            if self.head_weights is not None:
+                if len(self.head_weights) != len(self.heads):
+                    raise ValueError(f'--head-weights has {len(self.head_weights)} weights for {len(self.heads)} '
+                                     f'--heads {self.heads}: give one weight per k')
+                # the model sorts its k choices: keep each weight with its k
+                pairs = sorted(zip(self.heads, self.head_weights))
+                self.heads, self.head_weights = [k for k, _ in pairs], [w for _, w in pairs]
+        for name in ('scale', 'ratio'):
+            value = getattr(self, name)
+            if value is not None and len(value) != 2:
+                raise ValueError(f'{name} takes two numbers (min max), got {value!r}')
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def effective_lr(cfg: TrainConfig, world_size: int = 1) -> float:
+    """``lr``, or timm's linear rule ``lr_base * global batch / 512`` when ``lr`` is not given."""
+    if cfg.lr is not None:
+        return cfg.lr
+    return cfg.lr_base * cfg.batch_size * world_size * cfg.grad_accum_steps / 512

@@ -1,0 +1,66 @@
+"""What a run reports: the per-epoch summary row, the final per-k results table, its plot and the report."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+
+from ..evaluation.benchmark import benchmark_subnets
+from ..evaluation.report import plot_accuracy, write_report
+from ..models.costs import cost_row
+from ..models.factory import UniversalModel
+from ..storage.results import write_results
+from ..storage.run_folder import RunFolder
+
+__all__ = ['PerK', 'summary_row', 'metric_value', 'results_table', 'write_run_results']
+
+logger = logging.getLogger(__name__)
+Row = Dict[str, Any]
+PerK = Dict[str, List[Row]]  # evaluation rows per weights: '' the model, 'ema_' its EMA
+
+
+def summary_row(epoch: int, train_loss: float, lr: float, rows: Optional[PerK]) -> Row:
+    """One line of ``summary.csv``: timm's columns plus ``eval_top1_k<N>`` ... and their means."""
+    row: Row = {'epoch': epoch, 'train_loss': train_loss, 'lr': lr}
+    for prefix, per_k in (rows or {}).items():
+        for r in per_k:
+            for metric in ('top1', 'top5', 'loss'):
+                row[f'{prefix}eval_{metric}_k{r["k"]}'] = r[metric]
+        row[f'{prefix}eval_top1_mean'] = sum(r['top1'] for r in per_k) / len(per_k)
+        row[f'{prefix}eval_top5_mean'] = sum(r['top5'] for r in per_k) / len(per_k)
+    return row
+
+
+def metric_value(row: Mapping[str, Any], metric: str, use_ema: bool) -> float:
+    """The ``--eval-metric`` of a summary row (of the EMA weights when there are any)."""
+    return float(row[f'{"ema_" if use_ema else ""}eval_{metric}'])
+
+
+def results_table(model: UniversalModel, rows: PerK) -> List[Row]:
+    """``results.csv``: per k its cost columns and accuracy (``ema_*`` columns with EMA)."""
+    table = []
+    for i, r in enumerate(rows['']):
+        row = {**cost_row(model.config, r['k']), 'top1': r['top1'], 'top5': r['top5'], 'loss': r['loss']}
+        if 'ema_' in rows:
+            ema = rows['ema_'][i]
+            row.update(ema_top1=ema['top1'], ema_top5=ema['top5'], ema_loss=ema['loss'])
+        table.append(row)
+    return table
+
+
+def write_run_results(run: RunFolder, results: Sequence[Row], model: UniversalModel, *, label: str, title: str,
+                      device: torch.device, report: bool) -> None:
+    """``results.csv``, its accuracy-vs-GMACs plot and (``report``) the accuracy-cost report of the run."""
+    write_results(results, run.path, run.results.stem)
+    series = {label: list(results)}
+    if 'ema_top1' in results[0]:
+        series[f'{label} (EMA)'] = [{**r, 'top1': r['ema_top1']} for r in results]
+    plot_accuracy(series, 'gmacs', run.plot, f'{title}: top-1 vs GMACs')
+    logger.info('results: %s, %s', run.results, run.plot)
+    if report:
+        bench = benchmark_subnets(model, [r['k'] for r in results], modes=('sliced',), device=device, rounds=1,
+                                  min_seconds=0.1, latency_iters=3, measure_memory=False, flop_count=False)
+        paths = write_report(series, {name: bench for name in series}, run.report, config=model.config,
+                             title=title)
+        logger.info('report: %s', ', '.join(str(p) for p in paths.values()))

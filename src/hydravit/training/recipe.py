@@ -1,0 +1,41 @@
+"""Training recipes: a YAML file of :class:`TrainConfig` settings, the built-in one, and flags on top."""
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .config import TrainConfig
+from .methods import method_class
+
+__all__ = ['DEFAULT_CONFIG', 'load_train_config']
+
+DEFAULT_CONFIG = 'fmnist_cpu.yaml'
+
+
+def load_train_config(path: Optional[str | os.PathLike] = None, **overrides: Any) -> TrainConfig:
+    """A :class:`TrainConfig` from a YAML recipe (default: the built-in ``configs/fmnist_cpu.yaml``)."""
+    if path is None:
+        text = resources.files('hydravit').joinpath('configs', DEFAULT_CONFIG).read_text()
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f'--config: {path} does not exist')
+        text = path.read_text()
+    recipe = yaml.safe_load(text) or {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f'{path or DEFAULT_CONFIG}: a recipe is a YAML mapping of setting: value')
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted((set(recipe) | set(overrides)) - names)
+    if unknown:
+        raise ValueError(f'unknown setting(s) {unknown}; valid settings: {", ".join(sorted(names))}')
+    prescribed = method_class(overrides['method']).sampler if 'method' in overrides else None
+    if prescribed and 'sampler' not in overrides:  # the method's update scheme wins over the recipe's sampler
+        overrides = {**overrides, 'sampler': prescribed}
+    cfg = TrainConfig(**{**recipe, **overrides})
+    method_class(cfg.method).check(cfg)
+    return cfg

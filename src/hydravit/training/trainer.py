@@ -1,0 +1,393 @@
+"""Stochastic-dropout training of a universal model: each step trains the subnetwork(s) k its method picks.
+
+Built on timm's pieces (optimizer and scheduler factories, Mixup/CutMix, losses, ModelEmaV3, NativeScaler)
+and PyTorch DDP. Every rank trains the same k in the same step (the sampler is a pure function of seed,
+epoch and step), so the all-reduced gradient belongs to one subnetwork. A run resumed from any
+checkpoint ends with the same weights as an uninterrupted one: data order, augmentation and k are
+functions of (seed, epoch, index), and the remaining RNG states are saved.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, ContextManager, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, get_outdir, random_seed
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset
+
+from ..evaluation.evaluate import evaluate_subnets
+from ..models.factory import UniversalModel
+from ..storage.run_folder import (CLASS_NAMES_KEY, EPOCHS_KEY, PREPROCESSING_KEYS, PRETRAINED_CFG_KEY,
+                                  TRAIN_CONFIG_KEY, RunFolder, read_summary, write_summary)
+from ..storage.checkpoint import save_model
+from .config import AMP_DTYPES, EVAL_METRIC, TrainConfig, effective_lr
+from .distributed import DistEnv, all_gather, all_reduce_sum, check_replicas_in_sync, init_distributed
+from .loaders import EpochSeededDataset, build_datasets, rng_preserving, run_data_config, train_loader, val_loader
+from .methods import create_method
+from .model_setup import build_model
+from .outputs import PerK, metric_value, results_table, summary_row, write_run_results
+from .samplers import create_sampler
+from .state import capture_rng, load_training_checkpoint, resolve_resume, restore_rng, save_training_checkpoint
+
+__all__ = ['Trainer', 'TrainResult', 'train']
+
+logger = logging.getLogger(__name__)
+FUSED_OPTIMIZERS = ('adam', 'adamw')  # torch.optim classes with fused CPU and CUDA kernels
+Window = Sequence[Tuple[torch.Tensor, torch.Tensor]]  # the micro-batches of one optimiser step
+
+
+@dataclass
+class TrainResult:
+    out_dir: Optional[Path]
+    results: List[Dict[str, Any]]
+    summary: List[Dict[str, Any]]
+    best_metric: Optional[float]
+    best_epoch: Optional[int]
+
+
+class PlainUpdate:
+    """timm ``NativeScaler``'s interface without loss scaling (fp32 and bf16): backward, clip, step."""
+
+    def __call__(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, clip_grad: Optional[float] = None,
+                 clip_mode: str = 'norm', parameters: Any = None, need_update: bool = True) -> None:
+        loss.backward()
+        if need_update:
+            if clip_grad is not None:
+                dispatch_clip_grad(parameters, clip_grad, mode=clip_mode)
+            optimizer.step()
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+
+def _output_folder(cfg: TrainConfig, data_config: Dict[str, Any]) -> Path:
+    """``output/<experiment>`` (timm's default name: time-model-size), ``-1``, ``-2`` ... if it exists."""
+    name = cfg.experiment or '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'), cfg.model,
+                                       str(data_config['input_size'][-1])])
+    return Path(get_outdir(cfg.output, name, inc=True))
+
+
+class Trainer:
+    """One training run; ``fit()`` returns the per-k results. Build it through :func:`train`."""
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv, datasets: Optional[Tuple[Dataset, Dataset]] = None) -> None:
+        self.cfg, self.env = cfg, env
+        self.method = create_method(cfg)
+        resume_dir = resolve_resume(cfg.resume) if cfg.resume else None
+        self.data_config = run_data_config(cfg)
+        self._setup_data(datasets or build_datasets(cfg, self.data_config))
+        self._setup_optimisation()
+        self.epoch, self.step, self.num_updates = 0, 0, 0
+        self.loss_sum, self.loss_count = 0.0, 0
+        self.best_metric: Optional[float] = None
+        self.best_epoch: Optional[int] = None
+        self.summary: List[Dict[str, Any]] = []
+        self.epoch_throughput = 0.0
+        self.rng_to_restore: Optional[Dict[str, Any]] = None
+        out_dir = resume_dir or (_output_folder(cfg, self.data_config) if env.is_main else Path(cfg.output))
+        self.run = RunFolder(out_dir)
+        random_seed(cfg.seed, env.rank)  # per-rank streams for drop-path, mixup, ...
+        if resume_dir:
+            self._resume(resume_dir)
+
+    @property
+    def out_dir(self) -> Path:
+        return self.run.path
+
+    def _setup_data(self, datasets: Tuple[Dataset, Dataset]) -> None:
+        cfg, env = self.cfg, self.env
+        train_set, val_set = datasets
+        train_classes = getattr(train_set, 'num_classes', None)
+        if cfg.num_classes is None and train_classes is None:
+            raise ValueError('the training set has no num_classes attribute: give num_classes')
+        self.class_names = list(getattr(train_set, 'classes', []) or [])
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank (EMA copies them before DDP)
+        self.model: UniversalModel = build_model(cfg, cfg.num_classes or train_classes).to(env.device)
+        self.eval_ks = [self.model.resolve_k(k) for k in (cfg.eval_heads or self.model.k_choices)]
+        self._check_eval_metric()
+        self.sampler = create_sampler(cfg.sampler, self.model.k_choices, seed=cfg.seed, weights=cfg.head_weights,
+                                      num_random=cfg.num_random, per_rank=cfg.k_per_rank)
+        self.train_set = EpochSeededDataset(train_set, cfg.seed)
+        self.batches_per_epoch = len(train_set) // (cfg.batch_size * env.world_size)
+        if self.batches_per_epoch < 1:
+            raise ValueError(f'{len(train_set)} training images make no full batch of {cfg.batch_size} per process')
+        self.val_loader = val_loader(val_set, cfg, env)
+
+    def _setup_optimisation(self) -> None:
+        cfg, env = self.cfg, self.env
+        self.lr = effective_lr(cfg, env.world_size)
+        # fused Adam(W): the sliced model updates its full tensors every step (the paper's behaviour), and one
+        # fused pass over them is what keeps a small-k step as fast as a standalone ViT's (bench_train_step.py)
+        fused = {'fused': True} if cfg.opt.lower() in FUSED_OPTIMIZERS else {}
+        self.optimizer = create_optimizer_v2(self.model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay,
+                                             momentum=cfg.momentum, **fused)
+        updates_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum_steps)
+        self.scheduler, self.num_epochs = create_scheduler_v2(
+            self.optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+            warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, cooldown_epochs=cfg.cooldown_epochs,
+            step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+        self.amp_dtype = AMP_DTYPES[cfg.amp_dtype] if cfg.amp else None
+        fp16_cuda = self.amp_dtype == torch.float16 and env.device.type == 'cuda'
+        self.loss_scaler = NativeScaler(device=env.device.type) if fp16_cuda else PlainUpdate()
+        self.ema = ModelEmaV3(self.model, decay=cfg.model_ema_decay) if cfg.model_ema else None
+        self.mixup = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                            switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
+                            num_classes=self.model.num_classes) if cfg.mixup > 0 or cfg.cutmix > 0 else None)
+        self.criterion = (SoftTargetCrossEntropy() if self.mixup else LabelSmoothingCrossEntropy(cfg.smoothing)
+                          if cfg.smoothing > 0 else torch.nn.CrossEntropyLoss())
+        self.distill_loss = SoftTargetCrossEntropy()
+        # every parameter is used at every k (sliced views), except the other k's classifiers with separate heads
+        self.ddp = (DistributedDataParallel(self.model, device_ids=[env.device] if env.device.type == 'cuda' else None,
+                                            find_unused_parameters=cfg.separate_heads) if env.distributed else None)
+
+    def _check_eval_metric(self) -> None:
+        m = EVAL_METRIC.fullmatch(self.cfg.eval_metric)
+        if m is not None and m.group(2) and int(m.group(2)) not in self.eval_ks:
+            raise ValueError(f'--eval-metric {self.cfg.eval_metric}: k={m.group(2)} is not evaluated; '
+                             f'--eval-heads are {self.eval_ks}')
+
+    # -------------------------------------------------------------------------------------- resume
+    def _resume(self, folder: Path) -> None:
+        state = load_training_checkpoint(folder, self.ema is not None)
+        self.model.load_state_dict(state['model'], strict=True)
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state['ema'], strict=True)
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.scheduler.load_state_dict(state['scheduler'])
+        self.loss_scaler.load_state_dict(state['scaler'])
+        self.epoch, self.step, self.num_updates = state['epoch'], state['step'], state['num_updates']
+        self.loss_sum, self.loss_count = state['loss_sum'], state['loss_count']
+        self.best_metric, self.best_epoch = state['best_metric'], state['best_epoch']
+        rngs = state['rng']
+        if self.step and (state['world_size'] != self.env.world_size or state.get('batch_size') != self.cfg.batch_size):
+            raise ValueError(f'{folder} stopped mid-epoch with {state["world_size"]} process(es) x batch '
+                             f'{state.get("batch_size")}: resume with the same world size and --batch-size '
+                             f'(now {self.env.world_size} x {self.cfg.batch_size}) to skip exactly the trained batches')
+        if len(rngs) != self.env.world_size:
+            logger.warning("resuming a %d-process run on %d: RNG streams restart from rank 0's", len(rngs),
+                           self.env.world_size)
+        self.rng_to_restore = rngs[min(self.env.rank, len(rngs) - 1)]
+        self.summary = [r for r in read_summary(self.run.summary) if r['epoch'] < self.epoch]
+        self.scheduler.step_update(self.num_updates)
+        self.method.on_resume(self, self.epoch, self.step)
+        if self.env.is_main:
+            logger.info('resumed %s at epoch %d, step %d (%d updates)', folder, self.epoch, self.step,
+                        self.num_updates)
+
+    def _state(self) -> Dict[str, Any]:
+        return dict(epoch=self.epoch, step=self.step, num_updates=self.num_updates,
+                    optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                    scaler=self.loss_scaler.state_dict(), rng=all_gather(capture_rng(), self.env),
+                    loss_sum=self.loss_sum, loss_count=self.loss_count, best_metric=self.best_metric,
+                    best_epoch=self.best_epoch, world_size=self.env.world_size, batch_size=self.cfg.batch_size)
+
+    def metadata(self) -> Dict[str, str]:
+        """What every weights file of the run records besides the model config (read back by eval/export)."""
+        pretrained_cfg = {k: self.data_config[k] for k in PREPROCESSING_KEYS if k in self.data_config}
+        pretrained_cfg.update(num_classes=self.model.num_classes, first_conv='patch_embed.proj', classifier='head')
+        return {CLASS_NAMES_KEY: json.dumps(self.class_names), EPOCHS_KEY: str(self.epoch),
+                TRAIN_CONFIG_KEY: json.dumps(self.cfg.to_dict()), PRETRAINED_CFG_KEY: json.dumps(pretrained_cfg)}
+
+    def save_checkpoint(self) -> None:
+        state = self._state()  # a collective: every rank takes part
+        if self.env.is_main:
+            save_training_checkpoint(self.out_dir, self.model, self.ema.module if self.ema else None, state,
+                                     self.metadata())
+
+    # -------------------------------------------------------------------------------------- training
+    def fit(self) -> TrainResult:
+        if self.env.is_main:
+            self.run.path.mkdir(parents=True, exist_ok=True)
+            self.run.write_args(self.cfg.to_dict())
+            logger.info('training %s as %s k=%s (%s sampler) on %s: %d steps/epoch x %d epochs, lr %.3g, '
+                        'world size %d -> %s', self.cfg.model, self.method.label, list(self.model.k_choices),
+                        self.cfg.sampler, self.cfg.dataset, self.batches_per_epoch, self.num_epochs, self.lr,
+                        self.env.world_size, self.out_dir)
+        if self.rng_to_restore is not None:
+            restore_rng(self.rng_to_restore)
+        last_rows = None
+        while self.epoch < self.num_epochs:
+            train_loss = self.train_epoch()
+            evaluate = (self.epoch + 1) % self.cfg.val_interval == 0 or self.epoch + 1 == self.num_epochs
+            rows = self.validate() if evaluate else None
+            last_rows = rows or last_rows
+            self._end_epoch(train_loss, rows)
+        if last_rows is None:  # resumed after the final epoch's checkpoint
+            last_rows = self.validate()
+        results = results_table(self.model, last_rows)
+        if self.env.is_main:
+            write_run_results(self.run, results, self.model, label=self.method.label, device=self.env.device,
+                              title=f'{self.cfg.model} on {self.cfg.dataset}', report=self.cfg.report)
+        return TrainResult(self.out_dir, results, self.summary, self.best_metric, self.best_epoch)
+
+    def train_epoch(self) -> float:
+        """One epoch (or its remainder after a resume); the mean training loss over all processes."""
+        cfg, env = self.cfg, self.env
+        self.method.on_epoch_start(self)
+        loader = train_loader(self.train_set, cfg, env, self.epoch, self.step)
+        self.model.train()
+        progress = _progress(self.batches_per_epoch, self.step, self.epoch, env)
+        window: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        tic, seen = time.perf_counter(), 0
+        for batch_idx, (images, target) in enumerate(rng_preserving(loader), start=self.step):
+            window.append((images, target))
+            first_of_window = (batch_idx // cfg.grad_accum_steps) * cfg.grad_accum_steps
+            if len(window) < min(cfg.grad_accum_steps, self.batches_per_epoch - first_of_window):
+                continue
+            ks, loss = self.train_update(window, batch_idx + 1 - len(window))
+            self.step, seen = batch_idx + 1, seen + images.shape[0] * len(window)
+            self._log_step(progress, len(window), ks, loss, seen * env.world_size / (time.perf_counter() - tic))
+            window = []
+            if cfg.checkpoint_interval_steps and self.num_updates % cfg.checkpoint_interval_steps == 0:
+                self.save_checkpoint()
+        if progress is not None:
+            progress.close()
+        self.epoch_throughput = seen * env.world_size / max(time.perf_counter() - tic, 1e-9)
+        total, count = all_reduce_sum([self.loss_sum, self.loss_count], env)
+        return total / max(count, 1)
+
+    def _log_step(self, progress: Any, batches: int, ks: List[int], loss: float, img_s: float) -> None:
+        if progress is not None:
+            progress.update(batches)
+            progress.set_postfix(loss=f'{self.loss_sum / max(self.loss_count, 1):.4f}', k=ks, img_s=f'{img_s:.0f}')
+        elif self.env.is_main and self.num_updates % self.cfg.log_interval == 0:
+            logger.info('epoch %d step %d/%d k=%s loss %.4f lr %.3g', self.epoch, self.step, self.batches_per_epoch,
+                        ks, loss, self.optimizer.param_groups[0]['lr'])
+
+    def train_update(self, window: Window, start: int) -> Tuple[List[int], float]:
+        """One optimizer step over the micro-batches of ``window`` (gradient accumulation) and their k."""
+        step_losses = []
+        for i, (images, target) in enumerate(window):
+            images = images.to(self.env.device, non_blocking=True)
+            target = target.to(self.env.device, non_blocking=True)
+            if self.mixup is not None:
+                images, target = self.mixup(images, target)
+            ks = self.method.ks_for_step(self, start + i)
+            soft_target = self.method.distill_target(self, images)
+            for j, k in enumerate(ks):
+                last = i == len(window) - 1 and j == len(ks) - 1
+                loss, logits = self._backward(images, target, soft_target, k, len(window), last)
+                if self.cfg.inplace_distill and soft_target is None and len(ks) > 1:
+                    soft_target = torch.softmax(logits.detach().float(), dim=-1)
+                step_losses.append(loss)
+        self._after_optimizer_step()
+        loss = sum(step_losses) / len(step_losses)
+        self.loss_sum += loss
+        self.loss_count += 1
+        return ks, loss
+
+    def _backward(self, images: torch.Tensor, target: torch.Tensor, soft_target: Optional[torch.Tensor], k: int,
+                  micro_batches: int, last: bool) -> Tuple[float, torch.Tensor]:
+        """Forward and backward at k; the step's last call also steps the optimizer. Returns (loss, logits).
+
+        The losses of a step's k are summed (slimmable/US-Nets); micro-batches are averaged.
+        """
+        no_sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+        with no_sync:
+            with self.autocast():
+                logits = (self.ddp or self.model)(images, k=k)
+                loss = (self.criterion(logits, target) if soft_target is None
+                        else self.distill_loss(logits, soft_target))
+            self.loss_scaler(loss / micro_batches, self.optimizer, clip_grad=self.cfg.clip_grad,
+                             clip_mode=self.cfg.clip_mode, parameters=self.model.parameters(), need_update=last)
+        return float(loss.detach()), logits
+
+    def _after_optimizer_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.num_updates += 1
+        self.scheduler.step_update(self.num_updates)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.num_updates)
+
+    def autocast(self) -> ContextManager[Any]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.amp_dtype)
+
+    # -------------------------------------------------------------------------------------- evaluation
+    def validate(self) -> PerK:
+        """Per-k rows of the model (and of its EMA), reduced over all processes."""
+        out = {'': self._evaluate(self.model)}
+        if self.ema is not None:
+            out['ema_'] = self._evaluate(self.ema.module)
+        return out
+
+    def _evaluate(self, model: UniversalModel) -> List[Dict[str, Any]]:
+        rows = evaluate_subnets(model, self.val_loader, self.eval_ks, device=self.env.device,
+                                amp_dtype=self.amp_dtype)
+        sums: List[float] = []
+        for r in rows:
+            n = r['num_samples']
+            sums += [r['top1'] * n, r['top5'] * n, r['loss'] * n, n]
+        sums = all_reduce_sum(sums, self.env)
+        reduced = []
+        for i, k in enumerate(self.eval_ks):
+            t1, t5, loss, n = sums[4 * i:4 * i + 4]
+            reduced.append(dict(k=k, top1=t1 / n, top5=t5 / n, loss=loss / n, num_samples=int(n)))
+        return reduced
+
+    def _end_epoch(self, train_loss: float, rows: Optional[PerK]) -> None:
+        row = summary_row(self.epoch, train_loss, self.optimizer.param_groups[0]['lr'], rows)
+        improved = False
+        if rows:
+            value = metric_value(row, self.cfg.eval_metric, use_ema=self.ema is not None)
+            improved = self.best_metric is None or value > self.best_metric
+            if improved:
+                self.best_metric, self.best_epoch = value, self.epoch
+        self.summary.append(row)
+        if self.env.distributed:
+            check_replicas_in_sync(self.model, self.env, self.epoch)
+        self.epoch, self.step = self.epoch + 1, 0
+        self.loss_sum, self.loss_count = 0.0, 0
+        self.save_checkpoint()
+        if self.env.is_main:
+            self._write_epoch(row, train_loss, improved, bool(rows))
+
+    def _write_epoch(self, row: Dict[str, Any], train_loss: float, improved: bool, evaluated: bool) -> None:
+        write_summary(self.run.summary, self.summary)
+        if improved:
+            save_model(self.run.weights('model_best'), self.model, self.metadata())
+            if self.ema is not None:
+                save_model(self.run.weights('model_best', ema=True), self.ema.module, self.metadata())
+        evals = ', '.join(f'k{k}={row[f"eval_top1_k{k}"]:.2f}' for k in self.eval_ks) if evaluated else 'no eval'
+        logger.info('epoch %d: train_loss %.4f (%.0f img/s), top1 %s', row['epoch'], train_loss,
+                    self.epoch_throughput, evals)
+
+
+def _progress(total: int, done: int, epoch: int, env: DistEnv) -> Any:
+    """A tqdm bar on an interactive rank-0 terminal, else None (log lines instead)."""
+    if not env.is_main or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=done, desc=f'epoch {epoch}', leave=False, dynamic_ncols=True)
+
+
+def train(cfg: TrainConfig, datasets: Optional[Tuple[Dataset, Dataset]] = None) -> TrainResult:
+    """Run (or resume) a training run; under torchrun every process calls this.
+
+    ``datasets`` = (train, val) replaces the ``dataset``/``data_dir`` settings: any map-style data sets
+    yielding (image tensor, label) with the model's input shape (the train set needs ``num_classes``).
+    """
+    env = init_distributed(cfg.device)
+    try:
+        return Trainer(cfg, env, datasets).fit()
+    finally:
+        if env.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
