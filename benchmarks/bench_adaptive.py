@@ -17,11 +17,19 @@ import sys
 
 import torch
 
-from hydravit.deployment.adaptive import (AdaptivePredictor, LoadPhase, adaptive_policy, calibrate_latencies, fixed_k_policy,
-                               reexec_with_passive_omp, run_under_load, summarize)
-from hydravit.storage.run_folder import read_accuracy
+from hydravit.deployment.adaptive import (
+    AdaptivePredictor,
+    LoadPhase,
+    adaptive_policy,
+    calibrate_latencies,
+    fixed_k_policy,
+    reexec_with_passive_omp,
+    run_under_load,
+    summarize,
+)
 from hydravit.storage.checkpoint import model_from_name_or_checkpoint
 from hydravit.storage.results import format_table
+from hydravit.storage.run_folder import read_accuracy
 
 # SPEC §4: ImageNet-1K top-1 (%) of HydraViT trained on 3-12 heads
 SPEC_IMAGENET_TOP1 = {3: 70.56, 4: 75.40, 5: 77.80, 6: 79.28, 7: 80.35, 8: 80.80, 9: 80.98, 10: 81.03, 11: 81.08,

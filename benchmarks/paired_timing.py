@@ -29,7 +29,7 @@ def timing_parser(doc: str, batch_size: int) -> argparse.ArgumentParser:
     p.add_argument('--rounds', type=int, default=5, help='interleaved sliced/standalone rounds per k')
     p.add_argument('--min-seconds', type=float, default=0.5, help='target duration of one timed round')
     p.add_argument('--threads', type=int, default=torch.get_num_threads())
-    p.add_argument('--system-malloc', action='store_true', help='keep glibc\'s default malloc thresholds')
+    p.add_argument('--system-malloc', action='store_true', help="keep glibc's default malloc thresholds")
     return p
 
 

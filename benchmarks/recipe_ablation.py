@@ -26,12 +26,12 @@ from typing import Callable, Dict
 import yaml
 from safetensors.torch import save_file
 
-from hydravit.storage.checkpoint import load_model
-from hydravit.training.compare import Run, run_config, train_runs, write_comparison
 from hydravit.models.factory import create_model
-from hydravit.storage.results import read_results
 from hydravit.models.subnet import model_subnet_state_dict
+from hydravit.storage.checkpoint import load_model
+from hydravit.storage.results import read_results
 from hydravit.training import TrainConfig, load_train_config
+from hydravit.training.compare import Run, run_config, train_runs, write_comparison
 
 Variant = Callable[[TrainConfig, Path], TrainConfig]
 

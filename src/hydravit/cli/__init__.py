@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help='print only warnings and errors')
     verbosity.add_argument('--log-level', choices=LOG_LEVELS, help='message level (default: INFO)')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
-    for name, module_name in COMMANDS.items():
+    for module_name in COMMANDS.values():
         module = importlib.import_module(module_name)
         module.add_parser(sub).set_defaults(_run=module.run)
     return parser

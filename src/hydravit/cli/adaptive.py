@@ -7,12 +7,21 @@ import sys
 
 import torch
 
-from . import add_model_source
-from ..deployment.adaptive import (DEFAULT_PHASES, AdaptivePredictor, LoadPhase, adaptive_policy, calibrate_latencies,
-                        fixed_k_policy, reexec_with_passive_omp, run_under_load, summarize)
+from ..deployment.adaptive import (
+    DEFAULT_PHASES,
+    AdaptivePredictor,
+    LoadPhase,
+    adaptive_policy,
+    calibrate_latencies,
+    fixed_k_policy,
+    reexec_with_passive_omp,
+    run_under_load,
+    summarize,
+)
 from ..storage.checkpoint import model_from_name_or_checkpoint
 from ..storage.results import format_table
 from ..storage.run_folder import read_accuracy
+from . import add_model_source
 
 logger = logging.getLogger(__name__)
 

@@ -7,15 +7,16 @@ import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import DefaultDict, Dict
 
 import torch
 
-from . import add_model_source
 from ..evaluation.benchmark import BENCH_MODES, benchmark_subnets, measure_switching, reexec_with_malloc_env
 from ..models.factory import UniversalModel, model_from_config
-from ..models.kchoices import check_k_choices
+from ..models.kchoices import parse_ks
 from ..storage.checkpoint import model_from_name_or_checkpoint
 from ..storage.results import RESULT_FORMATS, format_table, results_format, write_results
+from . import add_model_source
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                    'images/s, batch-1 latency, optional training images/s, peak memory, params, '
                                    'GMACs; then switching k in memory vs loading a subnet from disk.')
     add_model_source(p, 'hydravit_fmnist_patch7_28')
-    p.add_argument('--k', nargs='+', type=int, help="subnetworks (default: the model's k choices)")
+    p.add_argument('--k', nargs='+', help="subnetworks, any of 1..num_heads (default: the model's k choices)")
     p.add_argument('--modes', nargs='+', choices=BENCH_MODES, default=list(BENCH_MODES))
     p.add_argument('-b', '--batch-size', type=int, default=256, help='inference batch size (default: %(default)s)')
     p.add_argument('--device', default='cpu')
@@ -37,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--no-memory', action='store_true', help='skip the peak-memory child processes')
     p.add_argument('--no-switching', action='store_true', help='skip the switching vs loading table')
     p.add_argument('--switch-repeats', type=int, default=30, help='paired switch/steady forwards per k (median)')
-    p.add_argument('--threads', type=int, help='torch CPU threads (default: torch\'s)')
+    p.add_argument('--threads', type=int, help="torch CPU threads (default: torch's)")
     p.add_argument('--system-malloc', action='store_true', help="keep glibc's default malloc thresholds on CPU")
     p.add_argument('--results-file', help='write rows here (.csv/.json); switching goes to <stem>_switching.<ext>')
     p.add_argument('--results-format', choices=RESULT_FORMATS, help='default: from --results-file suffix, else csv')
@@ -46,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def print_ratios(rows: list) -> None:
     """sliced/timm and extracted/timm throughput per k, measured in this run."""
-    by_k = defaultdict(dict)
+    by_k: DefaultDict[int, Dict[str, float]] = defaultdict(dict)
     for r in rows:
         by_k[r['k']][r['mode']] = r['infer_samples_per_sec']
     if not all('timm' in m for m in by_k.values()):
@@ -70,16 +71,17 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = model_from_name_or_checkpoint(model_name=args.model, checkpoint=args.checkpoint)
-    if args.k:
-        model = _with_ks(model, args.k)
+    ks = parse_ks(args.k, num_heads=model.config.num_heads)
+    if ks:
+        model = _with_ks(model, ks)
     name = args.checkpoint or args.model
     logger.info(f'{name}: batch {args.batch_size}, {device}, fp32, {torch.get_num_threads()} threads, '
           f'{args.rounds} rounds, median')
-    rows = benchmark_subnets(model, args.k, modes=args.modes, batch_size=args.batch_size, device=device,
+    rows = benchmark_subnets(model, ks, modes=args.modes, batch_size=args.batch_size, device=device,
                              rounds=args.rounds, min_seconds=args.min_seconds, latency_iters=args.latency_iters,
                              train=args.train, measure_memory=not args.no_memory)
     switching = (None if args.no_switching else
-                 measure_switching(model, args.k, device=device, repeats=args.switch_repeats))
+                 measure_switching(model, ks, device=device, repeats=args.switch_repeats))
     _output(args, rows, switching)
     return 0
 
@@ -87,7 +89,6 @@ def run(args: argparse.Namespace) -> int:
 def _with_ks(model: UniversalModel, ks: list) -> UniversalModel:
     """Allow any k within 1..H for benchmarking (speed does not depend on whether k was trained)."""
     h = model.config.num_heads
-    check_k_choices(ks, h, what='--k')
     if all(k in model.k_choices for k in ks) or model.config.trained_k_only:
         return model
     wide = model_from_config(model.config, k_choices=tuple(range(1, h + 1)))
@@ -103,7 +104,8 @@ def _output(args: argparse.Namespace, rows: list, switching) -> None:
         fmt = results_format(path, args.results_format)
         logger.info(f'\nper k and mode -> {write_results(rows, path.parent, path.stem, fmt)}')
         if switching:
-            logger.info(f'\nswitching vs loading -> {write_results(switching, path.parent, path.stem + "_switching", fmt)}')
+            switching_path = write_results(switching, path.parent, path.stem + '_switching', fmt)
+            logger.info(f'\nswitching vs loading -> {switching_path}')
     else:
         logger.info(format_table(rows))
         if switching:

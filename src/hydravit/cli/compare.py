@@ -6,10 +6,11 @@ The recipe is ``hydravit train``'s (``--config``, default the built-in Fashion-M
 from __future__ import annotations
 
 import argparse
+from typing import Any, Dict
 
-from .train import OPTIONS, SUPPRESS, config_from_args
 from ..training.compare import compare_methods
 from ..training.methods import METHODS
+from .train import OPTIONS, SUPPRESS, config_from_args
 
 # train flags that name one run: a comparison sets them per method
 PER_RUN_FLAGS = ('--method', '--experiment', '--resume', '--output', '--report')
@@ -23,12 +24,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help='methods to train (default: all)')
     p.add_argument('-o', '--output', default='output/compare',
                    help='folder of the method runs and of report/ (default: %(default)s); run again to resume')
-    p.add_argument('--separate-ks', type=int, nargs='+', default=None, help='train separate ViTs for these k only (default: all)')
+    p.add_argument('--separate-ks', type=int, nargs='+', default=None,
+                   help='train separate ViTs for these k only (default: all)')
     p.add_argument('--quick', action='store_true', default=False,
                    help='smoke run: 1 epoch on 2048 images, 1000 to evaluate, short benchmark')
     p.add_argument('--no-benchmark', action='store_true', default=False, help='skip the throughput measurement')
     p.add_argument('--bench-batch-size', type=int, default=256, help='inference batch size (default: %(default)s)')
-    p.add_argument('--memory', action='store_true', default=False, help='also measure peak memory per k (a child process each)')
+    p.add_argument('--memory', action='store_true', default=False,
+                   help='also measure peak memory per k (a child process each)')
     p.add_argument('-c', '--config', help='YAML recipe (default: built-in fmnist_cpu.yaml)')
     train_flags = p.add_argument_group('recipe overrides (hydravit train flags, applied to every method)')
     for flags, kwargs, help_text in OPTIONS:
@@ -39,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     own = ('methods', 'output', 'separate_ks', 'quick', 'no_benchmark', 'bench_batch_size', 'memory', 'teacher_epochs')
-    settings = {name: getattr(args, name, None) for name in own}
+    settings: Dict[str, Any] = {name: getattr(args, name, None) for name in own}
     recipe = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in own})
     if settings['quick']:
         for name, value in QUICK.items():

@@ -14,6 +14,7 @@ from ..data.transforms import build_transform
 from ..evaluation.benchmark import benchmark_subnets
 from ..evaluation.evaluate import EVAL_MODES, evaluate_dataset, load_for_eval
 from ..evaluation.report import write_report
+from ..models.factory import UniversalModel
 from ..models.kchoices import parse_ks
 from ..storage.results import RESULT_FORMATS, format_table, results_format, write_results
 from ..storage.run_folder import resolve_checkpoint, training_metadata
@@ -57,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def build_eval_dataset(model: torch.nn.Module, args: argparse.Namespace, class_names: Optional[List[str]]):
+def build_eval_dataset(model: UniversalModel, args: argparse.Namespace, class_names: Optional[List[str]]):
     """The data set with the model's eval transform (pretrained_cfg via timm's resolve_data_config)."""
     data_config = resolve_data_config({}, model=model)
     return load_dataset(args.dataset, args.data_dir, split=args.split,

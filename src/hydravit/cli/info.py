@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import json
+import logging
 from dataclasses import replace
 
 import timm
 
-from . import add_model_source
 from ..models.config import NESTINGS
 from ..models.costs import cost_row
 from ..models.kchoices import parse_ks
 from ..storage.checkpoint import model_from_name_or_checkpoint
+from . import add_model_source
 
 logger = logging.getLogger(__name__)
 
@@ -22,9 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        description='Print one row per subnetwork k: embed_dim, num_heads, mlp_hidden, '
                                    'params (M) and GMACs (analytic, per image).')
     add_model_source(p, 'hydravit_base_patch16_224')
-    p.add_argument('--k', nargs='+', help='subnetworks to list (default: the model\'s k choices)')
+    p.add_argument('--k', nargs='+', help="subnetworks to list (default: the model's k choices)")
     p.add_argument('--nesting', choices=NESTINGS,
-                   help='widths of another nesting method for --model (default: the model\'s own, hydravit)')
+                   help="widths of another nesting method for --model (default: the model's own, hydravit)")
     p.add_argument('--format', choices=('table', 'json'), default='table')
     p.add_argument('--list', action='store_true', help='list the registered HydraViT models and exit')
     return p

@@ -5,12 +5,19 @@ import argparse
 import logging
 from pathlib import Path
 
-from . import add_model_source
-from ..deployment.selection import Budget, NoSubnetworkFits, benchmark_table, measure_table, merge_accuracy, select_subnet
+from ..deployment.selection import (
+    Budget,
+    NoSubnetworkFits,
+    benchmark_table,
+    measure_table,
+    merge_accuracy,
+    select_subnet,
+)
 from ..models.kchoices import parse_ks
 from ..storage.checkpoint import model_from_name_or_checkpoint
 from ..storage.results import format_table, read_results
 from ..storage.run_folder import read_accuracy, resolve_checkpoint
+from . import add_model_source
 
 logger = logging.getLogger(__name__)
 

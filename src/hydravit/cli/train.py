@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any, Dict, List, Tuple
 
 from ..training.config import TrainConfig
 from ..training.methods import METHODS
@@ -18,14 +19,15 @@ SUPPRESS = argparse.SUPPRESS
 BOOL = argparse.BooleanOptionalAction
 
 # (flags, argparse keywords, help); flags and meaning follow timm's train.py
-OPTIONS = [
+OPTIONS: List[Tuple[Tuple[str, ...], Dict[str, Any], str]] = [
     # model and data
     (('--model',), {}, 'registered HydraViT model name'),
     (('--dataset',), {}, "data set: 'fashion-mnist', 'imagefolder', 'cifar10', ..."),
-    (('--data-dir',), {}, 'data root (default: the data set\'s standard location)'),
+    (('--data-dir',), {}, "data root (default: the data set's standard location)"),
     (('--num-classes',), dict(type=int), 'number of classes (must match the data set)'),
-    (('--img-size',), dict(type=int), 'input size (default: the model\'s)'),
-    (('--initial-checkpoint',), {}, 'start from a HydraViT .safetensors or a timm ViT/DeiT state dict of the same or a smaller width'),
+    (('--img-size',), dict(type=int), "input size (default: the model's)"),
+    (('--initial-checkpoint',), {},
+     'start from a HydraViT .safetensors or a timm ViT/DeiT state dict of the same or a smaller width'),
     (('--separate-heads',), dict(action=BOOL), 'one classifier per k instead of the shared sliced head'),
     (('--max-train-samples',), dict(type=int), 'train on a subset of N images (quick runs)'),
     (('--max-val-samples',), dict(type=int), 'evaluate on a subset of N images'),
@@ -34,7 +36,7 @@ OPTIONS = [
     # nesting method and subnetwork sampling
     (('--method',), dict(choices=tuple(METHODS)), 'how subnetworks are nested and trained (default: hydravit): '
      + '; '.join(f'{m.name}: {m.summary}' for m in METHODS.values())),
-    (('--heads',), dict(type=int, nargs='+'), 'the set of k to train (becomes the model\'s k choices)'),
+    (('--heads',), dict(type=int, nargs='+'), "the set of k to train (becomes the model's k choices)"),
     (('--sampler',), {}, 'uniform | weighted | sandwich | random | all'),
     (('--head-weights',), dict(type=float, nargs='+'), 'one sampling weight per k of --heads (weighted sampler)'),
     (('--num-random',), dict(type=int), 'sandwich: random k per step besides largest and smallest; '
@@ -42,8 +44,8 @@ OPTIONS = [
     (('--teacher-epochs',), dict(type=int), 'dynabert: epochs of full-width training before reordering '
      '(default: 0 with --initial-checkpoint, else a quarter of --epochs)'),
     (('--importance-samples',), dict(type=int), 'dynabert: training images that score head/neuron importance'),
-    (('--k-per-rank',), dict(action=BOOL), 'each process draws its own k (the reference code\'s behaviour)'),
-    (('--inplace-distill',), dict(action=BOOL), 'smaller k of a step learn from the largest k\'s output'),
+    (('--k-per-rank',), dict(action=BOOL), "each process draws its own k (the reference code's behaviour)"),
+    (('--inplace-distill',), dict(action=BOOL), "smaller k of a step learn from the largest k's output"),
     # optimisation
     (('-b', '--batch-size'), dict(type=int), 'batch size per process'),
     (('--validation-batch-size',), dict(type=int), 'evaluation batch size (default: --batch-size)'),
@@ -74,7 +76,8 @@ OPTIONS = [
     (('--mixup-switch-prob',), dict(type=float), 'probability of cutmix instead of mixup when both are on'),
     (('--mixup-mode',), {}, 'batch | pair | elem'),
     (('--report',), dict(action=BOOL), 'end with the accuracy-cost report (report/: table + Pareto plots)'),
-    (('--no-aug',), dict(action='store_true'), 'train without augmentation (timm no_aug: resize, centre crop, normalise)'),
+    (('--no-aug',), dict(action='store_true'),
+     'train without augmentation (timm no_aug: resize, centre crop, normalise)'),
     (('--scale',), dict(type=float, nargs=2), 'random-resized-crop area range'),
     (('--ratio',), dict(type=float, nargs=2), 'random-resized-crop aspect range'),
     (('--hflip',), dict(type=float), 'horizontal flip probability'),
@@ -108,7 +111,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Recipe (``--config``, the resumed run's ``args.yaml`` or the built-in one) + the flags given."""
-    overrides = {k: v for k, v in vars(args).items() if not k.startswith('_') and k not in ('command', 'config', 'log_level')}
+    overrides = {k: v for k, v in vars(args).items()
+                 if not k.startswith('_') and k not in ('command', 'config', 'log_level')}
     config_path = getattr(args, 'config', None)
     if config_path is None and 'resume' in overrides:
         run_args = Path(overrides['resume'])

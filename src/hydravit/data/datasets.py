@@ -12,7 +12,7 @@ import gzip
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -269,12 +269,13 @@ class DatasetSubset(Dataset):
     ``class_indices`` stays that of the full set: a small sample must not narrow the classes scored.
     """
 
-    def __init__(self, dataset: Dataset, max_samples: int, seed: int = 0) -> None:
+    def __init__(self, dataset: LoadedDataset, max_samples: int, seed: int = 0) -> None:
         generator = torch.Generator().manual_seed(seed)
         self.indices = sorted(torch.randperm(len(dataset), generator=generator)[:max_samples].tolist())
         self.dataset = dataset
-        self.classes, self.num_classes = dataset.classes, dataset.num_classes
-        self.class_indices = dataset.class_indices
+        self.classes: List[str] = dataset.classes
+        self.num_classes: int = dataset.num_classes
+        self.class_indices: List[int] = dataset.class_indices
         targets = getattr(dataset, 'targets', None)
         self.targets = [int(targets[i]) for i in self.indices] if targets is not None else None
 
@@ -289,9 +290,13 @@ class DatasetSubset(Dataset):
         return self.dataset[self.indices[index]]
 
 
+# what load_dataset returns: each has .classes, .num_classes, .class_indices, .transform and a length
+LoadedDataset = Union[FashionMNIST, ImageFolder, CIFAR, DatasetSubset]
+
+
 # ------------------------------------------------------------------------------------------ entry point
-def _check_builtin(name: str, dataset: Dataset, num_classes: Optional[int], class_names: Optional[Sequence[str]],
-                   class_map: Optional[str]) -> None:
+def _check_builtin(name: str, dataset: Union[FashionMNIST, CIFAR], num_classes: Optional[int],
+                   class_names: Optional[Sequence[str]], class_map: Optional[str]) -> None:
     if class_map is not None:
         raise DataError(f'class_map (--class-map) applies to imagefolder data sets only, not {name}')
     if num_classes is not None and num_classes != dataset.num_classes:
@@ -314,7 +319,7 @@ def _training_classes(class_names: Optional[Sequence[str]], class_map: Optional[
 def load_dataset(name: str, data_dir: Optional[str] = None, split: str = 'train', *,
                  transform: Optional[Callable] = None, max_samples: Optional[int] = None, seed: int = 0,
                  skip_bad_images: bool = False, num_classes: Optional[int] = None,
-                 class_names: Optional[Sequence[str]] = None, class_map: Optional[str] = None) -> Dataset:
+                 class_names: Optional[Sequence[str]] = None, class_map: Optional[str] = None) -> LoadedDataset:
     """One split of a data set of :data:`DATASETS`.
 
     ``split``: ``'train'`` or ``'val'`` (Fashion-MNIST/CIFAR: the test set, also called ``'test'``; ImageFolder:
@@ -334,8 +339,9 @@ def load_dataset(name: str, data_dir: Optional[str] = None, split: str = 'train'
         raise DataError(f'max_samples must be a positive integer or None, got {max_samples!r}')
     if name == 'imagefolder':
         names = _training_classes(class_names, class_map)
-        dataset = ImageFolder(str(_imagefolder_root(data_dir, split)), transform, skip_bad_images=skip_bad_images,
-                              num_classes=num_classes, class_names=names)
+        dataset: LoadedDataset = ImageFolder(str(_imagefolder_root(data_dir, split)), transform,
+                                             skip_bad_images=skip_bad_images, num_classes=num_classes,
+                                             class_names=names)
     else:
         builtin_split = 'train' if split == 'train' else 'val'
         dataset = (FashionMNIST(data_dir, builtin_split, transform) if name == 'fashion-mnist'

@@ -1,7 +1,7 @@
 """Image transforms: timm's ``create_transform`` after a conversion to the model's channel count."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Mapping
 
 from PIL import Image
 
@@ -23,7 +23,7 @@ class ConvertMode:
         return f'{type(self).__name__}({self.mode!r})'
 
 
-def build_transform(data_config: Dict[str, Any], is_training: bool, **aug: Any) -> Callable:
+def build_transform(data_config: Mapping[str, Any], is_training: bool, **aug: Any) -> Callable:
     """timm's ``create_transform`` for ``data_config`` (as from ``resolve_data_config``), after a conversion
     of the PIL image to the model's channel count. ``aug``: timm keyword arguments (scale, ratio, hflip,
     auto_augment, re_prob, color_jitter, ...); ``None`` values take timm's defaults. Images of <= 32 px

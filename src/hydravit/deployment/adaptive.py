@@ -22,6 +22,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 import torch
 
 from ..models.factory import UniversalModel
+from ..models.kchoices import check_k_choices
 
 __all__ = [
     'LatencyController', 'AdaptivePredictor', 'AdaptiveOutput', 'LoadPhase', 'applied_load', 'DEFAULT_PHASES',
@@ -51,7 +52,7 @@ class LatencyController:
             load_smoothing: float = 0.5,
             base_smoothing: float = 0.1,
     ) -> None:
-        self.ks = sorted(set(int(k) for k in ks))
+        self.ks = list(check_k_choices(ks, what='ks'))
         if not self.ks:
             raise ValueError('ks must name at least one subnetwork')
         if not target_ms > 0:
@@ -153,7 +154,7 @@ class AdaptivePredictor:
                  base_latency_ms: Optional[Mapping[int, float]] = None,
                  clock: Callable[[], float] = time.perf_counter, **controller_kwargs) -> None:
         self.model = model.eval()
-        self.ks = sorted({model.resolve_k(k) for k in (ks if ks is not None else model.k_choices)})
+        self.ks = model.resolve_ks(ks)
         if not self.ks:
             raise ValueError(f'ks must name at least one subnetwork of {list(model.k_choices)}')
         self.target_ms = target_ms
@@ -175,9 +176,11 @@ class AdaptivePredictor:
     def __call__(self, x: torch.Tensor) -> AdaptiveOutput:
         if self.controller is None:
             self.calibrate(x)
-        k = self.controller.choose()
+        controller = self.controller
+        assert controller is not None  # calibrate() starts it
+        k = controller.choose()
         logits, latency = self._run(x, k)
-        self.controller.observe(k, latency)
+        controller.observe(k, latency)
         return AdaptiveOutput(logits=logits, k=k, latency_ms=latency)
 
 

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -33,8 +34,14 @@ from ..models.kchoices import parse_ks
 from ..models.subnet import extract_subnet, model_subnet_state_dict, subnet_vit_kwargs
 from ..storage.checkpoint import atomic_write, load_model, read_metadata
 from ..storage.results import write_results
-from ..storage.run_folder import (CLASS_NAMES_KEY, PREPROCESSING_KEYS, PRETRAINED_CFG_KEY, preprocessing_config,
-                                  read_accuracy, resolve_checkpoint)
+from ..storage.run_folder import (
+    CLASS_NAMES_KEY,
+    PREPROCESSING_KEYS,
+    PRETRAINED_CFG_KEY,
+    preprocessing_config,
+    read_accuracy,
+    resolve_checkpoint,
+)
 
 __all__ = ['EXPORT_FORMATS', 'TIMM_ARCHITECTURE', 'ExportError', 'file_sha256', 'export_timm', 'export_safetensors',
            'export_onnx', 'export_subnets']
@@ -85,7 +92,7 @@ def export_timm(model: UniversalModel, k: int, folder: str | os.PathLike, prepro
     with tempfile.TemporaryDirectory(prefix='.export-', dir=folder) as tmp:  # then renamed in: never half-written
         save_for_hf(vit, tmp, model_config=extra, safe_serialization=True)
         for name in ('config.json', 'model.safetensors'):
-            atomic_write(folder / name, lambda dst, src=Path(tmp) / name: shutil.copyfile(src, dst))
+            atomic_write(folder / name, partial(shutil.copyfile, Path(tmp) / name))  # dst: atomic_write's temp file
     _write_json(folder / 'hydravit.json', {'k': k, **(info or {})})
     return folder
 
@@ -180,7 +187,7 @@ def export_subnets(
     formats = _check_formats(formats)
     checkpoint = resolve_checkpoint(checkpoint, use_ema)
     model = load_model(checkpoint).eval()
-    ks = parse_ks(ks, model.k_choices, model.config.num_heads) or list(model.k_choices)
+    chosen = parse_ks(ks, model.k_choices, model.config.num_heads) or list(model.k_choices)
     output = Path(output)
     preprocessing = preprocessing_config(checkpoint, model, model_name)
     accuracy = read_accuracy(checkpoint, results)
@@ -189,7 +196,7 @@ def export_subnets(
     parent = {'parent_checkpoint': str(checkpoint.resolve()), 'parent_sha256': file_sha256(checkpoint),
               'parent_config': model.config.to_dict()}
     rows = []
-    for k in ks:
+    for k in chosen:
         costs = cost_row(model.config, k)
         info = {**parent, 'metrics': {**costs, **accuracy.get(k, {})}, PRETRAINED_CFG_KEY: preprocessing}
         row: Dict[str, Any] = dict(**costs, **{a: accuracy.get(k, {}).get(a) for a in ('top1', 'top5')})

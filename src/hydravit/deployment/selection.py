@@ -120,12 +120,12 @@ def benchmark_table(rows: Sequence[Row], *, mode: str = 'sliced', batch_size: Op
     if not picked:
         raise ValueError(f'benchmark has no rows for mode {mode!r} (modes present: {modes})')
     if batch_size is not None and batch_size != 1:
-        sizes = sorted({r.get('infer_batch_size') for r in picked})
+        sizes = sorted({int(r['infer_batch_size']) for r in picked if r.get('infer_batch_size') is not None})
         if batch_size not in sizes:
             raise ValueError(f'benchmark measured batch size {sizes}, not {batch_size}: re-run the benchmark '
                              f'with -b {batch_size} or measure live')
     batch_size = batch_size or 1
-    table = []
+    table: List[Row] = []
     for r in picked:
         if ks is not None and int(r['k']) not in ks:
             continue
@@ -149,7 +149,7 @@ def measure_table(model: UniversalModel, budget: Budget, *, batch_size: int = 1,
     """Measure this device now (``hydravit.evaluation.benchmark``) and return selection rows for ``budget``."""
     if budget.metric == 'gmacs':
         return analytic_table(model.config, ks)
-    timing = dict(rounds=2, min_seconds=0.1, latency_iters=15, warmup=2) if quick else {}
+    timing: Dict[str, Any] = dict(rounds=2, min_seconds=0.1, latency_iters=15, warmup=2) if quick else {}
     rows = benchmark_subnets(model, ks, modes=(mode,), batch_size=batch_size, device=device,
                              measure_memory=budget.metric == 'memory_mb', flop_count=False, **timing)
     return benchmark_table(rows, mode=mode, batch_size=batch_size)

@@ -59,6 +59,11 @@ def build_runner(model: UniversalModel, k: int, mode: str) -> nn.Module | Runner
     if mode == 'sliced':
         model.eval()
         return lambda x: model(x, k=k)
+    return _standalone_vit(model, k, mode)
+
+
+def _standalone_vit(model: UniversalModel, k: int, mode: str) -> VisionTransformer:
+    """Subnetwork ``k`` as its own timm ViT in eval mode: ``extracted`` (its weights) or a fresh ``timm`` one."""
     if mode == 'extracted':
         return extract_subnet(model, k)
     if mode == 'timm':
@@ -72,7 +77,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Runner, x: torch.Tensor, iters: int) -> List[float]:
+def _timed(fn: Callable[[torch.Tensor], object], x: torch.Tensor, iters: int) -> List[float]:
     """Seconds of each of ``iters`` calls."""
     times = []
     for _ in range(iters):
@@ -116,7 +121,7 @@ def _latencies(fn: Runner, x: torch.Tensor, iters: int, warmup: int) -> Dict[str
 
 def _train_throughput(model: UniversalModel, k: int, mode: str, x: torch.Tensor, iters: int, warmup: int) -> float:
     """Images/s of forward + backward + SGD step, on a copy so the caller's weights never move."""
-    net = copy.deepcopy(model) if mode == 'sliced' else build_runner(model, k, mode)
+    net: nn.Module = copy.deepcopy(model) if mode == 'sliced' else _standalone_vit(model, k, mode)
     net.train()
     fn = (lambda t: net(t, k=k)) if mode == 'sliced' else net
     opt = torch.optim.SGD(net.parameters(), lr=1e-6)
@@ -166,7 +171,7 @@ def _memory_child(config: dict, k: int, mode: str, batch_size: int, threads: int
         queue.put(f'{type(e).__name__}: {e}')
 
 
-def peak_memory_mb(config: UniversalModelConfig, k: int, mode: str, batch_size: int, threads: int = 1) -> float:
+def peak_memory_mb(config: HydraViTConfig, k: int, mode: str, batch_size: int, threads: int = 1) -> float:
     """Peak resident memory (MB) of one inference at ``batch_size`` in a fresh child process, above its start."""
     if not os.path.exists('/proc/self/status'):
         raise RuntimeError('CPU peak memory needs Linux /proc; run with measure_memory=False')
@@ -195,7 +200,7 @@ def _cuda_peak_mb(fn: Runner, x: torch.Tensor) -> float:
 def _prepare(model: UniversalModel, ks: Optional[Sequence[int]], device: str | torch.device,
              batch_size: int) -> Tuple[List[int], UniversalModel, torch.Tensor]:
     """Validated ks, the model in eval mode on ``device`` and a random input batch for it."""
-    ks = [model.resolve_k(k) for k in (model.k_choices if ks is None else ks)]
+    ks = model.resolve_ks(ks)
     device = torch.device(device)
     model = model.to(device).eval()
     cfg = model.config
@@ -237,7 +242,8 @@ def benchmark_subnets(
         speed = _throughputs(runners, x, rounds, min_seconds, warmup)
         cost = subnet_cost(cfg, k)
         for mode, fn in runners.items():
-            params = cost.params if mode == 'sliced' else sum(p.numel() for p in fn.parameters())
+            # the sliced runner is the universal model at k: its parameters are the subnetwork's share
+            params = sum(p.numel() for p in fn.parameters()) if isinstance(fn, nn.Module) else cost.params
             row = dict(k=k, mode=mode, infer_samples_per_sec=speed[mode], infer_batch_size=batch_size,
                        **_latencies(fn, x[:1], latency_iters, warmup))
             row['train_samples_per_sec'] = _train_throughput(model, k, mode, x, train_iters, 1) if train else None

@@ -9,7 +9,6 @@ import contextlib
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, Iterable, List, Literal, Optional, Sequence, Tuple
 
 import torch
@@ -110,7 +109,7 @@ def evaluate_subnets(
     """
     if mode not in EVAL_MODES:
         raise ValueError(f'mode must be one of {EVAL_MODES}, got {mode!r}')
-    ks = [model.resolve_k(k) for k in (model.k_choices if ks is None else ks)]
+    ks = model.resolve_ks(ks)
     if not ks:
         raise ValueError('no k to evaluate')
     device = torch.device(device)
@@ -155,7 +154,8 @@ def load_for_eval(path: str | os.PathLike, ks: Optional[Sequence[int]] = None,
     comes from :func:`hydravit.storage.run_folder.preprocessing_config` (``model_name`` settles ambiguous cases).
     """
     model = _load_with_ks(path, ks)
-    model.pretrained_cfg = preprocessing_config(path, model, model_name)
+    # a plain dict attribute, as timm's builder sets it; torch's stubs type Module attributes as Tensor | Module
+    model.pretrained_cfg = preprocessing_config(path, model, model_name)  # type: ignore[assignment]
     return model, (list(model.k_choices) if not ks else list(check_k_choices(ks, model.config.num_heads)))
 
 

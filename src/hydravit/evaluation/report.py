@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 from ..models.config import HydraViTConfig
 from ..models.costs import add_costs
@@ -31,13 +31,12 @@ REPORT_COLUMNS = ('method', 'k', 'top1', 'top5', 'loss', 'param_count', 'gmacs',
 def join_results(eval_rows: Sequence[Row], bench_rows: Sequence[Row] = (), bench_mode: str = 'sliced') -> List[Row]:
     """Eval rows with the throughput, latency and memory of the same k from a benchmark (one mode)."""
     modes = [r.get('mode') for r in bench_rows]
-    if bench_rows and bench_mode not in modes:
-        bench_mode = modes[0]
-    by_k = {int(r['k']): r for r in bench_rows if r.get('mode', bench_mode) == bench_mode}
+    mode = modes[0] if bench_rows and bench_mode not in modes else bench_mode
+    by_k = {int(r['k']): r for r in bench_rows if r.get('mode', mode) == mode}
     joined = []
     for row in eval_rows:
         bench = by_k.get(int(row['k']), {})
-        extra = {c: bench[c] for c in ('param_count', 'gmacs') if c in bench and c not in row}
+        extra: Row = {c: bench[c] for c in ('param_count', 'gmacs') if c in bench and c not in row}
         extra.update({c: bench[c] for c in ('infer_samples_per_sec', 'infer_latency_ms', 'peak_mem_mb')
                       if c in bench})
         joined.append({**row, **extra})
@@ -64,7 +63,7 @@ def plot_accuracy(series: Mapping[str, Sequence[Row]], x: str, path: PathLike, t
                         if r.get(x) is not None and r.get(y) is not None)
         if not points:
             continue
-        xs, ys, ks = zip(*points)
+        xs, ys, ks = zip(*points, strict=True)
         ax.plot(xs, ys, marker='o', label=label)
         for px, py, k in points:
             ax.annotate(f'k={k}', (px, py), textcoords='offset points', xytext=(4, -10), fontsize=7)
@@ -82,7 +81,8 @@ def plot_accuracy(series: Mapping[str, Sequence[Row]], x: str, path: PathLike, t
 
 def write_report(eval_rows_by_label: Mapping[str, Sequence[Row]],
                  bench_rows_by_label: Optional[Mapping[str, Sequence[Row]]] = None,
-                 out_dir: PathLike = '.', *, config: Optional[HydraViTConfig] = None, title: str = 'HydraViT accuracy-cost report',
+                 out_dir: PathLike = '.', *, config: Optional[HydraViTConfig] = None,
+                 title: str = 'HydraViT accuracy-cost report',
                  extra_sections: Sequence[str] = ()) -> Dict[str, Path]:
     """Markdown table, joined CSV and the two Pareto plots of one or several methods.
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Literal, Sequence, Tuple, Union
+from typing import Any, Dict, List, Literal, Tuple, Union
 
 from .kchoices import check_k, check_k_choices, is_int
 
@@ -44,7 +44,7 @@ def nested_shape(nesting: str, k: int, num_heads: int, head_dim: int, mlp_ratio:
     """Widths of subnetwork ``k`` (1 <= k <= num_heads) of a universal model nested as ``nesting``."""
     if nesting not in NESTINGS:
         raise ValueError(f'nesting must be one of {", ".join(NESTINGS)}; got {nesting!r}')
-    check_k(k, range(1, num_heads + 1), num_heads=num_heads)
+    k = check_k(k, range(1, num_heads + 1), num_heads=num_heads)
     full_dim = num_heads * head_dim
     full_hidden = mlp_hidden_dim(full_dim, mlp_ratio)
     if nesting == 'matformer':  # MatFormer: only the MLP hidden width is nested, in H equal steps
@@ -128,7 +128,7 @@ class HydraViTConfig:
         return d
 
 
-def square_size(name: str, value: Union[int, Sequence[int]]) -> int:
+def square_size(name: str, value: Union[int, Tuple[int, ...], List[int]]) -> int:
     """timm passes sizes as (h, w); HydraViT supports square images and patches."""
     if isinstance(value, (tuple, list)):
         if len(value) != 2 or value[0] != value[1]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 from .config import HydraViTConfig
+from .kchoices import check_k_choices
 
 __all__ = ['SubnetCost', 'subnet_cost', 'cost_table', 'cost_row', 'add_costs', 'COST_COLUMNS']
 
@@ -63,13 +64,13 @@ def subnet_cost(cfg: HydraViTConfig, k: int) -> SubnetCost:
     """
     shape = cfg.subnet_shape(k)
     d, hidden = shape.embed_dim, shape.mlp_hidden
-    return SubnetCost(k=k, embed_dim=d, num_heads=shape.num_heads, mlp_hidden=hidden,
+    return SubnetCost(k=shape.k, embed_dim=d, num_heads=shape.num_heads, mlp_hidden=hidden,
                       params=_params(cfg, d, hidden), macs=_macs(cfg, d, hidden))
 
 
 def cost_table(cfg: HydraViTConfig, ks: Optional[Iterable[int]] = None) -> List[SubnetCost]:
     """One :class:`SubnetCost` per k (default: the model's ``k_choices``)."""
-    return [subnet_cost(cfg, k) for k in (cfg.k_choices if ks is None else ks)]
+    return [subnet_cost(cfg, k) for k in (cfg.k_choices if ks is None else check_k_choices(list(ks), cfg.num_heads))]
 
 
 def cost_row(cfg: HydraViTConfig, k: int) -> Dict[str, Any]:

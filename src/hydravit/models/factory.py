@@ -5,7 +5,7 @@ works after ``import hydravit``. :func:`model_from_config` is the one place that
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Union
+from typing import Any, Dict, Type, Union, cast
 
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -49,7 +49,7 @@ def model_from_config(config: HydraViTConfig, **overrides: Any) -> UniversalMode
     return _model_class(kwargs.get('nesting', 'hydravit'))(**kwargs)
 
 
-def _model_class(nesting: str) -> type:
+def _model_class(nesting: str) -> Union[Type[HydraViT], Type[SeparateViTs]]:
     return SeparateViTs if nesting == 'separate' else HydraViT
 
 
@@ -57,19 +57,20 @@ def _create_hydravit(variant: str, pretrained: bool = False, **kwargs: Any) -> U
     if pretrained:
         raise ValueError(f'no pretrained weights are published for {variant}; load a checkpoint with '
                          'hydravit.storage.load_model(path) instead')
-    return build_model_with_cfg(_model_class(kwargs.get('nesting', 'hydravit')), variant, pretrained=False,
-                                **kwargs)
+    model = build_model_with_cfg(_model_class(kwargs.get('nesting', 'hydravit')), variant, pretrained=False,
+                                 **kwargs)
+    return cast(UniversalModel, model)  # timm types the result as nn.Module; it is the class passed in
 
 
 @register_model
-def hydravit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> HydraViT:
+def hydravit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> UniversalModel:
     """H=12 heads of 64, depth 12: k=3, 6, 12 have exactly the shapes of DeiT-Ti, DeiT-S, DeiT-B."""
     args = dict(patch_size=16, num_heads=12, head_dim=64, depth=12, k_choices=tuple(range(3, 13)))
     return _create_hydravit('hydravit_base_patch16_224', pretrained, **dict(args, **kwargs))
 
 
 @register_model
-def hydravit_fmnist_patch7_28(pretrained: bool = False, **kwargs: Any) -> HydraViT:
+def hydravit_fmnist_patch7_28(pretrained: bool = False, **kwargs: Any) -> UniversalModel:
     """CPU-sized variant for 28x28 grey images (Fashion-MNIST): widths 24..96, 16 patches of 7x7.
 
     Heads of 8 channels: at the 10-minute CPU budget of the built-in run a narrow model that sees the
@@ -81,7 +82,7 @@ def hydravit_fmnist_patch7_28(pretrained: bool = False, **kwargs: Any) -> HydraV
 
 
 @register_model
-def hydravit_test_patch4_16(pretrained: bool = False, **kwargs: Any) -> HydraViT:
+def hydravit_test_patch4_16(pretrained: bool = False, **kwargs: Any) -> UniversalModel:
     """A few-thousand-parameter model for unit tests."""
     args = dict(img_size=16, patch_size=4, in_chans=3, num_classes=10, num_heads=4, head_dim=8, depth=2,
                 mlp_ratio=2.0)
@@ -93,4 +94,4 @@ def create_model(name: str, **kwargs: Any) -> UniversalModel:
     names = timm.list_models('hydravit_*')
     if name not in names:
         raise ValueError(f'unknown model {name!r}; HydraViT models: {", ".join(names)}')
-    return timm.create_model(name, **kwargs)
+    return cast(UniversalModel, timm.create_model(name, **kwargs))  # every hydravit_* entry point builds one

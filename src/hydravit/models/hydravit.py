@@ -7,8 +7,9 @@ nested-width methods HydraViT is compared with (except ``'separate'``: :mod:`hyd
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import replace
-from typing import Dict, List, Literal, Optional, Sequence, Set, Union
+from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Set, Tuple, Union, cast
 
 import torch
 import torch.nn as nn
@@ -18,10 +19,57 @@ from timm.models.vision_transformer import init_weights_vit_timm
 from torch.utils.checkpoint import checkpoint
 
 from .config import HydraViTConfig, SubnetShape, square_size
-from .kchoices import KChoices
+from .kchoices import check_k, check_k_choices
 from .layers import SlicedBlock, SlicedPatchEmbed, sliced_norm
 
-__all__ = ['HydraViT']
+__all__ = ['HydraViT', 'KChoices']
+
+
+class KChoices:
+    """The explicit, validated k of every universal model (HydraViT and the separate-ViTs baseline).
+
+    Subclasses set ``self.config`` (a :class:`HydraViTConfig`) and ``self._active_k``.
+    """
+    config: HydraViTConfig
+    _active_k: int
+
+    @property
+    def k_choices(self) -> Tuple[int, ...]:
+        return self.config.k_choices
+
+    @property
+    def active_k(self) -> int:
+        """The k used when a call passes none; change it only through :meth:`use_k`."""
+        return self._active_k
+
+    def resolve_k(self, k: Optional[int] = None) -> int:
+        """Validate ``k`` (None means :attr:`active_k`) and return it as an int."""
+        if k is None:
+            return self._active_k
+        return check_k(k, self.k_choices, num_heads=self.config.num_heads)
+
+    def resolve_ks(self, ks: Optional[Sequence[int]] = None) -> List[int]:
+        """Validate a set of k (None means every trained k): the project's k rule, then each a trained k."""
+        if ks is None:
+            return list(self.k_choices)
+        return [self.resolve_k(k) for k in check_k_choices(ks, what='k')]
+
+    @contextmanager
+    def use_k(self, k: int) -> Iterator[Any]:
+        """Run calls that cannot pass ``k`` (timm scripts, ONNX export) at subnetwork ``k``."""
+        k = self.resolve_k(k)
+        previous, self._active_k = self._active_k, k
+        try:
+            yield self
+        finally:
+            self._active_k = previous
+
+    def subnet_shape(self, k: Optional[int] = None) -> SubnetShape:
+        return self.config.subnet_shape(self.resolve_k(k))
+
+    def _default_k(self) -> int:
+        cfg = self.config
+        return cfg.num_heads if cfg.num_heads in cfg.k_choices else cfg.k_choices[-1]
 
 
 class HydraViT(KChoices, nn.Module):
@@ -59,7 +107,8 @@ class HydraViT(KChoices, nn.Module):
             raise ValueError("nesting='separate' is one ViT per k: build it with "
                              'hydravit.models.SeparateViTs or hydravit.models.model_from_config')
         cfg = HydraViTConfig(
-            img_size=square_size('img_size', img_size), patch_size=square_size('patch_size', patch_size), in_chans=in_chans, num_classes=num_classes,
+            img_size=square_size('img_size', img_size), patch_size=square_size('patch_size', patch_size),
+            in_chans=in_chans, num_classes=num_classes,
             num_heads=num_heads, head_dim=head_dim, depth=depth, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
             class_token=class_token, global_pool=global_pool, drop_rate=drop_rate, pos_drop_rate=pos_drop_rate,
             attn_drop_rate=attn_drop_rate, proj_drop_rate=proj_drop_rate, drop_path_rate=drop_path_rate,
@@ -92,6 +141,8 @@ class HydraViT(KChoices, nn.Module):
     # ----------------------------------------------------------------------------------- timm API
     def _build_classifier(self, num_classes: int) -> None:
         cfg = self.config
+        self.head: Union[nn.Linear, nn.Identity]
+        self.heads: Optional[nn.ModuleDict]
         if cfg.separate_heads and num_classes > 0:
             self.head = nn.Identity()
             self.heads = nn.ModuleDict(
@@ -182,7 +233,8 @@ class HydraViT(KChoices, nn.Module):
             return x
         if self.heads is not None:
             return self.heads[str(shape.k)](x)
-        return F.linear(x, self.head.weight[:, :shape.embed_dim], self.head.bias)
+        head = cast(nn.Linear, self.head)  # num_classes > 0 and one shared head: the Linear of _build_classifier
+        return F.linear(x, head.weight[:, :shape.embed_dim], head.bias)
 
     def extra_repr(self) -> str:
         return f'k_choices={list(self.k_choices)}, active_k={self.active_k}'

@@ -7,13 +7,9 @@ within ``1..num_heads``, each k at most once.
 from __future__ import annotations
 
 import numbers
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
-if TYPE_CHECKING:
-    from .config import HydraViTConfig, SubnetShape
-
-__all__ = ['is_int', 'check_k', 'check_k_choices', 'parse_ks', 'KChoices']
+__all__ = ['is_int', 'check_k', 'check_k_choices', 'parse_ks']
 
 
 def is_int(value: Any) -> bool:
@@ -73,44 +69,3 @@ def parse_ks(values: Optional[Sequence[Any]], allowed: Optional[Sequence[int]] =
         return list(check_k_choices(ints, num_heads, what=what))
     checked = check_k_choices(ints, what=what)  # types and duplicates; membership names the allowed values
     return [check_k(k, allowed, num_heads=num_heads) for k in checked]
-
-
-class KChoices:
-    """The explicit, validated k of every universal model (HydraViT and the separate-ViTs baseline).
-
-    Subclasses set ``self.config`` (a :class:`HydraViTConfig`) and ``self._active_k``.
-    """
-    config: HydraViTConfig
-    _active_k: int
-
-    @property
-    def k_choices(self) -> Tuple[int, ...]:
-        return self.config.k_choices
-
-    @property
-    def active_k(self) -> int:
-        """The k used when a call passes none; change it only through :meth:`use_k`."""
-        return self._active_k
-
-    def resolve_k(self, k: Optional[int] = None) -> int:
-        """Validate ``k`` (None means :attr:`active_k`) and return it as an int."""
-        if k is None:
-            return self._active_k
-        return check_k(k, self.k_choices, num_heads=self.config.num_heads)
-
-    @contextmanager
-    def use_k(self, k: int) -> Iterator[Any]:
-        """Run calls that cannot pass ``k`` (timm scripts, ONNX export) at subnetwork ``k``."""
-        k = self.resolve_k(k)
-        previous, self._active_k = self._active_k, k
-        try:
-            yield self
-        finally:
-            self._active_k = previous
-
-    def subnet_shape(self, k: Optional[int] = None) -> SubnetShape:
-        return self.config.subnet_shape(self.resolve_k(k))
-
-    def _default_k(self) -> int:
-        cfg = self.config
-        return cfg.num_heads if cfg.num_heads in cfg.k_choices else cfg.k_choices[-1]

@@ -9,14 +9,13 @@ optimiser such as AdamW is the same as training each on its own with the same da
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Dict, List, Optional, Set, Union
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple, Union, cast
 
 import torch
 import torch.nn as nn
 
 from .config import HydraViTConfig, square_size
-from .hydravit import HydraViT
-from .kchoices import KChoices
+from .hydravit import HydraViT, KChoices
 
 __all__ = ['SeparateViTs', 'member_config']
 
@@ -31,11 +30,12 @@ class SeparateViTs(KChoices, nn.Module):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__()
-        sizes = {name: square_size(name, kwargs[name]) for name in ('img_size', 'patch_size') if name in kwargs}
+        sizes: Dict[str, int] = {name: square_size(name, kwargs[name])
+                                 for name in ('img_size', 'patch_size') if name in kwargs}
         self.config = HydraViTConfig(**{**kwargs, **sizes, 'nesting': 'separate'})
-        self.subnets = nn.ModuleDict({str(k): HydraViT(**member_config(self.config, k).to_dict())
-                                      for k in self.config.k_choices})
-        widest = self.subnets[str(self.config.k_choices[-1])]
+        members = {str(k): HydraViT(**member_config(self.config, k).to_dict()) for k in self.config.k_choices}
+        self.subnets = nn.ModuleDict(members)
+        widest = members[str(self.config.k_choices[-1])]
         # timm attribute names, so timm utilities (optimizer factory, EMA, data config) work unchanged
         self.num_classes, self.in_chans, self.global_pool = widest.num_classes, widest.in_chans, widest.global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = self.config.embed_dim
@@ -44,7 +44,11 @@ class SeparateViTs(KChoices, nn.Module):
 
     def subnet(self, k: Optional[int] = None) -> HydraViT:
         """The ViT that serves subnetwork ``k``."""
-        return self.subnets[str(self.resolve_k(k))]
+        return cast(HydraViT, self.subnets[str(self.resolve_k(k))])
+
+    def _members(self) -> Iterator[Tuple[str, HydraViT]]:
+        """(k as a string, its ViT) for every k: ``subnets`` holds nothing but HydraViTs."""
+        return ((k, cast(HydraViT, vit)) for k, vit in self.subnets.items())
 
     def forward_features(self, x: torch.Tensor, k: Optional[int] = None) -> torch.Tensor:
         return self.subnet(k).forward_features(x)
@@ -57,7 +61,7 @@ class SeparateViTs(KChoices, nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
-        return {f'subnets.{k}.{name}' for k, vit in self.subnets.items() for name in vit.no_weight_decay()}
+        return {f'subnets.{k}.{name}' for k, vit in self._members() for name in vit.no_weight_decay()}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
@@ -68,7 +72,7 @@ class SeparateViTs(KChoices, nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for vit in self.subnets.values():
+        for _, vit in self._members():
             vit.set_grad_checkpointing(enable)
 
     @torch.jit.ignore
@@ -76,7 +80,7 @@ class SeparateViTs(KChoices, nn.Module):
         return self.subnet(k).get_classifier()
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        for vit in self.subnets.values():
+        for _, vit in self._members():
             vit.reset_classifier(num_classes, global_pool)
         self.num_classes = num_classes
         self.config = replace(self.config, num_classes=num_classes)

@@ -7,17 +7,19 @@ equal-width) timm ViT into the leading slices.
 from __future__ import annotations
 
 import re
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from .config import HydraViTConfig, SubnetShape, nested_shape
+from .factory import UniversalModel
+from .separate import SeparateViTs
 
 __all__ = [
-    'subnet_state_dict', 'model_subnet_state_dict', 'subnet_vit_kwargs', 'extract_subnet', 'inflate_state_dict', 'init_from_vit',
-    'CheckpointMismatchError', 'PARAMETER_AXES', 'parameter_axes', 'qkv_blocks',
+    'subnet_state_dict', 'model_subnet_state_dict', 'subnet_vit_kwargs', 'extract_subnet', 'inflate_state_dict',
+    'init_from_vit', 'CheckpointMismatchError', 'PARAMETER_AXES', 'parameter_axes', 'qkv_blocks',
 ]
 
 StateDict = Dict[str, torch.Tensor]
@@ -123,7 +125,7 @@ def subnet_state_dict(
     return out
 
 
-def subnet_vit_kwargs(config: HydraViTConfig, k: int) -> Dict[str, object]:
+def subnet_vit_kwargs(config: HydraViTConfig, k: int) -> Dict[str, Any]:
     """Constructor arguments of the standalone timm ``VisionTransformer`` equal to subnetwork ``k``."""
     shape = config.subnet_shape(k)
     return dict(
@@ -135,26 +137,27 @@ def subnet_vit_kwargs(config: HydraViTConfig, k: int) -> Dict[str, object]:
     )
 
 
-def model_subnet_state_dict(model: nn.Module, k: int) -> StateDict:
+def model_subnet_state_dict(model: UniversalModel, k: int) -> StateDict:
     """:func:`subnet_state_dict` of a universal model's weights, with the shape rules of its config."""
     c = model.config
     return subnet_state_dict(model.state_dict(), model.resolve_k(k), head_dim=c.head_dim, mlp_ratio=c.mlp_ratio,
                              nesting=c.nesting)
 
 
-def extract_subnet(model: nn.Module, k: int) -> VisionTransformer:
+def extract_subnet(model: UniversalModel, k: int) -> VisionTransformer:
     """Subnetwork ``k`` of a universal model as an ordinary timm ``VisionTransformer`` in eval mode (copied)."""
     k = model.resolve_k(k)
     vit = VisionTransformer(**subnet_vit_kwargs(model.config, k))
     vit.load_state_dict(model_subnet_state_dict(model, k), strict=True)
     if hasattr(model, 'pretrained_cfg'):
-        vit.pretrained_cfg = dict(model.pretrained_cfg)
+        # a dict timm's builder sets; torch's stubs type every Module attribute as Tensor | Module
+        vit.pretrained_cfg = dict(model.pretrained_cfg)  # type: ignore[arg-type, assignment]
     return vit.to(next(model.parameters()).device).eval()
 
 
 def _leading_slice(dst: torch.Tensor, src: torch.Tensor, name: str) -> torch.Tensor:
     """Index of ``dst`` that ``src`` occupies: the leading block of every dimension."""
-    if dst.ndim != src.ndim or any(s > t for s, t in zip(src.shape, dst.shape)):
+    if dst.ndim != src.ndim or any(s > t for s, t in zip(src.shape, dst.shape, strict=True)):
         raise CheckpointMismatchError(
             f'{name}: source shape {tuple(src.shape)} does not fit into target shape {tuple(dst.shape)}')
     return dst[tuple(slice(0, s) for s in src.shape)]
@@ -210,26 +213,32 @@ def _check_compatible(source: Mapping[str, torch.Tensor], target: Mapping[str, t
             f"{target['head.weight'].shape[0]}; pass ignore_head=True to keep the HydraViT's head")
 
 
-def init_from_vit(model: nn.Module, source: Union[nn.Module, Mapping[str, torch.Tensor]], *,
-                  ignore_head: bool = False) -> nn.Module:
+def init_from_vit(model: UniversalModel, source: Union[nn.Module, Mapping[str, torch.Tensor]], *,
+                  ignore_head: bool = False) -> UniversalModel:
     """Initialise ``model`` in place from a timm ViT/DeiT (model or state dict) of the same head size.
 
     DeiT-Ti into ``hydravit_base_patch16_224`` makes subnetwork k=3 equal to DeiT-Ti at step 0. A
     separate-ViTs model loads the source into the ViT of its width.
     """
     if isinstance(source, nn.Module):
-        attn = getattr(source.blocks[0], 'attn', None) if hasattr(source, 'blocks') else None
+        # a timm ViT's blocks are an nn.Sequential; torch types a Module attribute as Tensor | Module
+        attn = getattr(source.blocks[0], 'attn', None) if hasattr(source, 'blocks') else None  # type: ignore[index]
         if attn is None or not hasattr(attn, 'head_dim'):
             raise CheckpointMismatchError(f'{type(source).__name__} is not a timm VisionTransformer')
         if attn.head_dim != model.config.head_dim:
             raise CheckpointMismatchError(
                 f'head_dim mismatch: source heads have {attn.head_dim} channels, HydraViT {model.config.head_dim}')
         source = source.state_dict()
+    if 'patch_embed.proj.weight' not in source:
+        raise CheckpointMismatchError(
+            f'the source is not a timm VisionTransformer state dict: it has no patch_embed.proj.weight '
+            f'(tensors {sorted(source)[:5]}...)')
     src_dim = source['patch_embed.proj.weight'].shape[0]
-    if model.config.nesting == 'separate':  # the ViT of the source's width takes it whole
+    if isinstance(model, SeparateViTs):  # nesting 'separate': the ViT of the source's width takes it whole
         widths = {k * model.config.head_dim: k for k in model.k_choices}
         if src_dim not in widths:
-            raise CheckpointMismatchError(f'source width {src_dim} is none of the separate ViTs\' widths {sorted(widths)}')
+            raise CheckpointMismatchError(
+                f"source width {src_dim} is none of the separate ViTs' widths {sorted(widths)}")
         return init_from_vit(model.subnet(widths[src_dim]), source, ignore_head=ignore_head)
     if model.config.nesting == 'matformer' and src_dim != model.config.embed_dim:
         raise CheckpointMismatchError(

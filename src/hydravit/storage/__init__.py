@@ -1,6 +1,13 @@
 """What lives on disk: safe self-describing checkpoints, run folders and result tables."""
-from .checkpoint import (CheckpointError, atomic_write, load_model, load_state_dict_file, model_from_name_or_checkpoint,
-                         read_metadata, save_model)
+from .checkpoint import (
+    CheckpointError,
+    atomic_write,
+    load_model,
+    load_state_dict_file,
+    model_from_name_or_checkpoint,
+    read_metadata,
+    save_model,
+)
 from .results import format_table, read_results, write_results
 from .run_folder import RunFolder, preprocessing_config, read_accuracy, resolve_checkpoint
 

@@ -15,7 +15,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import safe_open, save_file
+from timm.models import load_state_dict as timm_load_state_dict
 
 from ..models.config import HydraViTConfig
 from ..models.factory import UniversalModel, create_model, model_from_config
@@ -33,7 +34,7 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be read safely or does not describe a HydraViT."""
 
 
-def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
+def atomic_write(path: PathLike, write: Callable[[str], object]) -> Path:
     """Call ``write(tmp_path)`` then rename over ``path``: a crash never leaves a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,35 +74,33 @@ def read_metadata(path: PathLike) -> Dict[str, str]:
         raise CheckpointError(f'{path}: not a readable safetensors file ({e})') from e
 
 
-def load_state_dict_file(path: PathLike, map_location: str = 'cpu') -> Dict[str, torch.Tensor]:
+def load_state_dict_file(path: PathLike, map_location: str = 'cpu', use_ema: bool = False) -> Dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file, or of a ``.pth``/``.pt``/``.bin`` file loaded weights-only.
 
-    A torch file holding a dict under ``state_dict``, ``model`` or ``state_dict_ema`` is unwrapped.
+    timm's ``load_state_dict`` unwraps a checkpoint dict (``state_dict`` or ``model``; with ``use_ema`` the
+    EMA weights first) and drops DDP's ``module.`` prefix. Its ``weights_only`` load allows exactly one
+    class besides tensors and plain containers, ``argparse.Namespace`` (the ``args`` of timm train.py
+    checkpoints); anything else is refused with a clear error.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'checkpoint {path} does not exist')
-    if path.suffix == '.safetensors':
-        try:
-            return load_file(str(path), device=map_location)
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f'{path}: not a readable safetensors file ({e})') from e
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f'{path} holds Python objects other than tensors and plain containers; refusing to unpickle it. '
-            'Re-save it as a state dict of tensors or as .safetensors') from e
-    except (RuntimeError, EOFError) as e:
-        raise CheckpointError(f'{path}: not a readable torch checkpoint ({e})') from e
-    if isinstance(obj, Mapping):
-        for key in ('state_dict', 'model', 'state_dict_ema'):
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
+        obj = timm_load_state_dict(str(path), use_ema=use_ema, device=map_location, weights_only=True)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f'{path}: not a readable safetensors file ({e})') from e
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        cause = e if isinstance(e, pickle.UnpicklingError) else e.__cause__  # timm re-raises torch's refusals
+        if isinstance(cause, pickle.UnpicklingError) and 'Unsupported global' in str(cause):
+            raise CheckpointError(
+                f'{path} holds Python objects other than tensors, plain containers and argparse.Namespace; '
+                'refusing to unpickle it. Re-save it as a state dict of tensors or as .safetensors') from e
+        raise CheckpointError(f'{path}: not a readable torch checkpoint ({type(cause or e).__name__})') from e
+    except AttributeError as e:  # timm's unwrapping met something that is not a mapping
+        raise CheckpointError(f'{path} is not a state dict: expected a mapping of parameter names to tensors') from e
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f'{path} is not a state dict: expected a mapping of parameter names to tensors')
-    return {str(k).removeprefix('module.'): v for k, v in obj.items()}
+    return {str(k): v for k, v in obj.items()}
 
 
 def load_model(path: PathLike, map_location: str = 'cpu', **overrides: Any) -> UniversalModel:

@@ -50,8 +50,8 @@ def format_table(rows: Sequence[Row], columns: Optional[Sequence[str]] = None) -
     columns = list(columns or _columns(rows))
     cells = [[_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(line[i]) for line in cells]) for i, c in enumerate(columns)]
-    lines = [' '.join(c.rjust(w) for c, w in zip(columns, widths))]
-    lines += [' '.join(v.rjust(w) for v, w in zip(line, widths)) for line in cells]
+    lines = [' '.join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += [' '.join(v.rjust(w) for v, w in zip(line, widths, strict=True)) for line in cells]
     return '\n'.join(lines)
 
 

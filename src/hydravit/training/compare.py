@@ -1,9 +1,10 @@
 """The paper's comparison, reproducible: every nesting method trained alike, measured alike, on one plot.
 
 Each method is trained by the same trainer with the same recipe, data order, epochs and seed; only its
-nesting and update scheme differ (:mod:`hydravit.training.methods`; each method's ``compare_config``). SortedNet draws as many sub-models per step
-as the recipe's sampler trains, so both see the same number of forward passes. Every run folder is a
-normal training run; an interrupted comparison resumes its unfinished run and skips finished ones.
+nesting and update scheme differ (:mod:`hydravit.training.methods`; each method's ``compare_config``).
+SortedNet draws as many sub-models per step as the recipe's sampler trains, so both see the same number of
+forward passes. Every run folder is a normal training run; an interrupted comparison resumes its unfinished run
+and skips finished ones.
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ from .config import TrainConfig
 from .methods import METHODS, CompareOptions, NestingMethod, method_class
 from .trainer import train
 
-__all__ = ['Run', 'run_config', 'method_config', 'train_runs', 'compare_methods', 'write_comparison', 'gaps_at_equal_cost',
-           'gaps_at_equal_k']
+__all__ = ['Run', 'run_config', 'method_config', 'train_runs', 'compare_methods', 'write_comparison',
+           'gaps_at_equal_cost', 'gaps_at_equal_k']
 
 logger = logging.getLogger(__name__)
 Row = Dict[str, Any]
@@ -138,7 +139,7 @@ def gaps_at_equal_cost(rows: Sequence[Row], other: Sequence[Row], x: str = 'gmac
     Positive: ``rows``' method is more accurate at the same cost. Points outside ``rows``' cost range
     are skipped (no extrapolation).
     """
-    xs, ys = zip(*sorted((float(r[x]), float(r['top1'])) for r in rows))
+    xs, ys = zip(*sorted((float(r[x]), float(r['top1'])) for r in rows), strict=True)
     out = []
     for r in sorted(other, key=lambda r: float(r[x])):
         cost = float(r[x])
@@ -176,7 +177,7 @@ def _separate_gap_lines(runs: Sequence[Run], separate: Run) -> List[str]:
 def _equal_cost_lines(reference: Run, other: Run, x: str = 'gmacs') -> List[str]:
     gaps = gaps_at_equal_cost(reference.results, other.results, x)
     if not gaps:
-        return [f'{other.label}: no point within {reference.label}\'s {x} range.', '']
+        return [f"{other.label}: no point within {reference.label}'s {x} range.", '']
     values = [g['gap'] for g in gaps]
     return [f'## {reference.label} minus {other.label} at equal {x} ({reference.label} interpolated; p.p.)', '',
             f'ahead at {sum(v > 0 for v in values)} of {len(values)} points; mean {sum(values) / len(values):+.2f}, '

@@ -103,6 +103,8 @@ class TrainConfig:
         if not EVAL_METRIC.fullmatch(self.eval_metric):
             raise ValueError(f"eval_metric must be 'top1_mean', 'top5_mean' or 'top1_k<N>'/'top5_k<N>', "
                              f'got {self.eval_metric!r}')
+        if self.eval_heads is not None:
+            check_k_choices(self.eval_heads, what='--eval-heads')
         if self.heads is not None:
             check_k_choices(self.heads, what='--heads')
             if self.head_weights is not None:
@@ -110,7 +112,7 @@ class TrainConfig:
                     raise ValueError(f'--head-weights has {len(self.head_weights)} weights for {len(self.heads)} '
                                      f'--heads {self.heads}: give one weight per k')
                 # the model sorts its k choices: keep each weight with its k
-                pairs = sorted(zip(self.heads, self.head_weights))
+                pairs = sorted(zip(self.heads, self.head_weights, strict=True))
                 self.heads, self.head_weights = [k for k, _ in pairs], [w for _, w in pairs]
         for name in ('scale', 'ratio'):
             value = getattr(self, name)

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, fields
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.nn as nn
 
 from ..models.hydravit import HydraViT
+from ..models.layers import SlicedBlock
 from ..models.subnet import parameter_axes, qkv_blocks
 
 __all__ = [
@@ -70,7 +71,8 @@ def _input_mask_grad(linear: nn.Linear, name: str) -> torch.Tensor:
 
 def _output_mask_grad(norm: nn.LayerNorm, name: str) -> torch.Tensor:
     """dL/dm_c for a mask m on each output channel c of ``norm``: gamma_c dL/dgamma_c + beta_c dL/dbeta_c."""
-    return sum(p.detach().double() * _grad(p, name) for p in (norm.weight, norm.bias))
+    # a sum of two tensors (sum() only types its start value 0 into the result)
+    return cast(torch.Tensor, sum(p.detach().double() * _grad(p, name) for p in (norm.weight, norm.bias)))
 
 
 def importance_from_gradients(model: nn.Module) -> Importance:
@@ -78,11 +80,12 @@ def importance_from_gradients(model: nn.Module) -> Importance:
     model = _check_model(model)
     head_dim = model.config.head_dim
     heads, neurons = [], []
-    for i, block in enumerate(model.blocks):
+    for i, block in enumerate(cast(Iterable[SlicedBlock], model.blocks)):  # a HydraViT's blocks are SlicedBlocks
         heads.append(_input_mask_grad(block.attn.proj, f'blocks.{i}.attn.proj').view(-1, head_dim).sum(1))
         neurons.append(_input_mask_grad(block.mlp.fc2, f'blocks.{i}.mlp.fc2'))
     # one mask per residual channel, shared by every LayerNorm output (the final norm feeds the classifier)
-    channels = sum(_output_mask_grad(m, n) for n, m in model.named_modules() if isinstance(m, nn.LayerNorm))
+    channels = cast(torch.Tensor,  # a tensor: every block has two LayerNorms
+                    sum(_output_mask_grad(m, n) for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)))
     return Importance(heads=torch.stack(heads).abs().cpu(), neurons=torch.stack(neurons).abs().cpu(),
                       channels=channels.abs().cpu())
 
@@ -138,7 +141,7 @@ class Permutation:
         if len(self.heads) != len(self.neurons):
             raise ValueError(f'heads has {len(self.heads)} blocks but neurons has {len(self.neurons)}')
         _check_is_permutation(self.channels, 'channels')
-        for i, (heads, neurons) in enumerate(zip(self.heads, self.neurons)):
+        for i, (heads, neurons) in enumerate(zip(self.heads, self.neurons, strict=True)):
             _check_is_permutation(heads, f'heads[{i}]')
             _check_is_permutation(neurons, f'neurons[{i}]')
 

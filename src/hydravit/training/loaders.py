@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 from itertools import islice
-from typing import Any, Dict, Iterable, Iterator, Mapping, Tuple
+from typing import Any, Dict, Iterable, Iterator, Mapping, Sized, Tuple, cast
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from timm.data import resolve_data_config
 from timm.models import get_pretrained_cfg
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-from ..data.datasets import load_dataset
+from ..data.datasets import LoadedDataset, load_dataset
 from ..data.transforms import build_transform
 from ..models.factory import create_model
 from .config import TrainConfig
@@ -40,7 +40,7 @@ class EpochSeededDataset(Dataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(cast(Sized, self.dataset))  # map-style: torch's Dataset type declares no __len__
 
     def __getitem__(self, index: int) -> Any:
         sample_seed = hash((self.seed, self.epoch, int(index))) % (1 << 62)
@@ -76,22 +76,23 @@ class SkipSampler(Sampler):
         return islice(iter(self.sampler), self.skip, None)
 
     def __len__(self) -> int:
-        return max(0, len(self.sampler) - self.skip)
+        return max(0, len(cast(Sized, self.sampler)) - self.skip)  # torch's Sampler type declares no __len__
 
 
 def run_data_config(cfg: TrainConfig) -> Dict[str, Any]:
     pretrained = get_pretrained_cfg(cfg.model)
     if pretrained is None:
         create_model(cfg.model)  # raises the clear "unknown model" error
+    assert pretrained is not None  # every registered hydravit_* model has a default cfg
     args = {'img_size': cfg.img_size} if cfg.img_size else {}
     return resolve_data_config(args, pretrained_cfg=pretrained.to_dict())
 
 
-def build_datasets(cfg: TrainConfig, data_config: Mapping[str, Any]) -> Tuple[Dataset, Dataset]:
-    aug = dict(no_aug=cfg.no_aug, scale=tuple(cfg.scale) if cfg.scale else None, ratio=tuple(cfg.ratio) if cfg.ratio else None,
-               hflip=cfg.hflip, vflip=cfg.vflip, color_jitter=cfg.color_jitter, auto_augment=cfg.aa,
-               re_prob=cfg.reprob, re_mode=cfg.remode)
-    common = dict(seed=cfg.seed, skip_bad_images=cfg.skip_bad_images, num_classes=cfg.num_classes)
+def build_datasets(cfg: TrainConfig, data_config: Mapping[str, Any]) -> Tuple[LoadedDataset, LoadedDataset]:
+    aug = dict(no_aug=cfg.no_aug, scale=tuple(cfg.scale) if cfg.scale else None,
+               ratio=tuple(cfg.ratio) if cfg.ratio else None, hflip=cfg.hflip, vflip=cfg.vflip,
+               color_jitter=cfg.color_jitter, auto_augment=cfg.aa, re_prob=cfg.reprob, re_mode=cfg.remode)
+    common: Dict[str, Any] = dict(seed=cfg.seed, skip_bad_images=cfg.skip_bad_images, num_classes=cfg.num_classes)
     train_set = load_dataset(cfg.dataset, cfg.data_dir, split='train', max_samples=cfg.max_train_samples,
                              transform=build_transform(data_config, is_training=True, **aug), **common)
     val_set = load_dataset(cfg.dataset, cfg.data_dir, split='val', max_samples=cfg.max_val_samples,
@@ -104,16 +105,19 @@ def build_datasets(cfg: TrainConfig, data_config: Mapping[str, Any]) -> Tuple[Da
 
 def train_loader(train_set: EpochSeededDataset, cfg: TrainConfig, env: DistEnv, epoch: int,
                   skip_batches: int) -> DataLoader:
-    sampler = DistributedSampler(train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
+    sampler: DistributedSampler[int] = DistributedSampler(train_set, num_replicas=env.world_size, rank=env.rank,
+                                                          shuffle=True, seed=cfg.seed, drop_last=True)
     sampler.set_epoch(epoch)
     train_set.set_epoch(epoch)
-    return DataLoader(train_set, batch_size=cfg.batch_size, sampler=SkipSampler(sampler, skip_batches * cfg.batch_size),
-                      num_workers=cfg.workers, drop_last=True, generator=torch.Generator().manual_seed(cfg.seed + epoch),
+    return DataLoader(train_set, batch_size=cfg.batch_size,
+                      sampler=SkipSampler(sampler, skip_batches * cfg.batch_size), num_workers=cfg.workers,
+                      drop_last=True, generator=torch.Generator().manual_seed(cfg.seed + epoch),
                       persistent_workers=False)
 
 
 def val_loader(val_set: Dataset, cfg: TrainConfig, env: DistEnv) -> DataLoader:
-    shard = Subset(val_set, range(env.rank, len(val_set), env.world_size)) if env.distributed else val_set
+    # map-style: torch's Dataset type declares no __len__
+    shard = (Subset(val_set, range(env.rank, len(cast(Sized, val_set)), env.world_size)) if env.distributed
+             else val_set)
     return DataLoader(shard, batch_size=cfg.validation_batch_size or cfg.batch_size, shuffle=False,
                       num_workers=cfg.workers)

@@ -17,7 +17,6 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar, ContextManager, Dict, List, Optional, Protocol, Sequence, Type, TypeVar
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
@@ -168,7 +167,7 @@ class MatFormer(NestingMethod):
     summary = 'only the MLP hidden width nested (r*D*k/H); attention and embedding always full'
 
 
-def _frozen(model: nn.Module) -> nn.Module:
+def _frozen(model: UniversalModel) -> UniversalModel:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -187,7 +186,7 @@ class DynaBERT(NestingMethod):
 
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
-        self.teacher: Optional[nn.Module] = None  # the frozen full-width model, once reordered
+        self.teacher: Optional[UniversalModel] = None  # the frozen full-width model, once reordered
 
     @classmethod
     def check(cls, cfg: TrainConfig) -> None:

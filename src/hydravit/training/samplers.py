@@ -90,10 +90,10 @@ class WeightedSampler(SubnetSampler):
     """One k per step, drawn with probability proportional to its weight (e.g. to favour small subnets)."""
     name = 'weighted'
 
-    def __init__(self, k_choices: Sequence[int], weights: Sequence[float], *, seed: int = 0,
+    def __init__(self, k_choices: Sequence[int], weights: Optional[Sequence[float]], *, seed: int = 0,
                  per_rank: bool = False) -> None:
         super().__init__(k_choices, seed=seed, per_rank=per_rank)
-        self.weights = self._validate_weights(weights)
+        self.weights = self._validate_weights(weights)  # None is refused there, naming --head-weights
 
     @classmethod
     def from_options(cls, k_choices: Sequence[int], *, seed: int, weights: Optional[Sequence[float]],
@@ -119,7 +119,7 @@ class WeightedSampler(SubnetSampler):
 
     def probabilities(self) -> Dict[int, float]:
         total = sum(self.weights)
-        return {k: w / total for k, w in zip(self.k_choices, self.weights)}
+        return {k: w / total for k, w in zip(self.k_choices, self.weights, strict=True)}
 
 
 class _NumRandomSampler(SubnetSampler):

@@ -31,6 +31,7 @@ UPDATES_KEY = 'num_updates'
 def capture_rng() -> Dict[str, Any]:
     """torch, CUDA, numpy and python RNG states as tensors and plain numbers (weights_only-safe)."""
     np_state = np.random.get_state()
+    assert isinstance(np_state, tuple)  # legacy form: the global RandomState is always MT19937
     py_version, py_keys, py_gauss = random.getstate()
     state = {
         'torch': torch.get_rng_state(),
@@ -64,7 +65,8 @@ def save_training_checkpoint(out_dir: Path, model: UniversalModel, ema_model: Op
     """Write ``last[_ema].safetensors`` then ``last.state.pth``; never leaves an unusable pair behind."""
     meta = {**metadata, UPDATES_KEY: str(state[UPDATES_KEY])}
     names = _weights_names(ema_model is not None)
-    for name, net in zip(names, (model, ema_model)):
+    nets = [model] if ema_model is None else [model, ema_model]
+    for name, net in zip(names, nets, strict=True):
         path = out_dir / f'{name}.safetensors'
         if path.exists():
             os.replace(path, out_dir / f'{name}.prev.safetensors')
@@ -100,6 +102,7 @@ def load_training_checkpoint(out_dir: Path, with_ema: bool, map_location: str = 
         state = torch.load(out_dir / STATE_FILE, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001  (any unreadable or unsafe file is the same user error)
         raise CheckpointError(f'{out_dir / STATE_FILE}: not a readable training state ({e})') from e
-    for name, key in zip(_weights_names(with_ema), ('model', 'ema')):
+    keys = ['model', 'ema'] if with_ema else ['model']
+    for name, key in zip(_weights_names(with_ema), keys, strict=True):
         state[key] = load_state_dict_file(_matching_weights(out_dir, name, state[UPDATES_KEY]), map_location)
     return state

@@ -31,9 +31,17 @@ from torch.utils.data import Dataset
 
 from ..evaluation.evaluate import evaluate_subnets
 from ..models.factory import UniversalModel
-from ..storage.run_folder import (CLASS_NAMES_KEY, EPOCHS_KEY, PREPROCESSING_KEYS, PRETRAINED_CFG_KEY,
-                                  TRAIN_CONFIG_KEY, RunFolder, read_summary, write_summary)
 from ..storage.checkpoint import save_model
+from ..storage.run_folder import (
+    CLASS_NAMES_KEY,
+    EPOCHS_KEY,
+    PREPROCESSING_KEYS,
+    PRETRAINED_CFG_KEY,
+    TRAIN_CONFIG_KEY,
+    RunFolder,
+    read_summary,
+    write_summary,
+)
 from .config import AMP_DTYPES, EVAL_METRIC, TrainConfig, effective_lr
 from .distributed import DistEnv, all_gather, all_reduce_sum, check_replicas_in_sync, init_distributed
 from .loaders import EpochSeededDataset, build_datasets, rng_preserving, run_data_config, train_loader, val_loader
@@ -119,15 +127,18 @@ class Trainer:
             raise ValueError('the training set has no num_classes attribute: give num_classes')
         self.class_names = list(getattr(train_set, 'classes', []) or [])
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank (EMA copies them before DDP)
-        self.model: UniversalModel = build_model(cfg, cfg.num_classes or train_classes).to(env.device)
-        self.eval_ks = [self.model.resolve_k(k) for k in (cfg.eval_heads or self.model.k_choices)]
+        num_classes = cfg.num_classes if cfg.num_classes is not None else train_classes
+        assert num_classes is not None  # checked above
+        self.model: UniversalModel = build_model(cfg, int(num_classes)).to(env.device)
+        self.eval_ks = self.model.resolve_ks(cfg.eval_heads or None)
         self._check_eval_metric()
         self.sampler = create_sampler(cfg.sampler, self.model.k_choices, seed=cfg.seed, weights=cfg.head_weights,
                                       num_random=cfg.num_random, per_rank=cfg.k_per_rank)
         self.train_set = EpochSeededDataset(train_set, cfg.seed)
-        self.batches_per_epoch = len(train_set) // (cfg.batch_size * env.world_size)
+        self.batches_per_epoch = len(self.train_set) // (cfg.batch_size * env.world_size)
         if self.batches_per_epoch < 1:
-            raise ValueError(f'{len(train_set)} training images make no full batch of {cfg.batch_size} per process')
+            raise ValueError(f'{len(self.train_set)} training images make no full batch of {cfg.batch_size} '
+                             'per process')
         self.val_loader = val_loader(val_set, cfg, env)
 
     def _setup_optimisation(self) -> None:
@@ -135,12 +146,14 @@ class Trainer:
         self.lr = effective_lr(cfg, env.world_size)
         # fused Adam(W): the sliced model updates its full tensors every step (the paper's behaviour), and one
         # fused pass over them is what keeps a small-k step as fast as a standalone ViT's (bench_train_step.py)
-        fused = {'fused': True} if cfg.opt.lower() in FUSED_OPTIMIZERS else {}
+        fused: Dict[str, Any] = {'fused': True} if cfg.opt.lower() in FUSED_OPTIMIZERS else {}
         self.optimizer = create_optimizer_v2(self.model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay,
                                              momentum=cfg.momentum, **fused)
         updates_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum_steps)
         self.scheduler, self.num_epochs = create_scheduler_v2(
-            self.optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+            self.optimizer, sched=cfg.sched, num_epochs=cfg.epochs,
+            # timm annotates warmup_epochs as int but scales it by updates_per_epoch: fractional epochs work
+            warmup_epochs=cfg.warmup_epochs,  # type: ignore[arg-type]
             warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, cooldown_epochs=cfg.cooldown_epochs,
             step_on_epochs=False, updates_per_epoch=updates_per_epoch)
         self.amp_dtype = AMP_DTYPES[cfg.amp_dtype] if cfg.amp else None
