@@ -1,3 +1,5 @@
+"""Accuracy per k computed by hand or independently, class subsets, the eval command and its checkpoints."""
+import re
 import warnings
 
 import pytest
@@ -11,8 +13,10 @@ import hydravit  # noqa: F401
 from hydravit.storage.checkpoint import CheckpointError, save_model
 from hydravit.evaluation.evaluate import evaluate_dataset, evaluate_subnets, label_map, load_for_eval
 from hydravit.models.costs import add_costs
+from hydravit.models.subnet import extract_subnet
 from hydravit.storage.run_folder import resolve_checkpoint
-from hydravit.models.costs import subnet_cost
+
+from helpers import reference_cost
 
 
 class LogitsModel(nn.Module):
@@ -27,6 +31,9 @@ class LogitsModel(nn.Module):
         if k not in self.k_choices:
             raise ValueError(f'bad k {k}')
         return k
+
+    def resolve_ks(self, ks=None):
+        return list(self.k_choices) if ks is None else [self.resolve_k(k) for k in ks]
 
     def forward(self, x, k=None):
         return x if k == 1 else -x
@@ -77,7 +84,7 @@ def test_class_subset_restricts_logits_and_maps_labels():
     with pytest.raises(ValueError, match='not among class_indices'):
         evaluate_subnets(LogitsModel(10), _loader(x, torch.zeros(40, dtype=torch.long), 16), [1],
                          class_indices=subset)
-    with pytest.raises(ValueError, match='outside 0..9'):
+    with pytest.raises(ValueError, match=r'class_indices \[12\] outside 0\.\.9 \(the model has 10 classes\)'):
         label_map([3, 12], 10)
 
 
@@ -108,24 +115,36 @@ def test_sliced_equals_extracted(randomize):
     for a, b in zip(sliced, extracted):
         assert (a['k'], a['top1'], a['top5'], a['num_samples']) == (b['k'], b['top1'], b['top5'], b['num_samples'])
         assert a['loss'] == pytest.approx(b['loss'], rel=1e-5)
-    with pytest.raises(ValueError, match='mode must be one of'):
+    with pytest.raises(ValueError, match=r"mode must be one of \('sliced', 'extracted'\), got 'onnx'"):
         evaluate_subnets(model, loader, [1], mode='onnx')
-    with pytest.raises(ValueError, match='not a valid subnetwork'):
+    with pytest.raises(ValueError, match=r'k=7 is not a valid subnetwork: allowed values are \[1, 2, 3, 4\]'):
         evaluate_subnets(model, loader, [7])
 
 
-def test_add_costs_uses_analytic_costs():
+def test_add_costs_counts_the_parameters_and_macs_of_each_subnetwork():
     model = timm.create_model('hydravit_test_patch4_16')
-    rows = add_costs([{'k': 2, 'top1': 1.0}], model.config, mode='sliced')
-    cost = subnet_cost(model.config, 2)
-    assert rows[0]['param_count'] == pytest.approx(cost.params / 1e6)
-    assert rows[0]['gmacs'] == pytest.approx(cost.macs / 1e9)
-    assert rows[0]['mode'] == 'sliced'
+    rows = add_costs([{'k': 2, 'top1': 1.0}, {'k': 4, 'top1': 2.0}], model.config, mode='sliced')
+    for row in rows:
+        vit = extract_subnet(model, row['k'])
+        assert row['param_count'] * 1e6 == pytest.approx(sum(p.numel() for p in vit.parameters()))
+        assert row['gmacs'] * 1e9 == pytest.approx(reference_cost(model.config, row['k'])[1])
+        assert (row['embed_dim'], row['num_heads'], row['mlp_hidden']) == \
+            (vit.embed_dim, vit.blocks[0].attn.num_heads, vit.blocks[0].mlp.fc1.out_features)
+    # by hand for k=2: embed 16, MLP 32 (mlp_ratio 2), 16 patches of 3x4x4 + a class token (17 tokens), depth 2,
+    # 10 classes. Parameters: patch 48*16 + 16, pos/cls 17*16 + 16, per block 2 norms 4*16 + qkv 3*16*16 + 48
+    # + proj 16*16 + 16 + fc1 32*16 + 32 + fc2 32*16 + 16, final norm 2*16, head 16*10 + 10
+    assert rows[0]['param_count'] * 1e6 == pytest.approx(784 + 288 + 2 * 2224 + 32 + 170)
+    # MACs: patch 48*16 per patch, per block qkv + proj 4*17*16*16 + MLP 2*17*32*16 + q@k^T and attn@v
+    # 2*17*17*16, head 16*10
+    assert rows[0]['gmacs'] * 1e9 == pytest.approx(16 * 768 + 2 * (17408 + 17408 + 9248) + 160)
+    assert (rows[0]['k'], rows[0]['top1'], rows[0]['mode']) == (2, 1.0, 'sliced')
+    assert (rows[1]['k'], rows[1]['top1'], rows[1]['mode']) == (4, 2.0, 'sliced')
 
 
 def test_resolve_checkpoint_run_folder_and_ema(tmp_path):
     model = timm.create_model('hydravit_test_patch4_16')
-    with pytest.raises(FileNotFoundError, match='model_best'):
+    with pytest.raises(FileNotFoundError,
+                       match=r"holds none of \['model_best\.safetensors', 'last\.safetensors'\]"):
         resolve_checkpoint(tmp_path)
     save_model(tmp_path / 'last.safetensors', model)
     assert resolve_checkpoint(tmp_path).name == 'last.safetensors'
@@ -136,7 +155,7 @@ def test_resolve_checkpoint_run_folder_and_ema(tmp_path):
     save_model(tmp_path / 'model_best_ema.safetensors', model)
     assert resolve_checkpoint(tmp_path, use_ema=True).name == 'model_best_ema.safetensors'
     assert resolve_checkpoint(tmp_path / 'last.safetensors').name == 'last.safetensors'
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r'checkpoint .*missing\.safetensors does not exist'):
         resolve_checkpoint(tmp_path / 'missing.safetensors')
 
 
@@ -151,25 +170,27 @@ def test_load_for_eval_untrained_k_and_bad_checkpoints(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x, k=4), model.eval()(x, k=4))
-    with pytest.raises(ValueError, match=r'outside 1..4'):
+    with pytest.raises(ValueError, match=r'\[5\] outside 1\.\.4 \(num_heads\)'):
         load_for_eval(path, [5])
     save_file({'w': torch.zeros(2)}, str(tmp_path / 'plain.safetensors'))
     with pytest.raises(CheckpointError, match='not a HydraViT checkpoint'):
         load_for_eval(tmp_path / 'plain.safetensors')
     with warnings.catch_warnings():
         warnings.simplefilter('error')
-        load_for_eval(path, [2])  # a trained k: no warning
+        _, ks = load_for_eval(path, [2])  # a trained k: no warning
+    assert ks == [2]
 
 
 def test_eval_cli_rejects_bad_checkpoint_and_k_before_reading_data(tmp_path, capsys):
     from hydravit.cli import main
-    assert main(['eval', '--checkpoint', str(tmp_path / 'nope.safetensors')]) == 2
-    assert 'does not exist' in capsys.readouterr().err
+    missing = tmp_path / 'nope.safetensors'
+    assert main(['eval', '--checkpoint', str(missing)]) == 2
+    assert f'hydravit eval: error: checkpoint {missing} does not exist' in capsys.readouterr().err
     path = save_model(tmp_path / 'm.safetensors', timm.create_model('hydravit_test_patch4_16'))
     assert main(['eval', '--checkpoint', str(path), '--k', '9']) == 2
-    assert 'outside 1..4' in capsys.readouterr().err
+    assert re.search(r'hydravit eval: error: .*\[9\] outside 1\.\.4', capsys.readouterr().err)
     assert main(['eval', '--checkpoint', str(path), '--k', 'two']) == 2
-    assert "--k takes 'all' or integers" in capsys.readouterr().err
+    assert "hydravit eval: error: --k takes 'all' or integers, got ['two']" in capsys.readouterr().err
 
 
 class TensorSet(torch.utils.data.Dataset):
@@ -199,7 +220,7 @@ def test_evaluate_dataset_scores_a_class_subset_like_imagenet_r(randomize):
             assert row['top1'] == pytest.approx(100.0 * (pred == y).float().mean().item())
             assert row['top5'] == 100.0  # only 3 classes scored
             assert row['num_classes_scored'] == 3
-            assert row['gmacs'] == pytest.approx(subnet_cost(model.config, row['k']).gmacs)
+            assert row['gmacs'] * 1e9 == pytest.approx(reference_cost(model.config, row['k'])[1])
             assert (row['img_size'], row['crop_pct'], row['mode']) == (16, 1.0, 'sliced')
     with pytest.raises(ValueError, match='has 7 classes but the model was trained on 10'):
         evaluate_dataset(model, TensorSet(x, y, 7), [2])
@@ -300,4 +321,5 @@ def test_eval_cli_on_imagefolder_class_subsets(tmp_path, randomize, capsys):
     _image_folder(tmp_path / 'bad', ['class1', 'zebra'])
     assert main(['eval', '--checkpoint', str(path), '--dataset', 'imagefolder', '--data-dir',
                  str(tmp_path / 'bad'), '-j', '0']) == 2
-    assert "['zebra']" in capsys.readouterr().err
+    assert re.search(r"hydravit eval: error: class folders \['zebra'\] in .* are not training classes",
+                     capsys.readouterr().err)

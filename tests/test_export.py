@@ -1,6 +1,7 @@
 """Exported subnetworks load as plain timm / safetensors / ONNX models and equal the universal model at k."""
 import csv
 import json
+import re
 
 import pytest
 import timm
@@ -11,11 +12,12 @@ from timm.models.vision_transformer import VisionTransformer
 
 from hydravit.storage.checkpoint import save_model
 from hydravit.cli import main
-from hydravit.models.costs import subnet_cost
 from hydravit.deployment.export import ExportError, export_subnets, file_sha256
 from hydravit.storage.run_folder import preprocessing_config
 from hydravit.models import HydraViT
 from hydravit.models.factory import create_model
+
+from helpers import reference_cost
 
 TRAIN_CFG = dict(mean=[0.1, 0.2, 0.3], std=[0.5, 0.6, 0.7], interpolation='bilinear', crop_pct=0.9,
                  input_size=[3, 16, 16])
@@ -55,12 +57,14 @@ def test_timm_folder_loads_with_local_dir_and_matches(checkpoint, tmp_path):
         info = json.loads((out / f'k{k}' / 'hydravit.json').read_text())
         assert info['k'] == k and info['parent_sha256'] == file_sha256(path)
         assert info['metrics']['top1'] == pytest.approx(50.0 + k)
-        assert info['metrics']['param_count'] == pytest.approx(subnet_cost(model.config, k).params / 1e6, rel=1e-12)
-        assert info['metrics']['gmacs'] == pytest.approx(subnet_cost(model.config, k).gmacs)  # not rounded to 0
+        # the exported model's own parameter count, and its MACs counted on the equivalent timm ViT
+        assert info['metrics']['param_count'] * 1e6 == pytest.approx(sum(p.numel() for p in vit.parameters()))
+        assert info['metrics']['gmacs'] * 1e9 == pytest.approx(reference_cost(model.config, k)[1])  # not rounded
     assert [r['k'] for r in index] == [2, 4]
     on_disk = json.loads((out / 'index.json').read_text())
     assert [(r['k'], r['top1']) for r in on_disk] == [(2, 52.0), (4, 54.0)]
-    assert on_disk[0]['param_count'] == pytest.approx(subnet_cost(model.config, 2).params_m, rel=1e-5)
+    assert on_disk[0]['param_count'] * 1e6 == pytest.approx(reference_cost(model.config, 2)[0], rel=1e-5)
+    assert on_disk[1]['gmacs'] * 1e9 == pytest.approx(reference_cost(model.config, 4)[1], rel=1e-5)
     assert (out / 'index.csv').read_text().startswith('k,')
 
 
@@ -99,32 +103,39 @@ def test_preprocessing_falls_back_to_the_registered_model(tmp_path, randomize):
     assert cfg['interpolation'] == 'bilinear' and 'hydravit_fmnist_patch7_28' in cfg['source']
 
 
-def test_preprocessing_from_the_trainers_config(tmp_path, randomize):
-    model = create_model('hydravit_fmnist_patch7_28', depth=1)
+def test_preprocessing_from_the_trainers_config(tmp_path):
+    model = HydraViT(img_size=28, patch_size=7, in_chans=1, num_classes=10, num_heads=2, head_dim=4, depth=1)
+    # an unregistered shape whose run trained with the registered model's settings
     meta = {'train_config': json.dumps({'model': 'hydravit_fmnist_patch7_28'})}
     path = save_model(tmp_path / 'ck.safetensors', model, meta)
-    assert 'training config' in preprocessing_config(path, model)['source']
+    cfg = preprocessing_config(path, model)
+    assert 'training config' in cfg['source'] and 'hydravit_fmnist_patch7_28' in cfg['source']
+    registered = create_model('hydravit_fmnist_patch7_28').pretrained_cfg
+    assert (cfg['mean'], cfg['std'], cfg['input_size']) == (registered['mean'], registered['std'], (1, 28, 28))
 
 
 def test_unknown_preprocessing_is_an_error_unless_named(tmp_path):
     model = HydraViT(img_size=12, patch_size=4, in_chans=3, num_classes=3, num_heads=2, head_dim=4, depth=1)
     path = save_model(tmp_path / 'ck.safetensors', model)
-    with pytest.raises(ValueError, match='--model'):
+    with pytest.raises(ValueError, match=r'ck\.safetensors: no preprocessing stored with the checkpoint.*'
+                                         r'pass the model name \(--model\)'):
         preprocessing_config(path, model)
     cfg = preprocessing_config(path, model, model_name='hydravit_test_patch4_16')
     assert cfg['input_size'] == (3, 12, 12)  # the model's own size wins over the named model's
 
 
 @pytest.mark.parametrize('args,match', [
-    (['--format', 'tflite'], 'unknown export format'),
-    (['--format', 'timm', 'tflite'], 'unknown export format'),
-    (['--k', '5'], 'k=5 is not a valid subnetwork'),
-    (['--k', 'big'], "'all' or integers"),
+    (['--format', 'tflite'], r"unknown export format \['tflite'\]: choose one or more of \['timm', 'safetensors', "
+                             r"'onnx'\]"),
+    (['--format', 'timm', 'tflite'], r"unknown export format \['tflite'\]: choose"),
+    (['--k', '5'], r'k=5 is not a valid subnetwork: allowed values are \[1, 2, 3, 4\]'),
+    (['--k', 'big'], r"--k takes 'all' or integers, got \['big'\]"),
 ])
 def test_cli_rejects_bad_input(checkpoint, tmp_path, capsys, args, match):
     path, _ = checkpoint
     assert main(['export', '--checkpoint', str(path), '--output', str(tmp_path / 'out'), *args]) == 2
-    assert match in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert re.search('hydravit export: error: ' + match, err), err
     assert not (tmp_path / 'out').exists()
 
 
@@ -134,9 +145,9 @@ def test_existing_output_needs_overwrite(checkpoint, tmp_path, capsys):
     assert main(['export', '--checkpoint', str(path), '--k', '1', '--output', str(out)]) == 0
     before = (out / 'k1' / 'model.safetensors').stat().st_mtime_ns
     assert main(['export', '--checkpoint', str(path), '--k', '1', '--output', str(out)]) == 2
-    assert 'already exists' in capsys.readouterr().err
+    assert f'output folder {out} already exists; pass --overwrite' in capsys.readouterr().err
     assert (out / 'k1' / 'model.safetensors').stat().st_mtime_ns == before
-    with pytest.raises(ExportError):
+    with pytest.raises(ExportError, match=r'already exists; pass --overwrite'):
         export_subnets(path, [1], ['timm'], out)
     (tmp_path / 'empty').mkdir()
     with pytest.raises(ExportError, match='--overwrite'):

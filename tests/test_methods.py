@@ -12,9 +12,9 @@ from hydravit.models.costs import subnet_cost
 from hydravit.models import NESTINGS, model_from_config
 from hydravit.models.separate import SeparateViTs
 from hydravit.models.subnet import (CheckpointMismatchError, extract_subnet, inflate_state_dict, init_from_vit,
-                             model_subnet_state_dict, subnet_vit_kwargs)
+                                    model_subnet_state_dict, subnet_vit_kwargs)
 
-from conftest import CONFIGS
+from helpers import CONFIGS, reference_cost
 
 SHARED = ('hydravit', 'matformer', 'dynabert')  # nestings that share one set of weights
 
@@ -61,7 +61,8 @@ def test_matformer_nests_only_the_mlp_and_dynabert_keeps_it_full():
         m, d = mat.subnet_shape(k), dyna.subnet_shape(k)
         assert (m.embed_dim, m.num_heads, m.mlp_hidden) == (768, 12, 256 * k)  # full attention, MLP 768..3072
         assert (d.embed_dim, d.num_heads, d.mlp_hidden) == (64 * k, k, 3072)  # heads nested, full MLP
-    # SPEC §4: MatFormer spans 9.20 .. 17.56 GMACs; every method's widest subnetwork is ViT-B
+    # at ViT-B/16 size MatFormer spans 9.20 .. 17.56 GMACs (k=3: full attention, MLP 768); every method's widest
+    # subnetwork is ViT-B
     assert round(subnet_cost(mat, 3).gmacs, 2) == 9.20
     for nesting in SHARED:
         assert round(subnet_cost(HydraViTConfig(**base, nesting=nesting), 12).gmacs, 3) == 17.564
@@ -72,7 +73,8 @@ def test_matformer_nests_only_the_mlp_and_dynabert_keeps_it_full():
 
 @pytest.mark.parametrize('nesting', NESTINGS)
 def test_analytic_macs_match_a_flop_counter_plus_fused_attention(nesting):
-    """FlopCounterMode does not see inside fused attention: it must count the formula minus L*2*N^2*d."""
+    """FlopCounterMode does not see inside fused attention: it must count the formula minus L*2*N^2*d; with the
+    attention unfused it sees everything and must count the formula exactly."""
     cfg = HydraViTConfig(**CONFIGS['odd'], nesting=nesting)
     for k in (1, 3, 5):
         vit = VisionTransformer(**subnet_vit_kwargs(cfg, k)).eval()
@@ -81,6 +83,7 @@ def test_analytic_macs_match_a_flop_counter_plus_fused_attention(nesting):
             vit(torch.randn(1, cfg.in_chans, cfg.img_size, cfg.img_size))
         attention = cfg.depth * 2 * cfg.num_tokens ** 2 * cfg.subnet_shape(k).embed_dim
         assert counter.get_total_flops() // 2 == subnet_cost(cfg, k).macs - attention, (nesting, k)
+        assert reference_cost(cfg, k) == (subnet_cost(cfg, k).params, subnet_cost(cfg, k).macs), (nesting, k)
 
 
 def test_separate_vits_are_independent_standalone_models(randomize, tmp_path):
@@ -96,7 +99,7 @@ def test_separate_vits_are_independent_standalone_models(randomize, tmp_path):
         assert torch.equal(model(x, k=2), before)
         with model.use_k(2):
             assert torch.equal(model(x), before)
-    with pytest.raises(ValueError, match=r'\[2, 4\]'):
+    with pytest.raises(ValueError, match=r'k=3 is not a valid subnetwork: allowed values are \[2, 4\]'):
         model(x, k=3)
     path = save_model(tmp_path / 'separate.safetensors', model)
     loaded = load_model(path).eval()
@@ -125,11 +128,15 @@ def test_matformer_starts_only_from_a_full_width_vit():
 
 
 @pytest.mark.parametrize('kwargs, message', [
-    (dict(nesting='slimmable'), 'hydravit, matformer, dynabert, separate'),
-    (dict(nesting='separate', separate_heads=True), 'one classifier per k'),
+    (dict(nesting='slimmable'), r"nesting must be one of hydravit, matformer, dynabert, separate; got 'slimmable'"),
+    (dict(nesting='separate', separate_heads=True), r"separate_heads needs a shared universal model: "
+                                                    r"nesting='separate' already has one classifier per k"),
 ])
 def test_bad_nesting_is_a_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         model_from_config(HydraViTConfig(**CONFIGS['default'], **kwargs))
-    with pytest.raises(ValueError):
-        HydraViT(**CONFIGS['default'], nesting='separate')  # one ViT per k is not a sliced model
+
+
+def test_a_sliced_model_cannot_be_built_with_one_vit_per_k():
+    with pytest.raises(ValueError, match=r"nesting='separate' is one ViT per k: build it with .*SeparateViTs"):
+        HydraViT(**CONFIGS['default'], nesting='separate')

@@ -1,3 +1,4 @@
+"""Result files, the join of eval and benchmark rows, and the accuracy-cost report (tables, plots, CLI)."""
 import logging
 import struct
 
@@ -37,7 +38,7 @@ def test_results_round_trip(tmp_path, fmt, caplog):
     assert back[3]['note'] == 'x' and back[3]['extra'] is None
     printed = caplog.messages[-1].splitlines()
     assert printed[0].split()[:3] == ['k', 'top1', 'top1_err'] and len(printed) == 5
-    with pytest.raises(ValueError, match='csv'):
+    with pytest.raises(ValueError, match=r"results format must be one of \('csv', 'json'\), got 'xml'"):
         write_results(rows, tmp_path, 'eval', 'xml')
 
 
@@ -63,14 +64,15 @@ def test_write_report_from_saved_results(tmp_path):
     assert 'accuracy_vs_gmacs.png' in md and 'infer_samples_per_sec' in md
     table = read_results(paths['csv'])
     assert [(r['method'], r['k']) for r in table][:4] == [('hydra', 3), ('hydra', 6), ('hydra', 12), ('sorted', 3)]
-    with pytest.raises(ValueError, match='match no evaluation label'):
+    with pytest.raises(ValueError,
+                       match=r"benchmark labels \['other'\] match no evaluation label \['hydra', 'sorted'\]"):
         write_report({'hydra': a, 'sorted': b}, {'other': bench}, tmp_path / 'bad')
 
 
 def test_plot_rejects_unknown_axis_and_empty_series(tmp_path):
-    with pytest.raises(ValueError, match='x must be one of'):
+    with pytest.raises(ValueError, match=r"x must be one of \['gmacs', 'infer_samples_per_sec', .*\], got 'flops'"):
         plot_accuracy({'a': eval_rows()}, 'flops', tmp_path / 'p.png')
-    with pytest.raises(ValueError, match='nothing to plot'):
+    with pytest.raises(ValueError, match=r"no rows with both 'infer_samples_per_sec' and 'top1': nothing to plot"):
         plot_accuracy({'a': eval_rows()}, 'infer_samples_per_sec', tmp_path / 'p.png')
     assert not (tmp_path / 'p.png').exists()
 
@@ -93,5 +95,7 @@ def test_report_cli(tmp_path, capsys):
     assert '| run1 |' in md and '| baseline |' in md
     assert png_size(out / 'accuracy_vs_throughput.png') == (640, 480)
     assert main(['report', str(run / 'benchmark.csv')]) == 2
-    assert 'no eval results' in capsys.readouterr().err
+    assert 'hydravit report: error: no eval results among the files' in capsys.readouterr().err
     assert main(['report', str(run / 'eval.csv'), '--labels', 'a', 'b']) == 2
+    assert ('hydravit report: error: --labels needs one label per results file: 2 labels, 1 files'
+            in capsys.readouterr().err)

@@ -1,3 +1,4 @@
+"""The k samplers: their distributions (binomial bounds), determinism per (seed, epoch, step, rank), bad settings."""
 import math
 from collections import Counter
 
@@ -110,21 +111,22 @@ def test_per_rank_sampling_differs_across_ranks_but_is_reproducible(name):
 
 
 @pytest.mark.parametrize('kwargs, message', [
-    (dict(name='roulette'), 'uniform, weighted, sandwich, random, all'),
-    (dict(name='random', num_random=0), r'1\.\.3'),
-    (dict(name='random', num_random=4), r'1\.\.3'),
-    (dict(k_choices=[]), 'empty'),
-    (dict(k_choices=[3, 4, 3]), r'\[3\] more than once'),
-    (dict(k_choices=[0, 4]), r'\[0\] below 1'),
-    (dict(k_choices=[2.5, 4]), r'must be integers, got \[2.5\]'),
-    (dict(name='weighted'), 'needs weights'),
-    (dict(name='weighted', weights=[1, 2]), 'one weight per k'),
-    (dict(name='weighted', weights=[1, -1, 1]), '>= 0'),
-    (dict(name='weighted', weights=[0, 0, 0]), 'all zero'),
-    (dict(name='uniform', weights=[1, 1, 1]), 'only by the weighted sampler'),
-    (dict(name='sandwich', num_random=-1), r'0\.\.1'),
-    (dict(name='sandwich', num_random=2), r'0\.\.1'),
-    (dict(name='sandwich', k_choices=[3, 4], num_random=1), r'0\.\.0'),
+    (dict(name='roulette'), r"unknown sampler 'roulette': choose one of uniform, weighted, sandwich, random, all"),
+    (dict(name='random', num_random=0), r'num_random must be an integer in 1\.\.3 .*got 0'),
+    (dict(name='random', num_random=4), r'num_random must be an integer in 1\.\.3 .*got 4'),
+    (dict(k_choices=[]), r'k_choices is empty'),
+    (dict(k_choices=[3, 4, 3]), r'k_choices \[3, 4, 3\] names \[3\] more than once'),
+    (dict(k_choices=[0, 4]), r'k_choices \[0\] below 1'),
+    (dict(k_choices=[2.5, 4]), r'k_choices must be integers, got \[2\.5\]'),
+    (dict(k_choices=[True, 4]), r'k_choices must be integers, got \[True\]'),
+    (dict(name='weighted'), r'the weighted sampler needs weights \(--head-weights\): one per k in \[3, 6, 9\]'),
+    (dict(name='weighted', weights=[1, 2]), r'got 2 weights \[1\.0, 2\.0\] for 3 k choices .*give one weight per k'),
+    (dict(name='weighted', weights=[1, -1, 1]), r'weights must be finite and >= 0, got \[1\.0, -1\.0, 1\.0\]'),
+    (dict(name='weighted', weights=[0, 0, 0]), r'weights are all zero'),
+    (dict(name='uniform', weights=[1, 1, 1]), r"used only by the weighted sampler, not 'uniform'"),
+    (dict(name='sandwich', num_random=-1), r'num_random must be an integer in 0\.\.1 .*got -1'),
+    (dict(name='sandwich', num_random=2), r'num_random must be an integer in 0\.\.1 .*got 2'),
+    (dict(name='sandwich', k_choices=[3, 4], num_random=1), r'num_random must be an integer in 0\.\.0 .*got 1'),
 ])
 def test_bad_arguments_are_clear_errors(kwargs, message):
     args = dict(name='uniform', k_choices=[3, 6, 9])
@@ -134,5 +136,5 @@ def test_bad_arguments_are_clear_errors(kwargs, message):
 
 
 def test_negative_step_is_an_error():
-    with pytest.raises(ValueError, match='step'):
+    with pytest.raises(ValueError, match=r'step must be an integer >= 0, got -1'):
         create_sampler('uniform', KS).ks_for_step(0, -1)

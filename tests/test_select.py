@@ -8,7 +8,9 @@ from hydravit.models.costs import subnet_cost
 from hydravit.models.factory import create_model
 from hydravit.storage.results import write_results
 from hydravit.deployment.selection import (Budget, NoSubnetworkFits, analytic_table, benchmark_table, merge_accuracy,
-                                select_subnet)
+                                           select_subnet)
+
+from helpers import reference_cost
 
 
 def bench_rows(ks=(1, 2, 3, 4), batch_size=64, mode='sliced'):
@@ -54,9 +56,10 @@ def test_none_fits_names_the_closest():
 
 
 def test_bad_budgets_and_tables():
-    with pytest.raises(ValueError, match='unknown budget'):
+    with pytest.raises(ValueError, match=r"unknown budget 'joules': choose one of \['latency_ms', 'throughput', "
+                                         r"'gmacs', 'memory_mb'\]"):
         Budget('joules', 1.0)
-    with pytest.raises(ValueError, match='must be > 0'):
+    with pytest.raises(ValueError, match=r'budget latency_ms must be > 0, got 0'):
         Budget('latency_ms', 0)
     with pytest.raises(ValueError, match='empty table'):
         select_subnet([], Budget('gmacs', 1.0))
@@ -81,9 +84,12 @@ def test_benchmark_table_batch_latency_and_modes():
 def test_analytic_table_is_enough_for_gmacs():
     model = create_model('hydravit_test_patch4_16')
     table = analytic_table(model.config)
-    assert [r['gmacs'] for r in table] == [subnet_cost(model.config, k).gmacs for k in model.k_choices]
+    assert [r['k'] for r in table] == [1, 2, 3, 4]
+    counted = [reference_cost(model.config, k)[1] for k in (1, 2, 3, 4)]  # MACs of the equivalent timm ViTs
+    assert [r['gmacs'] * 1e9 for r in table] == pytest.approx(counted)
     limit = subnet_cost(model.config, 3).gmacs
-    assert select_subnet(table, Budget('gmacs', limit)).k == 3
+    assert select_subnet(table, Budget('gmacs', limit)).k == 3  # the limit is inclusive
+    assert select_subnet(table, Budget('gmacs', limit * (1 - 1e-9))).k == 2
 
 
 @pytest.fixture
@@ -116,7 +122,8 @@ def test_cli_none_fits_exits_non_zero(run_folder, capsys):
 def test_cli_rejects_k_outside_the_model(run_folder, capsys):
     ck, bench = run_folder
     assert main(['select', '--checkpoint', str(ck), '--gmacs', '1', '--k', '9']) == 2
-    assert 'k=9 is not a valid subnetwork' in capsys.readouterr().err
+    assert ('hydravit select: error: k=9 is not a valid subnetwork: allowed values are [1, 2, 3, 4]'
+            in capsys.readouterr().err)
 
 
 def test_cli_measures_live_when_no_file(tmp_path, capsys):

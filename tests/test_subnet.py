@@ -1,4 +1,4 @@
-"""Every subnetwork k is exactly a standalone timm ViT (SPEC §2)."""
+"""Every subnetwork k is exactly a standalone timm ViT: same outputs, same parameters, loadable both ways."""
 import pytest
 import timm
 import torch
@@ -7,9 +7,9 @@ from timm.models.vision_transformer import VisionTransformer
 from hydravit import HydraViT
 from hydravit.models.costs import subnet_cost
 from hydravit.models.subnet import (CheckpointMismatchError, extract_subnet, inflate_state_dict, init_from_vit,
-                             subnet_state_dict, subnet_vit_kwargs)
+                                    subnet_state_dict, subnet_vit_kwargs)
 
-from conftest import CONFIGS
+from helpers import CONFIGS
 
 
 def make(name, randomize, **extra):
@@ -128,10 +128,10 @@ def test_equal_width_source_becomes_the_full_model(randomize):
 
 
 @pytest.mark.parametrize('source_kwargs, message', [
-    (dict(depth=3), 'depth mismatch'),
-    (dict(patch_size=8), 'patch embedding mismatch'),
-    (dict(num_classes=4), 'classifier mismatch'),
-    (dict(embed_dim=48, num_heads=6), 'source width 48'),
+    (dict(depth=3), r'depth mismatch: source has 3 blocks, HydraViT 2'),
+    (dict(patch_size=8), r'patch embedding mismatch: source \(in_chans, p, p\) = \(3, 8, 8\), HydraViT \(3, 4, 4\)'),
+    (dict(num_classes=4), r'classifier mismatch: source has 4 classes, HydraViT 7; pass ignore_head=True'),
+    (dict(embed_dim=48, num_heads=6), r'source width 48 must be a multiple of head_dim 8 and at most 32'),
 ])
 def test_incompatible_source_is_a_clear_error(source_kwargs, message):
     model = HydraViT(**CONFIGS['default'])
@@ -144,14 +144,15 @@ def test_incompatible_source_is_a_clear_error(source_kwargs, message):
 def test_head_dim_mismatch_of_a_module_is_a_clear_error():
     model = HydraViT(**CONFIGS['default'])  # head_dim 8
     vit = VisionTransformer(img_size=16, patch_size=4, num_classes=7, embed_dim=16, num_heads=1, depth=2)
-    with pytest.raises(CheckpointMismatchError, match='head_dim mismatch'):
+    with pytest.raises(CheckpointMismatchError, match=r'head_dim mismatch: source heads have 16 channels, HydraViT 8'):
         init_from_vit(model, vit)
 
 
 def test_foreign_tensor_is_rejected():
     model = HydraViT(**CONFIGS['default'])
     sd = dict(model.state_dict(), **{'stem.conv.weight': torch.zeros(1)})
-    with pytest.raises(CheckpointMismatchError, match='stem.conv.weight'):
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"unexpected tensor 'stem\.conv\.weight': not a parameter of a HydraViT"):
         subnet_state_dict(sd, 2, head_dim=8)
 
 
@@ -161,12 +162,14 @@ def test_timm_create_model_registers_variants():
     model = timm.create_model('hydravit_test_patch4_16', num_classes=3)
     assert isinstance(model, HydraViT) and model.num_classes == 3
     assert model.pretrained_cfg['input_size'] == (3, 16, 16)
-    with pytest.raises(ValueError, match='no pretrained weights'):
+    with pytest.raises(ValueError, match='no pretrained weights are published for hydravit_test_patch4_16'):
         timm.create_model('hydravit_test_patch4_16', pretrained=True)
 
 
+@pytest.mark.slow
 def test_deit_tiny_initialises_k3_of_the_base_model_exactly():
-    """SPEC §3: the real DeiT-Ti shape into hydravit_base_patch16_224 (no download: its weights are perturbed init)."""
+    """The real DeiT-Ti shape into hydravit_base_patch16_224 makes k=3 equal to it (no download: its weights are
+    a perturbed random init)."""
     deit = timm.create_model('deit_tiny_patch16_224').eval()
     with torch.no_grad():
         for p in deit.parameters():
