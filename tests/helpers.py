@@ -6,7 +6,7 @@ cost columns of the project's tables are checked against a count that does not g
 :mod:`hydravit.models.costs`.
 """
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Tuple
 
@@ -47,7 +47,7 @@ needs_fmnist = pytest.mark.skipif(not (FMNIST / 'train-images-idx3-ubyte.gz').is
                                   reason='Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)')
 
 
-@lru_cache(maxsize=None)
+@cache
 def _reference_cost(config_json: str, k: int) -> Tuple[int, int]:
     from hydravit.models.config import HydraViTConfig
     cfg = HydraViTConfig(**json.loads(config_json))

@@ -5,8 +5,14 @@ import pytest
 import torch
 
 from hydravit import HydraViT
-from hydravit.deployment.adaptive import (AdaptivePredictor, LatencyController, LoadPhase, applied_load, run_under_load,
-                               summarize)
+from hydravit.deployment.adaptive import (
+    AdaptivePredictor,
+    LatencyController,
+    LoadPhase,
+    applied_load,
+    run_under_load,
+    summarize,
+)
 
 KS = list(range(3, 13))
 TRUE_MS = {k: 2.0 + 0.25 * k * k for k in KS}  # 4.25 ms at k=3 .. 38 ms at k=12 when unloaded

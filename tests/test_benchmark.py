@@ -6,8 +6,8 @@ import timm
 import torch
 
 import hydravit  # noqa: F401
-from hydravit.evaluation.benchmark import BENCH_MODES, benchmark_subnets, measure_switching, peak_memory_mb
 from hydravit.cli import main
+from hydravit.evaluation.benchmark import BENCH_MODES, benchmark_subnets, measure_switching, peak_memory_mb
 from hydravit.models.costs import subnet_cost
 
 from helpers import reference_cost
@@ -102,7 +102,7 @@ def test_cli_writes_results_and_switching_files(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     header = out.index(next(line for line in out if line.split() == ['k', 'sliced/timm', 'extracted/timm']))
     speed = {(r['k'], r['mode']): r['infer_samples_per_sec'] for r in rows}
-    for line, k in zip(out[header + 1:header + 3], (2, 3)):
+    for line, k in zip(out[header + 1:header + 3], (2, 3), strict=True):
         printed = line.split()
         assert int(printed[0]) == k
         assert float(printed[1]) == pytest.approx(speed[k, 'sliced'] / speed[k, 'timm'], rel=0.01, abs=0.01)

@@ -9,9 +9,15 @@ import torch
 from safetensors.torch import save_file
 
 from hydravit import HydraViT
-from hydravit.storage.checkpoint import (CheckpointError, atomic_write, load_model, load_state_dict_file, read_metadata,
-                                 save_model)
 from hydravit.models.subnet import CheckpointMismatchError, init_from_vit
+from hydravit.storage.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    load_model,
+    load_state_dict_file,
+    read_metadata,
+    save_model,
+)
 
 TINY = dict(img_size=16, patch_size=4, in_chans=3, num_classes=5, num_heads=4, head_dim=8, depth=2)
 

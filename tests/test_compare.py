@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from hydravit.storage.checkpoint import load_model
-from hydravit.training.compare import compare_methods, gaps_at_equal_cost, gaps_at_equal_k, method_config
-from hydravit.training.methods import METHODS
 from hydravit.models.separate import SeparateViTs
 from hydravit.models.subnet import extract_subnet
+from hydravit.storage.checkpoint import load_model
+from hydravit.training.compare import compare_methods, gaps_at_equal_cost, gaps_at_equal_k, method_config
 from hydravit.training.distributed import DistEnv
-from hydravit.training.methods import CompareOptions, DynaBERT
+from hydravit.training.methods import METHODS, CompareOptions, DynaBERT
 from hydravit.training.recipe import load_train_config
 from hydravit.training.trainer import Trainer, train
 

@@ -6,9 +6,9 @@ import pytest
 import timm
 
 import hydravit  # noqa: F401  (registers the models)
-from hydravit.storage.checkpoint import save_model
 from hydravit.cli import main as cli_main
 from hydravit.models.costs import cost_table
+from hydravit.storage.checkpoint import save_model
 
 # k -> (params in M, GMACs per 224x224 image) of hydravit_base_patch16_224, written out as fixed numbers so that
 # any change of the cost formula shows: k=3, 6 and 12 are the DeiT-Ti, DeiT-S and ViT-B/DeiT-B shapes

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import hydravit  # noqa: F401
-from hydravit.storage.checkpoint import CheckpointError, save_model
 from hydravit.evaluation.evaluate import evaluate_dataset, evaluate_subnets, label_map, load_for_eval
 from hydravit.models.costs import add_costs
 from hydravit.models.subnet import extract_subnet
+from hydravit.storage.checkpoint import CheckpointError, save_model
 from hydravit.storage.run_folder import resolve_checkpoint
 
 from helpers import reference_cost
@@ -94,7 +94,7 @@ def test_real_model_rows_equal_independent_computation(randomize):
     x, y = torch.randn(22, 3, 16, 16, generator=g), torch.randint(0, 10, (22,), generator=g)
     model.train()
     rows = evaluate_subnets(model, _loader(x, y, 8), None)
-    assert model.training, 'evaluation must restore the caller\'s train/eval mode'
+    assert model.training, "evaluation must restore the caller's train/eval mode"
     assert [r['k'] for r in rows] == list(model.k_choices)
     model.eval()
     with torch.no_grad():
@@ -112,7 +112,7 @@ def test_sliced_equals_extracted(randomize):
     loader = _loader(torch.randn(30, 3, 16, 16, generator=g), torch.randint(0, 10, (30,), generator=g), 16)
     sliced = evaluate_subnets(model, loader, [1, 2, 4])
     extracted = evaluate_subnets(model, loader, [1, 2, 4], mode='extracted')
-    for a, b in zip(sliced, extracted):
+    for a, b in zip(sliced, extracted, strict=True):
         assert (a['k'], a['top1'], a['top5'], a['num_samples']) == (b['k'], b['top1'], b['top5'], b['num_samples'])
         assert a['loss'] == pytest.approx(b['loss'], rel=1e-5)
     with pytest.raises(ValueError, match=r"mode must be one of \('sliced', 'extracted'\), got 'onnx'"):
@@ -294,7 +294,9 @@ def _image_folder(root, folders, per_class=3, seed=0):
 
 def test_eval_cli_on_imagefolder_class_subsets(tmp_path, randomize, capsys):
     import json
+
     from timm.data import resolve_data_config
+
     from hydravit.cli import main
     from hydravit.data import build_transform, load_dataset
     from hydravit.storage.results import read_results

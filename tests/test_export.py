@@ -10,12 +10,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
-from hydravit.storage.checkpoint import save_model
 from hydravit.cli import main
 from hydravit.deployment.export import ExportError, export_subnets, file_sha256
-from hydravit.storage.run_folder import preprocessing_config
 from hydravit.models import HydraViT
 from hydravit.models.factory import create_model
+from hydravit.storage.checkpoint import save_model
+from hydravit.storage.run_folder import preprocessing_config
 
 from helpers import reference_cost
 
@@ -158,8 +158,8 @@ def test_existing_output_needs_overwrite(checkpoint, tmp_path, capsys):
 
 
 def test_read_accuracy_uses_ema_columns_for_an_ema_checkpoint(tmp_path):
-    from hydravit.storage.run_folder import read_accuracy
     from hydravit.storage.results import write_results
+    from hydravit.storage.run_folder import read_accuracy
     write_results([dict(k=3, top1=70.0, ema_top1=72.0, mode='sliced'), dict(k=3, top1=1.0, mode='extracted'),
                    dict(k=6, top1=75.0, ema_top1=None, mode='sliced')], tmp_path, 'results', verbose=False)
     assert read_accuracy(tmp_path / 'last.safetensors')[3]['top1'] == 70.0

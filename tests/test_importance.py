@@ -8,10 +8,18 @@ import torch.nn.functional as F
 
 import hydravit  # noqa: F401  (registers the timm models)
 from hydravit import HydraViT
-from hydravit.training.importance import (Importance, Permutation, importance_from_gradients, measure_importance,
-                                 permutation_from_importance, permute_optimizer_state, permute_state_dict,
-                                 reorder_by_importance, reorder_model)
 from hydravit.models.separate import SeparateViTs
+from hydravit.training.importance import (
+    Importance,
+    Permutation,
+    importance_from_gradients,
+    measure_importance,
+    permutation_from_importance,
+    permute_optimizer_state,
+    permute_state_dict,
+    reorder_by_importance,
+    reorder_model,
+)
 
 BASE = dict(img_size=16, patch_size=4, in_chans=3, num_classes=7, depth=2)
 CONFIGS = {
@@ -55,7 +63,8 @@ def test_reorder_keeps_full_width_function_and_changes_subnets(name, randomize):
         reorder_model(model, random_permutation(model))
         assert (model(x) - full).abs().max().item() <= 1e-5
         assert (model(x, k=1) - small).abs().max().item() > 1e-3  # subnetworks see other units now
-    assert all(a is b for a, b in zip(params, model.parameters()))  # in place: optimizers keep their params
+    # in place: optimizers keep their params
+    assert all(a is b for a, b in zip(params, model.parameters(), strict=True))
 
 
 def test_permute_state_dict_is_pure_and_inverse_restores(randomize):
@@ -137,7 +146,7 @@ def scaled_loss(model, batch, parts, scale):
         for t, i in parts:
             t[i] *= scale
         loss = F.cross_entropy(model(batch[0]), batch[1]).item()
-        for (t, i), value in zip(parts, saved):
+        for (t, i), value in zip(parts, saved, strict=True):
             t[i] = value
     return loss
 
@@ -149,10 +158,10 @@ def test_gradient_identity_matches_finite_difference_masks(randomize):
     F.cross_entropy(model(batch[0]), batch[1]).backward()
     imp = importance_from_gradients(model)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
-    units = {('heads', l, j): [(b.attn.proj.weight, (slice(None), slice(8 * j, 8 * j + 8)))]
-             for l, b in enumerate(model.blocks) for j in range(4)}
-    units.update({('neurons', l, c): [(b.mlp.fc2.weight, (slice(None), c))]
-                  for l, b in enumerate(model.blocks) for c in range(0, 64, 9)})
+    units = {('heads', i, j): [(b.attn.proj.weight, (slice(None), slice(8 * j, 8 * j + 8)))]
+             for i, b in enumerate(model.blocks) for j in range(4)}
+    units.update({('neurons', i, c): [(b.mlp.fc2.weight, (slice(None), c))]
+                  for i, b in enumerate(model.blocks) for c in range(0, 64, 9)})
     units.update({('channels', c): [(t, c) for n in norms for t in (n.weight, n.bias)] for c in range(0, 32, 3)})
     eps = 1e-5
     for key, parts in units.items():

@@ -7,12 +7,18 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import hydravit  # noqa: F401  (registers the models)
 from hydravit import HydraViT, HydraViTConfig
-from hydravit.storage.checkpoint import load_model, save_model
-from hydravit.models.costs import subnet_cost
 from hydravit.models import NESTINGS, model_from_config
+from hydravit.models.costs import subnet_cost
 from hydravit.models.separate import SeparateViTs
-from hydravit.models.subnet import (CheckpointMismatchError, extract_subnet, inflate_state_dict, init_from_vit,
-                                    model_subnet_state_dict, subnet_vit_kwargs)
+from hydravit.models.subnet import (
+    CheckpointMismatchError,
+    extract_subnet,
+    inflate_state_dict,
+    init_from_vit,
+    model_subnet_state_dict,
+    subnet_vit_kwargs,
+)
+from hydravit.storage.checkpoint import load_model, save_model
 
 from helpers import CONFIGS, reference_cost
 

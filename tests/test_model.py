@@ -102,7 +102,7 @@ def test_grad_checkpointing_matches_plain_backward(randomize):
         block.forward = (lambda f: lambda *args: calls.append(1) or f(*args))(block.forward)
     model(x, k=3).square().sum().backward()
     assert len(calls) == 2 * len(model.blocks), 'set_grad_checkpointing(True) did not checkpoint the blocks'
-    for a, p in zip(plain, model.parameters()):
+    for a, p in zip(plain, model.parameters(), strict=True):
         assert torch.allclose(a, p.grad, atol=1e-5)
 
 
@@ -151,7 +151,7 @@ def test_timm_optimizer_factory_and_ema_accept_the_model(model):
         for p in model.parameters():
             p.add_(1.0)
     ema.update(model)  # every entry moves 10 % of the way to the model's
-    for (name, e), p in zip(ema.module.named_parameters(), model.parameters()):
+    for (name, e), p in zip(ema.module.named_parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(e, p - 0.9, msg=name)
 
 

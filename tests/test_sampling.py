@@ -32,7 +32,7 @@ def test_uniform_draws_each_k_about_equally_often():
 def test_weighted_draws_in_proportion_to_the_weights():
     weights = [0, 1, 1, 2, 2, 3, 3, 4, 4, 10]
     sampler = create_sampler('weighted', KS, seed=3, weights=weights)
-    expected = {k: w / sum(weights) for k, w in zip(KS, weights)}
+    expected = {k: w / sum(weights) for k, w in zip(KS, weights, strict=True)}
     assert sampler.probabilities() == pytest.approx(expected)
     counts = _counts(sampler)
     assert counts[3] == 0  # weight 0: never drawn

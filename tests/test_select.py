@@ -2,13 +2,19 @@
 
 import pytest
 
-from hydravit.storage.checkpoint import save_model
 from hydravit.cli import main
+from hydravit.deployment.selection import (
+    Budget,
+    NoSubnetworkFits,
+    analytic_table,
+    benchmark_table,
+    merge_accuracy,
+    select_subnet,
+)
 from hydravit.models.costs import subnet_cost
 from hydravit.models.factory import create_model
+from hydravit.storage.checkpoint import save_model
 from hydravit.storage.results import write_results
-from hydravit.deployment.selection import (Budget, NoSubnetworkFits, analytic_table, benchmark_table, merge_accuracy,
-                                           select_subnet)
 
 from helpers import reference_cost
 

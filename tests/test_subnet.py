@@ -6,8 +6,14 @@ from timm.models.vision_transformer import VisionTransformer
 
 from hydravit import HydraViT
 from hydravit.models.costs import subnet_cost
-from hydravit.models.subnet import (CheckpointMismatchError, extract_subnet, inflate_state_dict, init_from_vit,
-                                    subnet_state_dict, subnet_vit_kwargs)
+from hydravit.models.subnet import (
+    CheckpointMismatchError,
+    extract_subnet,
+    inflate_state_dict,
+    init_from_vit,
+    subnet_state_dict,
+    subnet_vit_kwargs,
+)
 
 from helpers import CONFIGS
 

@@ -17,15 +17,15 @@ import torch
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
-from hydravit.storage.checkpoint import load_model, read_metadata, save_model
 from hydravit.cli import main as cli_main
 from hydravit.models.factory import create_model
 from hydravit.models.subnet import extract_subnet
+from hydravit.storage.checkpoint import load_model, read_metadata, save_model
+from hydravit.storage.run_folder import STATE_FILE
 from hydravit.training.config import effective_lr
 from hydravit.training.model_setup import build_model
 from hydravit.training.recipe import load_train_config
 from hydravit.training.trainer import train
-from hydravit.storage.run_folder import STATE_FILE
 
 from helpers import FMNIST, needs_fmnist
 
@@ -134,7 +134,8 @@ def _wait_for_mid_epoch_checkpoint(proc: subprocess.Popen, run: Path, timeout: f
 
 @pytest.mark.slow
 @needs_fmnist
-@pytest.mark.parametrize('method', [[], ['--method', 'dynabert', '--teacher-epochs', '1']], ids=['hydravit', 'dynabert'])
+@pytest.mark.parametrize('method', [[], ['--method', 'dynabert', '--teacher-epochs', '1']],
+                         ids=['hydravit', 'dynabert'])
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, method):
     """DynaBERT is killed after its reordering: the resumed run must reload the same teacher."""
     args = [*QUICK, *method, '--epochs', '2', '--checkpoint-interval-steps', '1', '--model-ema', '--model-ema-decay',
@@ -158,16 +159,18 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, method
         assert a.keys() == b.keys()
         for name in a:
             torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=f'{weights}: {name}')
-    full_summary, resumed_summary = read_csv(tmp_path / 'full' / 'summary.csv'), read_csv(tmp_path / 'killed' / 'summary.csv')
+    full_summary = read_csv(tmp_path / 'full' / 'summary.csv')
+    resumed_summary = read_csv(tmp_path / 'killed' / 'summary.csv')
     assert len(resumed_summary) == 2
-    for row_a, row_b in zip(full_summary, resumed_summary):
+    for row_a, row_b in zip(full_summary, resumed_summary, strict=True):
         assert float(row_a['eval_top1_k4']) == pytest.approx(float(row_b['eval_top1_k4']), abs=1e-6)
         assert float(row_a['train_loss']) == pytest.approx(float(row_b['train_loss']), abs=1e-5)
 
 
 @pytest.mark.slow
 @needs_fmnist
-@pytest.mark.parametrize('method', [[], ['--method', 'dynabert', '--teacher-epochs', '0']], ids=['hydravit', 'dynabert'])
+@pytest.mark.parametrize('method', [[], ['--method', 'dynabert', '--teacher-epochs', '0']],
+                         ids=['hydravit', 'dynabert'])
 def test_two_process_gloo_run_keeps_replicas_identical(tmp_path, method):
     """DynaBERT: both processes must apply the same importance permutation (scores summed across them)."""
     proc = subprocess.run(
@@ -264,7 +267,7 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys, args, message):
 def test_unknown_recipe_key_names_the_valid_ones(tmp_path):
     recipe = tmp_path / 'recipe.yaml'
     recipe.write_text('model: hydravit_fmnist_patch7_28\nlearning_rate: 0.1\n')
-    with pytest.raises(ValueError, match=r"learning_rate.*valid settings: .*\blr\b"):
+    with pytest.raises(ValueError, match=r'learning_rate.*valid settings: .*\blr\b'):
         load_train_config(recipe)
 
 
@@ -347,7 +350,8 @@ def test_model_best_tracks_the_chosen_k(tmp_path):
     data = _Tensors(torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(1)),
                     torch.randint(0, 10, (32,), generator=torch.Generator().manual_seed(2)))
     cfg = load_train_config(None, model='hydravit_test_patch4_16', heads=[2, 4], sampler='all', batch_size=8,
-                            epochs=3, lr=0.05, warmup_epochs=0, eval_metric='top1_k2', val_interval=1, output=str(tmp_path),
+                            epochs=3, lr=0.05, warmup_epochs=0, eval_metric='top1_k2', val_interval=1,
+                            output=str(tmp_path),
                             experiment='run', report=False, log_interval=1000)
     result = train(cfg, datasets=(data, data))
     per_epoch = [row['eval_top1_k2'] for row in result.summary]
