@@ -282,3 +282,25 @@ def test_cost_rows_hold_plain_ints_and_follow_the_k_rule():
 def test_eval_heads_follow_the_k_rule_when_the_config_is_built():
     with pytest.raises(ValueError, match=r'--eval-heads \[3, 3\] names \[3\] more than once'):
         TrainConfig(eval_heads=[3, 3])
+
+
+# ------------------------------------------------------------------------------------------ run folders
+@pytest.fixture(scope='module')
+def run_folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp('runs')
+    cfg = load_train_config(None, model='hydravit_test_patch4_16', epochs=1, heads=[2, 4], num_random=0,
+                            batch_size=8, warmup_epochs=0, output=str(out), experiment='run', report=False)
+    return train(cfg, datasets=(_tiny_data(), _tiny_data())).out_dir
+
+
+@pytest.mark.parametrize('command, expected', [
+    (['info'], 'embed_dim'),
+    (['benchmark', '--k', '2', '--modes', 'sliced', '--rounds', '1', '--min-seconds', '0.01', '--latency-iters', '1',
+      '--no-memory', '--switch-repeats', '1', '--batch-size', '2'], 'load/switch'),
+    (['serve-demo', '--batches', '1', '--busy', '0', '--batch-size', '2'], 'calibrated ms per batch'),
+    (['select', '--gmacs', '1'], 'fitting k: [2, 4]'),
+])
+def test_every_model_command_takes_a_run_folder_as_checkpoint(command, expected, run_folder, capsys):
+    assert main([command[0], '--checkpoint', str(run_folder), *command[1:]]) == 0
+    captured = capsys.readouterr()
+    assert expected in captured.out and captured.err == ''

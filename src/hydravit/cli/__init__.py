@@ -7,7 +7,12 @@ import logging
 import os
 import sys
 from contextlib import contextmanager
-from typing import Iterator, List, Optional
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
+
+from ..models.factory import UniversalModel
+from ..storage.checkpoint import model_from_name_or_checkpoint
+from ..storage.run_folder import resolve_checkpoint
 
 LOG_LEVELS = ('DEBUG', 'INFO', 'WARNING', 'ERROR')
 # subcommand -> module defining ``add_parser(subparsers)`` and ``run(args) -> int``
@@ -31,6 +36,12 @@ def add_model_source(parser: argparse.ArgumentParser, default_model: Optional[st
     default = ' (default: %(default)s)' if default_model else ''
     group.add_argument('--model', default=default_model, help=f'registered model name{default}')
     group.add_argument('--checkpoint', help=f'{checkpoint_help}, instead of --model')
+
+
+def model_from_args(args: argparse.Namespace) -> Tuple[UniversalModel, Optional[Path]]:
+    """The model of ``--model NAME`` or ``--checkpoint PATH`` (a file or a run folder), and the checkpoint file."""
+    checkpoint = resolve_checkpoint(args.checkpoint) if args.checkpoint else None
+    return model_from_name_or_checkpoint(model_name=args.model, checkpoint=checkpoint), checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:

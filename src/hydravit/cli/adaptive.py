@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import torch
 
@@ -18,10 +19,9 @@ from ..deployment.adaptive import (
     run_under_load,
     summarize,
 )
-from ..storage.checkpoint import model_from_name_or_checkpoint
 from ..storage.results import format_table
 from ..storage.run_folder import read_accuracy
-from . import add_model_source
+from . import add_model_source, model_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         reexec_with_passive_omp(['-c', 'import sys; from hydravit.cli import main; sys.exit(main())', *sys.argv[1:]])
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = model_from_name_or_checkpoint(model_name=args.model, checkpoint=args.checkpoint).eval()
+    model, checkpoint = model_from_args(args)
+    model.eval()
     c = model.config
     x = torch.randn(args.batch_size, c.in_chans, c.img_size, c.img_size)
     ks = list(model.k_choices)
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         policies.update({f'always k={k}': fixed_k_policy(model, k) for k in (ks[-1], ks[0])})
     phases = [p if p.busy == 0 else LoadPhase(f'{args.busy} busy procs', busy=args.busy) for p in DEFAULT_PHASES]
     records = run_under_load(policies, x, phases, args.batches)
-    accuracy = read_accuracy(args.checkpoint, args.results) if (args.checkpoint or args.results) else {}
+    accuracy = read_accuracy(checkpoint or Path('.'), args.results) if (checkpoint or args.results) else {}
     rows = summarize(records, target, {k: v['top1'] for k, v in accuracy.items() if 'top1' in v} or None)
     logger.info(format_table(rows))
     return 0

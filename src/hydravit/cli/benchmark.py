@@ -14,9 +14,8 @@ import torch
 from ..evaluation.benchmark import BENCH_MODES, benchmark_subnets, measure_switching, reexec_with_malloc_env
 from ..models.factory import UniversalModel, model_from_config
 from ..models.kchoices import parse_ks
-from ..storage.checkpoint import model_from_name_or_checkpoint
 from ..storage.results import RESULT_FORMATS, format_table, results_format, write_results
-from . import add_model_source
+from . import add_model_source, model_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +69,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError('--device cuda requested but CUDA is not available')
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = model_from_name_or_checkpoint(model_name=args.model, checkpoint=args.checkpoint)
+    model, checkpoint = model_from_args(args)
     ks = parse_ks(args.k, num_heads=model.config.num_heads)
     if ks:
         model = _with_ks(model, ks)
-    name = args.checkpoint or args.model
+    name = checkpoint or args.model
     logger.info(f'{name}: batch {args.batch_size}, {device}, fp32, {torch.get_num_threads()} threads, '
           f'{args.rounds} rounds, median')
     rows = benchmark_subnets(model, ks, modes=args.modes, batch_size=args.batch_size, device=device,

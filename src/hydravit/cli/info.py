@@ -11,8 +11,7 @@ import timm
 from ..models.config import NESTINGS
 from ..models.costs import cost_row
 from ..models.kchoices import parse_ks
-from ..storage.checkpoint import model_from_name_or_checkpoint
-from . import add_model_source
+from . import add_model_source, model_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         logger.info('\n'.join(timm.list_models('hydravit_*')))
         return 0
-    model = model_from_name_or_checkpoint(model_name=args.model, checkpoint=args.checkpoint)
+    model, _ = model_from_args(args)
     ks = parse_ks(args.k, model.k_choices, model.config.num_heads) or model.k_choices
     config = model.config
     if args.nesting:

@@ -14,10 +14,9 @@ from ..deployment.selection import (
     select_subnet,
 )
 from ..models.kchoices import parse_ks
-from ..storage.checkpoint import model_from_name_or_checkpoint
 from ..storage.results import format_table, read_results
-from ..storage.run_folder import read_accuracy, resolve_checkpoint
-from . import add_model_source
+from ..storage.run_folder import read_accuracy
+from . import add_model_source, model_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +59,7 @@ def run(args: argparse.Namespace) -> int:
     budget = _budget(args)
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f'--batch-size must be >= 1, got {args.batch_size}')
-    checkpoint = str(resolve_checkpoint(args.checkpoint)) if args.checkpoint else None
-    model = model_from_name_or_checkpoint(model_name=args.model, checkpoint=checkpoint)
+    model, checkpoint = model_from_args(args)
     ks = parse_ks(args.k, model.k_choices, model.config.num_heads) or list(model.k_choices)
     if args.benchmark_file:
         table = benchmark_table(read_results(args.benchmark_file), mode=args.mode, batch_size=args.batch_size, ks=ks)
