@@ -27,18 +27,17 @@ from hydravit.deployment.adaptive import (
     run_under_load,
     summarize,
 )
-from hydravit.storage.checkpoint import model_from_name_or_checkpoint
 from hydravit.storage.results import format_table
-from hydravit.storage.run_folder import read_accuracy
+from hydravit.storage.run_folder import load_or_create_model, read_accuracy
 
 # SPEC §4: ImageNet-1K top-1 (%) of HydraViT trained on 3-12 heads
 SPEC_IMAGENET_TOP1 = {3: 70.56, 4: 75.40, 5: 77.80, 6: 79.28, 7: 80.35, 8: 80.80, 9: 80.98, 10: 81.03, 11: 81.08,
                       12: 81.10}
 
 
-def accuracy_table(args: argparse.Namespace, ks) -> tuple:
-    if args.checkpoint or args.results:
-        acc = {k: v['top1'] for k, v in read_accuracy(args.checkpoint or '.', args.results).items() if 'top1' in v}
+def accuracy_table(args: argparse.Namespace, checkpoint, ks) -> tuple:
+    if checkpoint or args.results:
+        acc = {k: v['top1'] for k, v in read_accuracy(checkpoint or '.', args.results).items() if 'top1' in v}
         if all(k in acc for k in ks):
             return acc, 'results file'
     if all(k in SPEC_IMAGENET_TOP1 for k in ks):
@@ -66,12 +65,13 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    model = model_from_name_or_checkpoint(model_name=args.model, checkpoint=args.checkpoint).eval()
+    model, checkpoint = load_or_create_model(args.model, args.checkpoint)
+    model.eval()
     c, ks = model.config, list(model.k_choices)
     x = torch.randn(args.batch_size, c.in_chans, c.img_size, c.img_size)
     base = calibrate_latencies(model, x, ks, repeats=5)
     target = args.target_ms or base[ks[-1]] / 0.7 * 1.1  # the controller climbs to k when pred <= 0.7 target
-    accuracy, acc_source = accuracy_table(args, ks)
+    accuracy, acc_source = accuracy_table(args, checkpoint, ks)
     print(f'{args.checkpoint or args.model}, batch {args.batch_size}, {args.threads} threads, '
           f'OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY", "default")}')
     print('calibrated ms per batch (quiet): ' + ', '.join(f'k{k}={v:.1f}' for k, v in base.items()))

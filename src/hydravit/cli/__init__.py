@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
 from ..models.factory import UniversalModel
-from ..storage.checkpoint import model_from_name_or_checkpoint
-from ..storage.run_folder import resolve_checkpoint
+from ..storage.run_folder import load_or_create_model
 
 LOG_LEVELS = ('DEBUG', 'INFO', 'WARNING', 'ERROR')
 # subcommand -> module defining ``add_parser(subparsers)`` and ``run(args) -> int``
@@ -40,8 +39,7 @@ def add_model_source(parser: argparse.ArgumentParser, default_model: Optional[st
 
 def model_from_args(args: argparse.Namespace) -> Tuple[UniversalModel, Optional[Path]]:
     """The model of ``--model NAME`` or ``--checkpoint PATH`` (a file or a run folder), and the checkpoint file."""
-    checkpoint = resolve_checkpoint(args.checkpoint) if args.checkpoint else None
-    return model_from_name_or_checkpoint(model_name=args.model, checkpoint=checkpoint), checkpoint
+    return load_or_create_model(args.model, args.checkpoint)
 
 
 def build_parser() -> argparse.ArgumentParser:

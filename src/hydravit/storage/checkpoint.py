@@ -19,11 +19,11 @@ from safetensors.torch import safe_open, save_file
 from timm.models import load_state_dict as timm_load_state_dict
 
 from ..models.config import HydraViTConfig
-from ..models.factory import UniversalModel, create_model, model_from_config
+from ..models.factory import UniversalModel, model_from_config
 
 __all__ = [
     'CheckpointError', 'atomic_write', 'save_model', 'load_model', 'load_state_dict_file', 'read_metadata',
-    'load_config_and_state', 'model_from_name_or_checkpoint',
+    'load_config_and_state',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -135,12 +135,3 @@ def load_config_and_state(path: PathLike, map_location: str = 'cpu') -> Tuple[Hy
         raise CheckpointError(f'{path}: invalid model config in metadata ({e})') from e
     return config, load_state_dict_file(path, map_location)
 
-
-def model_from_name_or_checkpoint(model_name: Optional[str] = None, checkpoint: Optional[PathLike] = None,
-                                  **kwargs: Any) -> UniversalModel:
-    """A registered model (``--model``) or the model of a checkpoint file (``--checkpoint``)."""
-    if checkpoint:
-        return load_model(checkpoint, **kwargs)
-    if not model_name:
-        raise ValueError('give a model name (--model) or a checkpoint (--checkpoint)')
-    return create_model(model_name, **kwargs)

@@ -14,20 +14,20 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import timm
 import yaml
 from timm.models import get_pretrained_cfg
 
-from ..models.factory import UniversalModel
-from .checkpoint import atomic_write, read_metadata
+from ..models.factory import UniversalModel, create_model
+from .checkpoint import atomic_write, load_model, read_metadata
 from .results import read_results
 
 __all__ = [
-    'RunFolder', 'resolve_checkpoint', 'preprocessing_config', 'read_accuracy', 'training_metadata',
-    'write_summary', 'read_summary', 'PREPROCESSING_KEYS', 'PRETRAINED_CFG_KEY', 'TRAIN_CONFIG_KEY',
-    'CLASS_NAMES_KEY', 'EPOCHS_KEY',
+    'RunFolder', 'resolve_checkpoint', 'load_or_create_model', 'preprocessing_config', 'read_accuracy',
+    'training_metadata', 'write_summary', 'read_summary', 'PREPROCESSING_KEYS', 'PRETRAINED_CFG_KEY',
+    'TRAIN_CONFIG_KEY', 'CLASS_NAMES_KEY', 'EPOCHS_KEY',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -119,6 +119,20 @@ def resolve_checkpoint(path: PathLike, use_ema: bool = False) -> Path:
             raise FileNotFoundError(f'--use-ema: no EMA checkpoint {ema.name} next to {path} (train with EMA)')
         path = ema
     return path
+
+
+def load_or_create_model(model_name: Optional[str] = None, checkpoint: Optional[PathLike] = None,
+                         **kwargs: Any) -> Tuple[UniversalModel, Optional[Path]]:
+    """A registered model (``--model``), or the model of a checkpoint file or run folder (``--checkpoint``).
+
+    Returns the model and the checkpoint file it came from (None for a registered model).
+    """
+    if checkpoint:
+        path = resolve_checkpoint(checkpoint)
+        return load_model(path, **kwargs), path
+    if not model_name:
+        raise ValueError('give a model name (--model) or a checkpoint (--checkpoint)')
+    return create_model(model_name, **kwargs), None
 
 
 def training_metadata(path: PathLike) -> Dict[str, Any]:
