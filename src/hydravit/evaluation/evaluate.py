@@ -153,13 +153,13 @@ def load_for_eval(path: str | os.PathLike, ks: Optional[Sequence[int]] = None,
     warning (the model is rebuilt with every k allowed); beyond H it is an error. The preprocessing
     comes from :func:`hydravit.storage.run_folder.preprocessing_config` (``model_name`` settles ambiguous cases).
     """
-    model = _load_with_ks(path, ks)
+    model, ks = _load_with_ks(path, ks)
     # a plain dict attribute, as timm's builder sets it; torch's stubs type Module attributes as Tensor | Module
     model.pretrained_cfg = preprocessing_config(path, model, model_name)  # type: ignore[assignment]
-    return model, (list(model.k_choices) if not ks else list(check_k_choices(ks, model.config.num_heads)))
+    return model, ks
 
 
-def _load_with_ks(path: str | os.PathLike, ks: Optional[Sequence[int]]) -> UniversalModel:
+def _load_with_ks(path: str | os.PathLike, ks: Optional[Sequence[int]]) -> Tuple[UniversalModel, List[int]]:
     model = load_model(path)
     h = model.config.num_heads
     ks = list(model.k_choices) if not ks else list(check_k_choices(ks, h, what=f'k (trained: {list(model.k_choices)})'))
@@ -170,7 +170,7 @@ def _load_with_ks(path: str | os.PathLike, ks: Optional[Sequence[int]]) -> Unive
                              f'ViT) per trained k {list(model.k_choices)}')
         warnings.warn(f'k {untrained} not in the trained set {list(model.k_choices)}: evaluating anyway', stacklevel=3)
         model = load_model(path, k_choices=tuple(range(1, h + 1)))
-    return model
+    return model, ks
 
 
 def evaluate_dataset(model: UniversalModel, dataset, ks: Optional[Sequence[int]] = None, *, batch_size: int = 256,

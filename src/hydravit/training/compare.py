@@ -19,6 +19,7 @@ import numpy as np
 from ..evaluation.benchmark import benchmark_subnets
 from ..evaluation.report import write_report
 from ..models.factory import create_model
+from ..models.kchoices import check_k_choices
 from ..storage.checkpoint import load_model
 from ..storage.results import markdown_table, read_results, write_results
 from ..storage.run_folder import RunFolder
@@ -113,10 +114,11 @@ def compare_methods(base: TrainConfig, methods: Sequence[str] = tuple(METHODS), 
     """
     classes = [method_class(m) for m in methods]
     out_dir = Path(out_dir)
-    k_choices = list(base.heads or create_model(base.model).k_choices)
+    config = create_model(base.model).config
+    k_choices = list(base.heads or config.k_choices)
+    if separate_ks:  # a bad k fails now, not after hours of training the other methods
+        check_k_choices(separate_ks, config.num_heads, what='--separate-ks')
     options = CompareOptions(k_choices=k_choices, teacher_epochs=teacher_epochs, separate_ks=separate_ks)
-    if separate_ks:
-        create_model(base.model, k_choices=tuple(separate_ks))  # a bad k fails now, not after hours of training
     runs = {cls.name: Run(cls.label, method_config(base, cls.name, out_dir, options)) for cls in classes}
     train_runs(list(runs.values()), **bench)
     baseline = next((run for run in runs.values() if run.method.is_baseline), None)

@@ -122,13 +122,11 @@ class Trainer:
     def _setup_data(self, datasets: Tuple[Dataset, Dataset]) -> None:
         cfg, env = self.cfg, self.env
         train_set, val_set = datasets
-        train_classes = getattr(train_set, 'num_classes', None)
-        if cfg.num_classes is None and train_classes is None:
+        num_classes = cfg.num_classes if cfg.num_classes is not None else getattr(train_set, 'num_classes', None)
+        if num_classes is None:
             raise ValueError('the training set has no num_classes attribute: give num_classes')
         self.class_names = list(getattr(train_set, 'classes', []) or [])
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank (EMA copies them before DDP)
-        num_classes = cfg.num_classes if cfg.num_classes is not None else train_classes
-        assert num_classes is not None  # checked above
         self.model: UniversalModel = build_model(cfg, int(num_classes)).to(env.device)
         self.eval_ks = self.model.resolve_ks(cfg.eval_heads or None)
         self._check_eval_metric()
