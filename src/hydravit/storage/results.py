@@ -12,12 +12,12 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from .checkpoint import atomic_write
 
 __all__ = ['Row', 'RESULT_FORMATS', 'write_results', 'read_results', 'format_table', 'markdown_table', 'result_label',
-           'results_format']
+           'results_format', 'table_columns']
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
@@ -25,7 +25,7 @@ Row = Dict[str, Any]
 RESULT_FORMATS = ('csv', 'json')
 
 
-def _columns(rows: Sequence[Row]) -> List[str]:
+def table_columns(rows: Sequence[Mapping[str, Any]]) -> List[str]:
     """Union of the rows' keys in first-seen order (rows may differ, e.g. optional train throughput)."""
     seen: Dict[str, None] = {}
     for row in rows:
@@ -47,7 +47,7 @@ def _cell(value: Any) -> str:
 
 def format_table(rows: Sequence[Row], columns: Optional[Sequence[str]] = None) -> str:
     """An aligned plain-text table (numbers right-aligned)."""
-    columns = list(columns or _columns(rows))
+    columns = list(columns or table_columns(rows))
     cells = [[_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(line[i]) for line in cells]) for i, c in enumerate(columns)]
     lines = [' '.join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
@@ -56,7 +56,7 @@ def format_table(rows: Sequence[Row], columns: Optional[Sequence[str]] = None) -
 
 
 def markdown_table(rows: Sequence[Row], columns: Optional[Sequence[str]] = None) -> str:
-    columns = list(columns or _columns(rows))
+    columns = list(columns or table_columns(rows))
     lines = ['| ' + ' | '.join(columns) + ' |', '|' + '|'.join('---:' for _ in columns) + '|']
     lines += ['| ' + ' | '.join(_cell(r.get(c)) for c in columns) + ' |' for r in rows]
     return '\n'.join(lines)
@@ -70,7 +70,7 @@ def write_results(rows: Sequence[Row], out_dir: PathLike, name: str = 'results',
     if not rows:
         raise ValueError('no result rows to write')
     rows = [{k: _round(v) for k, v in r.items()} for r in rows]
-    columns = _columns(rows)
+    columns = table_columns(rows)
     if fmt == 'json':
         text = json.dumps(rows, indent=2) + '\n'
     else:

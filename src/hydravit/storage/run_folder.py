@@ -22,7 +22,7 @@ from timm.models import get_pretrained_cfg
 
 from ..models.factory import UniversalModel, create_model
 from .checkpoint import atomic_write, load_model, read_metadata
-from .results import read_results
+from .results import read_results, table_columns
 
 __all__ = [
     'RunFolder', 'resolve_checkpoint', 'load_or_create_model', 'preprocessing_config', 'read_accuracy',
@@ -243,11 +243,8 @@ def read_accuracy(checkpoint: PathLike, results: Optional[PathLike] = None,
 # ------------------------------------------------------------------------------------------ summary.csv
 def write_summary(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     """One row per epoch (timm's summary.csv), rewritten whole and atomically."""
-    columns: Dict[str, None] = {}
-    for row in rows:
-        columns.update(dict.fromkeys(row))
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator='\n')
+    writer = csv.DictWriter(buf, fieldnames=table_columns(rows), lineterminator='\n')
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue()))

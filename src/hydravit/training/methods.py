@@ -70,6 +70,7 @@ class NestingMethod:
     is_baseline: ClassVar[bool] = False  # the reference every shared-weight method's gap is measured against
     allows_inplace_distill: ClassVar[bool] = True
     allows_separate_heads: ClassVar[bool] = True
+    has_teacher_phase: ClassVar[bool] = False  # trains the full width first for --teacher-epochs
     _why_no_distill: ClassVar[str] = ''  # the reasons, where a method allows neither
     _why_no_heads: ClassVar[str] = ''
 
@@ -87,7 +88,7 @@ class NestingMethod:
             raise ValueError(f'--inplace-distill is not available with --method {cls.name}: {cls._why_no_distill}')
         if cfg.separate_heads and not cls.allows_separate_heads:
             raise ValueError(f'--separate-heads is not available with --method {cls.name}: {cls._why_no_heads}')
-        if cfg.teacher_epochs is not None:
+        if cfg.teacher_epochs is not None and not cls.has_teacher_phase:
             raise ValueError(f'--teacher-epochs is a --method dynabert setting, not {cls.name}')
 
     # ---------------------------------------------------------------------------------- training hooks
@@ -180,7 +181,7 @@ class DynaBERT(NestingMethod):
     name, label, nesting = 'dynabert', 'DynaBERT', 'dynabert'
     summary = ('heads and embedding nested, MLP full; the full width trains first (--teacher-epochs), heads, '
                'neurons and channels are reordered by importance, then every k learns from that teacher')
-    allows_inplace_distill, allows_separate_heads = False, False
+    allows_inplace_distill, allows_separate_heads, has_teacher_phase = False, False, True
     _why_no_distill = 'every k distils from the full-width teacher already'
     _why_no_heads = 'reordering needs the shared classifier'
 
@@ -190,7 +191,7 @@ class DynaBERT(NestingMethod):
 
     @classmethod
     def check(cls, cfg: TrainConfig) -> None:
-        super().check(replace(cfg, teacher_epochs=None))
+        super().check(cfg)
         if cfg.teacher_epochs is not None and not 0 <= cfg.teacher_epochs < cfg.epochs:
             raise ValueError(f'--teacher-epochs must be in 0..{cfg.epochs - 1} (below --epochs), '
                              f'got {cfg.teacher_epochs}')
