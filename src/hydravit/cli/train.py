@@ -94,6 +94,10 @@ OPTIONS: List[Tuple[Tuple[str, ...], Dict[str, Any], str]] = [
     (('--output',), {}, 'parent folder of the run folders'),
     (('--experiment',), {}, 'run folder name (default: timestamp-model-size)'),
     (('--resume',), {}, 'continue a run: its folder or its last.state.pth'),
+    (('--resume-override',), dict(nargs='+', metavar='SETTING'),
+     'with --resume: settings that may differ from the saved run (e.g. epochs lr); others are refused'),
+    (('--max-nonfinite-steps',), dict(type=int), 'skip up to N steps with a NaN/inf loss or gradient '
+     '(default 0: stop at the first)'),
     (('--checkpoint-interval-steps',), dict(type=int), 'also checkpoint every N optimizer steps (0 = per epoch)'),
     (('--seed',), dict(type=int), 'random seed'),
     (('--device',), {}, 'cpu or cuda'),

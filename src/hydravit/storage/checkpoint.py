@@ -11,7 +11,7 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from safetensors import SafetensorError
@@ -22,8 +22,8 @@ from ..models.config import HydraViTConfig
 from ..models.factory import UniversalModel, model_from_config
 
 __all__ = [
-    'CheckpointError', 'atomic_write', 'save_model', 'load_model', 'load_state_dict_file', 'read_metadata',
-    'load_config_and_state',
+    'CheckpointError', 'NonFiniteWeightsError', 'atomic_write', 'save_model', 'load_model', 'load_state_dict_file',
+    'read_metadata', 'load_config_and_state', 'non_finite_tensors',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -32,6 +32,15 @@ CONFIG_KEY = 'hydravit_config'
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read safely or does not describe a HydraViT."""
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """Weights holding NaN or inf: a diverged run, never written over finite weights nor evaluated."""
+
+
+def non_finite_tensors(state: Mapping[str, torch.Tensor]) -> List[str]:
+    """Names of the floating-point tensors of ``state`` that hold a NaN or an inf."""
+    return [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def atomic_write(path: PathLike, write: Callable[[str], object]) -> Path:
@@ -59,9 +68,16 @@ def _umask() -> int:
 
 
 def save_model(path: PathLike, model: UniversalModel, metadata: Optional[Mapping[str, str]] = None) -> Path:
-    """Write ``model``'s weights and config to a self-describing safetensors file, atomically."""
+    """Write ``model``'s weights and config to a self-describing safetensors file, atomically.
+
+    Non-finite weights are refused (:class:`NonFiniteWeightsError`): the file already at ``path`` stays.
+    """
     meta = {CONFIG_KEY: json.dumps(model.config.to_dict()), 'format': 'pt', **(metadata or {})}
     state = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
+    bad = non_finite_tensors(state)
+    if bad:
+        raise NonFiniteWeightsError(f'refusing to write {path}: non-finite values (NaN/inf) in {len(bad)} tensor(s) '
+                                    f'{bad[:5]}; the run diverged')
     return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
 
@@ -103,12 +119,18 @@ def load_state_dict_file(path: PathLike, map_location: str = 'cpu', use_ema: boo
     return {str(k): v for k, v in obj.items()}
 
 
-def load_model(path: PathLike, map_location: str = 'cpu', **overrides: Any) -> UniversalModel:
+def load_model(path: PathLike, map_location: str = 'cpu', allow_non_finite: bool = False,
+               **overrides: Any) -> UniversalModel:
     """Rebuild a universal model from a checkpoint written by :func:`save_model` (config in its metadata).
 
     ``overrides`` change non-architectural settings, e.g. ``drop_path_rate`` or a wider ``k_choices``.
+    Weights holding NaN/inf are refused unless ``allow_non_finite`` (NaN logits would score as class 0).
     """
     config, state = load_config_and_state(path, map_location)
+    bad = [] if allow_non_finite else non_finite_tensors(state)
+    if bad:
+        raise NonFiniteWeightsError(f'{path}: non-finite weights (NaN/inf) in {len(bad)} tensor(s) {bad[:5]}: the '
+                                    'training run that wrote it diverged; use an earlier checkpoint')
     model = model_from_config(config, **overrides)
     try:
         model.load_state_dict(state, strict=True)

@@ -90,12 +90,14 @@ class TrainConfig:
     eval_metric: str = 'top1_mean'
     checkpoint_interval_steps: int = 0
     report: bool = True
+    resume_override: Optional[List[str]] = None
+    max_nonfinite_steps: int = 0
 
     def __post_init__(self) -> None:
         for name in ('batch_size', 'epochs', 'grad_accum_steps', 'val_interval', 'log_interval', 'importance_samples'):
             if getattr(self, name) < 1:
                 raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
-        for name in ('workers', 'checkpoint_interval_steps', 'num_random'):
+        for name in ('workers', 'checkpoint_interval_steps', 'num_random', 'max_nonfinite_steps'):
             if getattr(self, name) < 0:
                 raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
         if self.amp_dtype not in AMP_DTYPES:

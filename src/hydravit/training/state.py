@@ -2,13 +2,15 @@
 
 A checkpoint is ``last.safetensors`` (+ ``last_ema.safetensors``) written by :func:`hydravit.storage.save_model`
 and ``last.state.pth``: tensors and plain types only (optimizer, scheduler, scaler, RNG states, epoch,
-step), loaded with ``weights_only=True``. The state file is written last and is the commit record:
-weights files carry the update count they belong to, and the previous set is kept as ``*.prev`` until
-the new state lands, so a kill between two writes still resumes from a consistent pair.
+step, checkpoint generation), loaded with ``weights_only=True``. The state file is written last and is the
+commit record: weights files carry the generation they belong to, and the committed set is kept (as
+``last`` or ``last.prev``) until the next state lands, so any sequence of kills and failed writes still
+resumes from a consistent pair (see :func:`save_training_checkpoint`).
 """
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
@@ -17,14 +19,24 @@ import numpy as np
 import torch
 
 from ..models.factory import UniversalModel
-from ..storage.checkpoint import CheckpointError, atomic_write, load_state_dict_file, read_metadata, save_model
+from ..storage.checkpoint import (
+    CheckpointError,
+    NonFiniteWeightsError,
+    atomic_write,
+    load_state_dict_file,
+    non_finite_tensors,
+    read_metadata,
+    save_model,
+)
 from ..storage.run_folder import STATE_FILE
 
 __all__ = [
-    'capture_rng', 'restore_rng', 'save_training_checkpoint', 'load_training_checkpoint', 'resolve_resume',
+    'capture_rng', 'restore_rng', 'save_training_checkpoint', 'load_training_checkpoint', 'read_training_state',
+    'resolve_resume', 'remove_stale_temporaries', 'GENERATION_KEY',
 ]
 
 UPDATES_KEY = 'num_updates'
+GENERATION_KEY = 'checkpoint_generation'  # counts commits; recorded in the state file and in its weights files
 
 
 # ------------------------------------------------------------------------------------------ RNG
@@ -60,28 +72,66 @@ def _weights_names(with_ema: bool) -> List[str]:
     return ['last', 'last_ema'] if with_ema else ['last']
 
 
+def _generation_of(path: Path) -> Optional[str]:
+    """The checkpoint generation a weights file was written for (None if absent or unreadable)."""
+    if not path.is_file():
+        return None
+    try:
+        return read_metadata(path).get(GENERATION_KEY)
+    except CheckpointError:
+        return None
+
+
 def save_training_checkpoint(out_dir: Path, model: UniversalModel, ema_model: Optional[UniversalModel],
-                             state: Dict[str, Any], metadata: Mapping[str, str]) -> None:
-    """Write ``last[_ema].safetensors`` then ``last.state.pth``; never leaves an unusable pair behind."""
-    meta = {**metadata, UPDATES_KEY: str(state[UPDATES_KEY])}
+                             state: Dict[str, Any], metadata: Mapping[str, str],
+                             committed: Optional[int] = None) -> int:
+    """Write checkpoint generation ``committed + 1``: ``last[_ema].safetensors``, then ``last.state.pth``.
+
+    ``committed`` is the generation of the ``last.state.pth`` on disk (None: none yet). Its weights stay
+    on disk under ``last`` or ``last.prev`` until the new state file lands: ``last`` is moved to
+    ``last.prev`` only when it *is* the committed file (after a crash it may be a newer, uncommitted one,
+    and then ``last.prev`` holds the committed weights and is kept). Every file is written atomically, so
+    a kill or a full disk at any point leaves a folder that resumes from the last committed generation.
+    Non-finite weights are refused before anything is touched. Returns the new generation.
+    """
     names = _weights_names(ema_model is not None)
     nets = [model] if ema_model is None else [model, ema_model]
     for name, net in zip(names, nets, strict=True):
-        path = out_dir / f'{name}.safetensors'
-        if path.exists():
-            os.replace(path, out_dir / f'{name}.prev.safetensors')
+        bad = non_finite_tensors(net.state_dict())
+        if bad:
+            raise NonFiniteWeightsError(f'refusing to write {name}.safetensors: non-finite values in {bad[:5]}'
+                                        f'{" ..." if len(bad) > 5 else ""}; the last finite checkpoint is kept')
+    generation = 0 if committed is None else committed + 1
+    state = {**state, GENERATION_KEY: generation}
+    meta = {**metadata, UPDATES_KEY: str(state[UPDATES_KEY]), GENERATION_KEY: str(generation)}
+    for name, net in zip(names, nets, strict=True):
+        path, prev = out_dir / f'{name}.safetensors', out_dir / f'{name}.prev.safetensors'
+        if committed is not None and _generation_of(path) == str(committed):
+            os.replace(path, prev)  # prev held an older generation, which no state refers to any more
         save_model(path, net, meta)
     atomic_write(out_dir / STATE_FILE, lambda tmp: torch.save(state, tmp))
-    for name in names:  # the new pair is committed: the previous weights are no longer needed
+    for name in names:  # the new generation is committed: the previous weights are no longer needed
         (out_dir / f'{name}.prev.safetensors').unlink(missing_ok=True)
+    return generation
 
 
-def _matching_weights(out_dir: Path, name: str, num_updates: int) -> Path:
+def _matching_weights(out_dir: Path, name: str, state: Mapping[str, Any]) -> Path:
+    """The weights file of the committed generation (older run folders: of the committed update count)."""
+    key, value = ((GENERATION_KEY, state[GENERATION_KEY]) if GENERATION_KEY in state
+                  else (UPDATES_KEY, state[UPDATES_KEY]))
     for path in (out_dir / f'{name}.safetensors', out_dir / f'{name}.prev.safetensors'):
-        if path.is_file() and read_metadata(path).get(UPDATES_KEY) == str(num_updates):
+        if path.is_file() and read_metadata(path).get(key) == str(value):
             return path
-    raise CheckpointError(f'{out_dir}: no {name}.safetensors written at update {num_updates} to go with '
+    raise CheckpointError(f'{out_dir}: no {name}.safetensors written for {key} {value} to go with '
                           f'{STATE_FILE}; the run folder is incomplete')
+
+
+def remove_stale_temporaries(out_dir: Path) -> List[Path]:
+    """Delete the half-written ``.<name>.*.tmp`` files an interrupted atomic write left behind."""
+    stale = [p for p in out_dir.glob('.*.tmp') if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def resolve_resume(path: str | os.PathLike) -> Path:
@@ -96,13 +146,32 @@ def resolve_resume(path: str | os.PathLike) -> Path:
     return folder
 
 
-def load_training_checkpoint(out_dir: Path, with_ema: bool, map_location: str = 'cpu') -> Dict[str, Any]:
-    """The state dict of ``last.state.pth`` plus ``model``/``ema`` weights of the same update."""
+def read_training_state(out_dir: Path, map_location: str = 'cpu') -> Dict[str, Any]:
+    """``last.state.pth`` loaded weights-only; an unreadable or unsafe file is a :class:`CheckpointError`.
+
+    torch's own message is not relayed: for a file holding other objects it advises loading with
+    ``weights_only=False``, i.e. running whatever the file holds.
+    """
+    path = out_dir / STATE_FILE
     try:
-        state = torch.load(out_dir / STATE_FILE, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001  (any unreadable or unsafe file is the same user error)
-        raise CheckpointError(f'{out_dir / STATE_FILE}: not a readable training state ({e})') from e
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = ('it holds Python objects other than tensors and plain types; refusing to unpickle it'
+               if 'Unsupported global' in str(e) or 'Weights only load failed' in str(e) else 'it is corrupt')
+        raise CheckpointError(f'{path}: not a readable training state ({why})') from None
+    except Exception as e:  # noqa: BLE001  (truncated zip, wrong format, ...: the same user error)
+        raise CheckpointError(f'{path}: not a readable training state ({type(e).__name__}: the file is '
+                              'truncated or corrupt)') from None
+    if not isinstance(state, dict) or UPDATES_KEY not in state:
+        raise CheckpointError(f'{path}: not a training state written by hydravit (no {UPDATES_KEY!r})')
+    return state
+
+
+def load_training_checkpoint(out_dir: Path, with_ema: bool, map_location: str = 'cpu',
+                             state: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The state dict of ``last.state.pth`` (or ``state``, read before) plus weights of the same generation."""
+    state = dict(state) if state is not None else read_training_state(out_dir, map_location)
     keys = ['model', 'ema'] if with_ema else ['model']
     for name, key in zip(_weights_names(with_ema), keys, strict=True):
-        state[key] = load_state_dict_file(_matching_weights(out_dir, name, state[UPDATES_KEY]), map_location)
+        state[key] = load_state_dict_file(_matching_weights(out_dir, name, state), map_location)
     return state

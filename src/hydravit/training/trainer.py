@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ContextManager, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.distributed as dist
@@ -29,9 +29,10 @@ from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, get_outdir,
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
-from ..evaluation.evaluate import evaluate_subnets
+from ..evaluation.evaluate import evaluate_subnets, scored_classes
 from ..models.factory import UniversalModel
 from ..storage.checkpoint import save_model
+from ..storage.provenance import with_identity
 from ..storage.run_folder import (
     CLASS_NAMES_KEY,
     EPOCHS_KEY,
@@ -47,9 +48,20 @@ from .distributed import DistEnv, all_gather, all_reduce_sum, check_replicas_in_
 from .loaders import EpochSeededDataset, build_datasets, rng_preserving, run_data_config, train_loader, val_loader
 from .methods import create_method
 from .model_setup import build_model
+from .nonfinite import NonFiniteGuard
 from .outputs import PerK, metric_value, results_table, summary_row, write_run_results
+from .run_settings import OPTIMIZER_SETTINGS, SCHEDULE_SETTINGS, check_resume
 from .samplers import create_sampler
-from .state import capture_rng, load_training_checkpoint, resolve_resume, restore_rng, save_training_checkpoint
+from .state import (
+    GENERATION_KEY,
+    capture_rng,
+    load_training_checkpoint,
+    read_training_state,
+    remove_stale_temporaries,
+    resolve_resume,
+    restore_rng,
+    save_training_checkpoint,
+)
 
 __all__ = ['Trainer', 'TrainResult', 'train']
 
@@ -68,12 +80,18 @@ class TrainResult:
 
 
 class PlainUpdate:
-    """timm ``NativeScaler``'s interface without loss scaling (fp32 and bf16): backward, clip, step."""
+    """timm ``NativeScaler``'s interface without loss scaling (fp32 and bf16): backward, clip, step.
+
+    ``before_step`` (if set) runs between backward and the optimizer step; returning False skips the step.
+    """
+
+    def __init__(self, before_step: Optional[Callable[[], bool]] = None) -> None:
+        self.before_step = before_step
 
     def __call__(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, clip_grad: Optional[float] = None,
                  clip_mode: str = 'norm', parameters: Any = None, need_update: bool = True) -> None:
         loss.backward()
-        if need_update:
+        if need_update and (self.before_step is None or self.before_step()):
             if clip_grad is not None:
                 dispatch_clip_grad(parameters, clip_grad, mode=clip_mode)
             optimizer.step()
@@ -99,6 +117,12 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.method = create_method(cfg)
         resume_dir = resolve_resume(cfg.resume) if cfg.resume else None
+        resume_state = read_training_state(resume_dir) if resume_dir else None
+        self.overridden: Set[str] = set()
+        if resume_dir is not None and resume_state is not None:  # before building anything from the settings
+            self.overridden = check_resume(_saved_settings(resume_dir, resume_state), cfg, str(resume_dir),
+                                           saved_world_size=resume_state.get('world_size'),
+                                           world_size=env.world_size, mid_epoch=bool(resume_state.get('step')))
         self.data_config = run_data_config(cfg)
         self._setup_data(datasets or build_datasets(cfg, self.data_config))
         self._setup_optimisation()
@@ -109,11 +133,12 @@ class Trainer:
         self.summary: List[Dict[str, Any]] = []
         self.epoch_throughput = 0.0
         self.rng_to_restore: Optional[Dict[str, Any]] = None
+        self.generation: Optional[int] = None  # of the checkpoint committed in the run folder
         out_dir = resume_dir or (_output_folder(cfg, self.data_config) if env.is_main else Path(cfg.output))
         self.run = RunFolder(out_dir)
         random_seed(cfg.seed, env.rank)  # per-rank streams for drop-path, mixup, ...
-        if resume_dir:
-            self._resume(resume_dir)
+        if resume_dir is not None and resume_state is not None:
+            self._resume(resume_dir, resume_state)
 
     @property
     def out_dir(self) -> Path:
@@ -137,6 +162,8 @@ class Trainer:
         if self.batches_per_epoch < 1:
             raise ValueError(f'{len(self.train_set)} training images make no full batch of {cfg.batch_size} '
                              'per process')
+        present = scored_classes(val_set, self.model.num_classes)  # as hydravit eval scores the same set
+        self.val_classes = present if len(present) < self.model.num_classes else None
         self.val_loader = val_loader(val_set, cfg, env)
 
     def _setup_optimisation(self) -> None:
@@ -156,7 +183,10 @@ class Trainer:
             step_on_epochs=False, updates_per_epoch=updates_per_epoch)
         self.amp_dtype = AMP_DTYPES[cfg.amp_dtype] if cfg.amp else None
         fp16_cuda = self.amp_dtype == torch.float16 and env.device.type == 'cuda'
-        self.loss_scaler = NativeScaler(device=env.device.type) if fp16_cuda else PlainUpdate()
+        self.guard = NonFiniteGuard(cfg.max_nonfinite_steps)
+        self.step_ks: List[int] = []  # the k of the step being trained (named by the non-finite guard)
+        self.loss_scaler = (NativeScaler(device=env.device.type) if fp16_cuda  # its GradScaler skips inf gradients
+                            else PlainUpdate(before_step=self._gradients_finite))
         self.ema = ModelEmaV3(self.model, decay=cfg.model_ema_decay) if cfg.model_ema else None
         self.mixup = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
                             switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
@@ -175,22 +205,26 @@ class Trainer:
                              f'--eval-heads are {self.eval_ks}')
 
     # -------------------------------------------------------------------------------------- resume
-    def _resume(self, folder: Path) -> None:
-        state = load_training_checkpoint(folder, self.ema is not None)
+    def _resume(self, folder: Path, state: Dict[str, Any]) -> None:
+        remove_stale_temporaries(folder)
+        state = load_training_checkpoint(folder, self.ema is not None, state=state)
         self.model.load_state_dict(state['model'], strict=True)
         if self.ema is not None:
             self.ema.module.load_state_dict(state['ema'], strict=True)
         self.optimizer.load_state_dict(state['optimizer'])
-        self.scheduler.load_state_dict(state['scheduler'])
+        for group in self.optimizer.param_groups:  # overridden optimizer settings replace the restored ones
+            for name in OPTIMIZER_SETTINGS & self.overridden:
+                if name in group and not (name == 'weight_decay' and group[name] == 0):  # no-decay groups stay 0
+                    group[name] = getattr(self.cfg, name)
+        if not SCHEDULE_SETTINGS & self.overridden:  # else the schedule built from the new settings is kept
+            self.scheduler.load_state_dict(state['scheduler'])
         self.loss_scaler.load_state_dict(state['scaler'])
         self.epoch, self.step, self.num_updates = state['epoch'], state['step'], state['num_updates']
         self.loss_sum, self.loss_count = state['loss_sum'], state['loss_count']
         self.best_metric, self.best_epoch = state['best_metric'], state['best_epoch']
+        self.generation = state.get(GENERATION_KEY)
+        self.guard.skipped = int(state.get('nonfinite_steps', 0))
         rngs = state['rng']
-        if self.step and (state['world_size'] != self.env.world_size or state.get('batch_size') != self.cfg.batch_size):
-            raise ValueError(f'{folder} stopped mid-epoch with {state["world_size"]} process(es) x batch '
-                             f'{state.get("batch_size")}: resume with the same world size and --batch-size '
-                             f'(now {self.env.world_size} x {self.cfg.batch_size}) to skip exactly the trained batches')
         if len(rngs) != self.env.world_size:
             logger.warning("resuming a %d-process run on %d: RNG streams restart from rank 0's", len(rngs),
                            self.env.world_size)
@@ -207,7 +241,8 @@ class Trainer:
                     optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                     scaler=self.loss_scaler.state_dict(), rng=all_gather(capture_rng(), self.env),
                     loss_sum=self.loss_sum, loss_count=self.loss_count, best_metric=self.best_metric,
-                    best_epoch=self.best_epoch, world_size=self.env.world_size, batch_size=self.cfg.batch_size)
+                    best_epoch=self.best_epoch, world_size=self.env.world_size, batch_size=self.cfg.batch_size,
+                    nonfinite_steps=self.guard.skipped, config=self.cfg.to_dict())
 
     def metadata(self) -> Dict[str, str]:
         """What every weights file of the run records besides the model config (read back by eval/export)."""
@@ -219,8 +254,8 @@ class Trainer:
     def save_checkpoint(self) -> None:
         state = self._state()  # a collective: every rank takes part
         if self.env.is_main:
-            save_training_checkpoint(self.out_dir, self.model, self.ema.module if self.ema else None, state,
-                                     self.metadata())
+            self.generation = save_training_checkpoint(self.out_dir, self.model, self.ema.module if self.ema else None,
+                                                       state, self.metadata(), committed=self.generation)
 
     # -------------------------------------------------------------------------------------- training
     def fit(self) -> TrainResult:
@@ -243,7 +278,8 @@ class Trainer:
         if last_rows is None:  # resumed after the final epoch's checkpoint
             last_rows = self.validate()
         results = results_table(self.model, last_rows)
-        if self.env.is_main:
+        if self.env.is_main:  # measured on the last weights: results.csv names them
+            results = with_identity(results, self.model, self.run.weights('last'))
             write_run_results(self.run, results, self.model, label=self.method.label, device=self.env.device,
                               title=f'{self.cfg.model} on {self.cfg.dataset}', report=self.cfg.report)
         return TrainResult(self.out_dir, results, self.summary, self.best_metric, self.best_epoch)
@@ -291,6 +327,7 @@ class Trainer:
             if self.mixup is not None:
                 images, target = self.mixup(images, target)
             ks = self.method.ks_for_step(self, start + i)
+            self.step_ks = ks
             soft_target = self.method.distill_target(self, images)
             for j, k in enumerate(ks):
                 last = i == len(window) - 1 and j == len(ks) - 1
@@ -298,10 +335,12 @@ class Trainer:
                 if self.cfg.inplace_distill and soft_target is None and len(ks) > 1:
                     soft_target = torch.softmax(logits.detach().float(), dim=-1)
                 step_losses.append(loss)
-        self._after_optimizer_step()
+        finite = self.guard.finish_step(self.epoch, start, self.num_updates + 1)
+        self._after_optimizer_step(applied=finite)
         loss = sum(step_losses) / len(step_losses)
-        self.loss_sum += loss
-        self.loss_count += 1
+        if finite:  # a skipped step's loss is NaN/inf: it would poison the epoch's mean
+            self.loss_sum += loss
+            self.loss_count += 1
         return ks, loss
 
     def _backward(self, images: torch.Tensor, target: torch.Tensor, soft_target: Optional[torch.Tensor], k: int,
@@ -318,13 +357,24 @@ class Trainer:
                         else self.distill_loss(logits, soft_target))
             self.loss_scaler(loss / micro_batches, self.optimizer, clip_grad=self.cfg.clip_grad,
                              clip_mode=self.cfg.clip_mode, parameters=self.model.parameters(), need_update=last)
-        return float(loss.detach()), logits
+        value = float(loss.detach())
+        self.guard.record_loss(value, k)
+        return value, logits
 
-    def _after_optimizer_step(self) -> None:
+    def _gradients_finite(self) -> bool:
+        """Between backward and the optimizer step: no NaN/inf loss or gradient on any process."""
+        self.guard.check_gradients(self.model.parameters(), self.step_ks)
+        if self.env.distributed:  # every process must take the same decision
+            flagged, = all_reduce_sum([float(self.guard.reason is not None)], self.env)
+            if flagged and self.guard.reason is None:
+                self.guard.reason = 'loss or gradient on another process'
+        return self.guard.reason is None
+
+    def _after_optimizer_step(self, applied: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.num_updates += 1
         self.scheduler.step_update(self.num_updates)
-        if self.ema is not None:
+        if self.ema is not None and applied:
             self.ema.update(self.model, step=self.num_updates)
 
     def autocast(self) -> ContextManager[Any]:
@@ -342,7 +392,7 @@ class Trainer:
 
     def _evaluate(self, model: UniversalModel) -> List[Dict[str, Any]]:
         rows = evaluate_subnets(model, self.val_loader, self.eval_ks, device=self.env.device,
-                                amp_dtype=self.amp_dtype)
+                                amp_dtype=self.amp_dtype, class_indices=self.val_classes)
         sums: List[float] = []
         for r in rows:
             n = r['num_samples']
@@ -367,9 +417,9 @@ class Trainer:
             check_replicas_in_sync(self.model, self.env, self.epoch)
         self.epoch, self.step = self.epoch + 1, 0
         self.loss_sum, self.loss_count = 0.0, 0
-        self.save_checkpoint()
-        if self.env.is_main:
+        if self.env.is_main:  # before the commit: a run resumed from the previous one rewrites them identically
             self._write_epoch(row, train_loss, improved, bool(rows))
+        self.save_checkpoint()
 
     def _write_epoch(self, row: Dict[str, Any], train_loss: float, improved: bool, evaluated: bool) -> None:
         write_summary(self.run.summary, self.summary)
@@ -380,6 +430,12 @@ class Trainer:
         evals = ', '.join(f'k{k}={row[f"eval_top1_k{k}"]:.2f}' for k in self.eval_ks) if evaluated else 'no eval'
         logger.info('epoch %d: train_loss %.4f (%.0f img/s), top1 %s', row['epoch'], train_loss,
                     self.epoch_throughput, evals)
+
+
+def _saved_settings(folder: Path, state: Dict[str, Any]) -> Dict[str, Any]:
+    """The settings a run folder was trained with: recorded in its state file (older folders: args.yaml)."""
+    saved = state.get('config')
+    return dict(saved) if isinstance(saved, dict) else RunFolder(folder).read_args()
 
 
 def _progress(total: int, done: int, epoch: int, env: DistEnv) -> Any:
