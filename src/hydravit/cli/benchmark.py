@@ -14,7 +14,8 @@ import torch
 from ..evaluation.benchmark import BENCH_MODES, benchmark_subnets, measure_switching, reexec_with_malloc_env
 from ..models.factory import UniversalModel, model_from_config
 from ..models.kchoices import parse_ks
-from ..storage.results import RESULT_FORMATS, format_table, results_format, write_results
+from ..storage.provenance import IDENTITY_COLUMNS, with_identity
+from ..storage.results import RESULT_FORMATS, format_table, results_format, table_columns, write_results
 from . import add_model_source, model_from_args
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     rows = benchmark_subnets(model, ks, modes=args.modes, batch_size=args.batch_size, device=device,
                              rounds=args.rounds, min_seconds=args.min_seconds, latency_iters=args.latency_iters,
                              train=args.train, measure_memory=not args.no_memory)
+    rows = with_identity(rows, model, checkpoint)  # which model these speeds belong to (select checks it)
     switching = (None if args.no_switching else
                  measure_switching(model, ks, device=device, repeats=args.switch_repeats))
     _output(args, rows, switching)
@@ -106,7 +108,7 @@ def _output(args: argparse.Namespace, rows: list, switching) -> None:
             switching_path = write_results(switching, path.parent, path.stem + '_switching', fmt)
             logger.info(f'\nswitching vs loading -> {switching_path}')
     else:
-        logger.info(format_table(rows))
+        logger.info(format_table(rows, [c for c in table_columns(rows) if c not in IDENTITY_COLUMNS]))
         if switching:
             logger.info('\nswitching vs loading:')
             logger.info(format_table(switching))

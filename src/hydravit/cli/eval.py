@@ -16,13 +16,14 @@ from ..evaluation.evaluate import EVAL_MODES, evaluate_dataset, load_for_eval
 from ..evaluation.report import write_report
 from ..models.factory import UniversalModel
 from ..models.kchoices import parse_ks
+from ..storage.provenance import IDENTITY_COLUMNS, with_identity
 from ..storage.results import RESULT_FORMATS, format_table, results_format, write_results
 from ..storage.run_folder import resolve_checkpoint, training_metadata
 
 logger = logging.getLogger(__name__)
 
 COLUMNS = ('k', 'top1', 'top1_err', 'top5', 'top5_err', 'loss', 'param_count', 'gmacs', 'img_size', 'crop_pct',
-           'interpolation', 'mode', 'num_samples', 'num_classes_scored', 'checkpoint')
+           'interpolation', 'mode', 'num_samples', 'num_classes_scored', 'checkpoint', *IDENTITY_COLUMNS)
 AMP_DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     scored = rows[0]['num_classes_scored']
     if scored < model.num_classes:
         logger.info(f'{scored} of {model.num_classes} classes present: logits restricted to them')
-    rows = [{c: {**r, 'checkpoint': str(path)}[c] for c in COLUMNS} for r in rows]
+    rows = [{c: {**r, 'checkpoint': str(path)}[c] for c in COLUMNS} for r in with_identity(rows, model, path)]
     _write(args, rows, model, ks, path)
     return 0
 
@@ -89,7 +90,7 @@ def _write(args: argparse.Namespace, rows: List[Dict[str, Any]], model, ks, path
         fmt = results_format(out, args.results_format)
         logger.info(f'-> {write_results(rows, out.parent, out.stem, fmt)}')
     else:
-        logger.info(format_table(rows, [c for c in COLUMNS if c != 'checkpoint']))
+        logger.info(format_table(rows, [c for c in COLUMNS if c not in ('checkpoint', *IDENTITY_COLUMNS)]))
     if args.report is not None:
         out_dir = Path(args.report) if args.report else path.parent / 'report'
         label = path.parent.name if path.stem.startswith(('model_best', 'last')) else path.stem

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from ..evaluation.report import write_report
+from ..storage.provenance import check_same_model, rows_identity
 from ..storage.results import read_results, result_label
 
 logger = logging.getLogger(__name__)
@@ -31,13 +32,16 @@ def load_labelled(files: List[str], labels: List[str] | None):
         raise ValueError(f'--labels needs one label per results file: {len(labels)} labels, {len(files)} files')
     evals: Dict[str, list] = {}
     benches: Dict[str, list] = {}
+    sources: Dict[str, list] = {}  # label -> [(file, identity, is accuracy)]
     for i, name in enumerate(files):
         rows = read_results(name)
         label = labels[i] if labels else result_label(name)
         if rows and all('top1' in r for r in rows):
             evals.setdefault(label, []).extend(rows)
+            sources.setdefault(label, []).append((name, rows_identity(rows, name), True))
         elif rows and all('infer_samples_per_sec' in r for r in rows):
             benches.setdefault(label, []).extend(rows)
+            sources.setdefault(label, []).append((name, rows_identity(rows, name), False))
         elif rows and all('load_ms' in r for r in rows):
             continue  # a switching table: reported by the benchmark itself
         else:
@@ -45,6 +49,11 @@ def load_labelled(files: List[str], labels: List[str] | None):
                              '(infer_samples_per_sec per k)')
     if not evals:
         raise ValueError('no eval results among the files: the report plots accuracy, give at least one')
+    for label, found in sources.items():
+        hint = (f'they share the label {label!r}: give --labels with one label per model' if not labels else
+                f'--labels gives them the same label {label!r}: label each model differently')
+        check_same_model([(n, ident) for n, ident, _ in found], weights=False, hint=hint)  # speed and accuracy
+        check_same_model([(n, ident) for n, ident, accuracy in found if accuracy], weights=True, hint=hint)
     return evals, benches
 
 

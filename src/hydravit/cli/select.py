@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Optional
 
 from ..deployment.selection import (
     Budget,
@@ -14,8 +15,9 @@ from ..deployment.selection import (
     select_subnet,
 )
 from ..models.kchoices import parse_ks
+from ..storage.provenance import check_same_model, model_identity, rows_identity
 from ..storage.results import format_table, read_results
-from ..storage.run_folder import read_accuracy
+from ..storage.run_folder import RunFolder, accuracy_file, read_accuracy
 from . import add_model_source, model_from_args
 
 logger = logging.getLogger(__name__)
@@ -62,7 +64,11 @@ def run(args: argparse.Namespace) -> int:
     model, checkpoint = model_from_args(args)
     ks = parse_ks(args.k, model.k_choices, model.config.num_heads) or list(model.k_choices)
     if args.benchmark_file:
-        table = benchmark_table(read_results(args.benchmark_file), mode=args.mode, batch_size=args.batch_size, ks=ks)
+        bench_rows = read_results(args.benchmark_file)
+        check_same_model([(str(checkpoint or args.model), model_identity(model, checkpoint)),
+                          (args.benchmark_file, rows_identity(bench_rows, args.benchmark_file))], weights=False,
+                         hint='benchmark this model (hydravit benchmark) or measure live without --benchmark-file')
+        table = benchmark_table(bench_rows, mode=args.mode, batch_size=args.batch_size, ks=ks)
         logger.info(f'numbers from {args.benchmark_file} (mode {args.mode})')
     else:
         batch = args.batch_size or DEFAULT_BATCH[budget.metric]
@@ -70,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
             logger.info(f'measuring k={ks} on {args.device} (mode {args.mode}, batch {batch}) ...')
         table = measure_table(model, budget, batch_size=batch, device=args.device, mode=args.mode, ks=ks)
     if checkpoint or args.results:
+        _check_accuracy_source(model, checkpoint, args.results)
         accuracy = read_accuracy(Path(checkpoint or '.'), args.results)
         table = merge_accuracy(table, accuracy)
     try:
@@ -81,6 +88,19 @@ def run(args: argparse.Namespace) -> int:
     logger.info(format_table(rows, _columns(table)))
     logger.info(choice.describe())
     return 0
+
+
+def _check_accuracy_source(model, checkpoint: Optional[Path], results: Optional[str]) -> None:
+    """The accuracy file must describe this model: its architecture, and its weights unless it is the results.csv
+    its own training run wrote next to it (which covers that run's last and model_best)."""
+    path = accuracy_file(Path(checkpoint or '.'), results)
+    if path is None or not path.is_file():
+        return
+    rows = read_results(path)
+    own_run = checkpoint is not None and path.resolve() == RunFolder(checkpoint.parent).results.resolve()
+    check_same_model([(str(checkpoint or model.config), model_identity(model, checkpoint)),
+                      (str(path), rows_identity(rows, str(path)))], weights=not own_run,
+                     hint='give the accuracy file of this checkpoint (--results), e.g. from hydravit eval')
 
 
 def _columns(table) -> list:

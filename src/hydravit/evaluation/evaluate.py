@@ -21,7 +21,7 @@ from ..models.subnet import extract_subnet
 from ..storage.checkpoint import load_model
 from ..storage.run_folder import preprocessing_config
 
-__all__ = ['evaluate_subnets', 'label_map', 'load_for_eval', 'evaluate_dataset', 'EVAL_MODES']
+__all__ = ['evaluate_subnets', 'label_map', 'load_for_eval', 'evaluate_dataset', 'scored_classes', 'EVAL_MODES']
 
 EVAL_MODES = ('sliced', 'extracted')
 Mode = Literal['sliced', 'extracted']
@@ -173,6 +173,20 @@ def _load_with_ks(path: str | os.PathLike, ks: Optional[Sequence[int]]) -> Tuple
     return model, ks
 
 
+def scored_classes(dataset: object, num_classes: int) -> List[int]:
+    """The classes a data set is scored on: its ``class_indices`` (labels present), else all ``num_classes``.
+
+    The trainer's validation and ``hydravit eval`` both score through this, so a validation set holding a
+    subset of the training classes gets the same numbers from both. A data set whose ``num_classes``
+    differs from the model's is an error.
+    """
+    own = getattr(dataset, 'num_classes', None)
+    if own is not None and own != num_classes:
+        raise ValueError(f'the data set has {own} classes but the model was trained on '
+                         f'{num_classes}: use the matching data set or a class map')
+    return sorted(int(i) for i in (getattr(dataset, 'class_indices', None) or range(num_classes)))
+
+
 def evaluate_dataset(model: UniversalModel, dataset, ks: Optional[Sequence[int]] = None, *, batch_size: int = 256,
                      workers: int = 0, device: str | torch.device = 'cpu', amp_dtype: Optional[torch.dtype] = None,
                      mode: Mode = 'sliced') -> List[Dict]:
@@ -184,11 +198,7 @@ def evaluate_dataset(model: UniversalModel, dataset, ks: Optional[Sequence[int]]
     """
     from timm.data import resolve_data_config
 
-    num_classes = getattr(dataset, 'num_classes', None)
-    if num_classes is not None and num_classes != model.num_classes:
-        raise ValueError(f'the data set has {num_classes} classes but the model was trained on '
-                         f'{model.num_classes}: use the matching data set or a class map')
-    present = sorted(int(i) for i in (getattr(dataset, 'class_indices', None) or range(model.num_classes)))
+    present = scored_classes(dataset, model.num_classes)
     class_indices = present if len(present) < model.num_classes else None
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     rows = evaluate_subnets(model.to(device), loader, ks, device=device, amp_dtype=amp_dtype,

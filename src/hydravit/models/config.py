@@ -8,6 +8,7 @@ independent ViTs.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Literal, Tuple, Union
 
@@ -92,6 +93,9 @@ class HydraViTConfig:
             raise ValueError("global_pool='token' needs class_token=True (use global_pool='avg')")
         if self.mlp_ratio <= 0:
             raise ValueError(f'mlp_ratio must be > 0, got {self.mlp_ratio}')
+        if isinstance(self.k_choices, (str, bytes)) or not isinstance(self.k_choices, Iterable):
+            raise ValueError(f'k_choices must be a sequence of ints in 1..{self.num_heads} (num_heads), '
+                             f'got {self.k_choices!r}')
         choices = (check_k_choices(self.k_choices, self.num_heads) if len(self.k_choices)
                    else tuple(range(1, self.num_heads + 1)))
         object.__setattr__(self, 'k_choices', choices)

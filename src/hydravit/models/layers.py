@@ -47,6 +47,11 @@ class SlicedPatchEmbed(nn.Module):
             raise ValueError(
                 f'expected images of shape (batch, {expected[0]}, {expected[1]}, {expected[2]}) '
                 f'(in_chans, img_size, img_size), got {tuple(x.shape)}')
+        if not x.is_floating_point():
+            raise ValueError(
+                f"expected floating-point images normalised with the model's mean/std, got dtype {x.dtype}: "
+                'convert uint8 pixels with the eval transform (hydravit.data.transforms.build_transform, as '
+                "timm's) or x.float().div(255) followed by (x - mean) / std")
 
     def forward(self, x: torch.Tensor, embed_dim: int) -> torch.Tensor:
         self.check_input(x)

@@ -59,9 +59,47 @@ class CheckpointMismatchError(ValueError):
     """A state dict that does not fit the architecture it is loaded into."""
 
 
+REQUIRED_KEYS = ('patch_embed.proj.weight', 'blocks.0.attn.qkv.weight', 'blocks.0.mlp.fc1.weight')
+
+
+def check_vit_state_dict(state_dict: Any, what: str = 'state dict') -> Tuple[int, int]:
+    """(width D, MLP hidden width) of a timm ViT / HydraViT state dict, or an error naming what is expected.
+
+    Every tensor named like a ViT parameter must have the full width on each nested axis: channels and
+    attention rows D (q/k/v: 3*D rows), MLP neurons as ``blocks.0.mlp.fc1.weight`` has rows.
+    """
+    if not isinstance(state_dict, Mapping) or not all(isinstance(t, torch.Tensor) for t in state_dict.values()):
+        raise CheckpointMismatchError(f'{what}: expected a mapping of parameter names to tensors (a timm '
+                                      f'VisionTransformer state_dict()), got {type(state_dict).__name__}')
+    missing = [key for key in REQUIRED_KEYS if key not in state_dict]
+    if missing:
+        raise CheckpointMismatchError(
+            f'{what} is not a timm VisionTransformer / HydraViT state dict: it lacks {missing} (expected keys '
+            f'such as {list(REQUIRED_KEYS)}; it has {sorted(state_dict)[:5]}{" ..." if len(state_dict) > 5 else ""})')
+    dim = int(state_dict['patch_embed.proj.weight'].shape[0])
+    full = {'channels': dim, 'heads': dim, 'neurons': int(state_dict['blocks.0.mlp.fc1.weight'].shape[0])}
+    for name, tensor in state_dict.items():
+        axes = parameter_axes(name)
+        if axes is None:
+            continue
+        qkv = QKV_PARAMETER.fullmatch(name) is not None
+        if qkv and tensor.shape[0] != 3 * dim:
+            raise CheckpointMismatchError(f'{what}: {name} has shape {tuple(tensor.shape)}; a ViT of width {dim} '
+                                          f'(patch_embed.proj.weight) has {3 * dim} q/k/v rows')
+        blocks = qkv_blocks(name, tensor)
+        for axis, unit in axes.items():
+            if axis >= blocks.ndim or -axis > blocks.ndim or blocks.shape[axis] != full[unit]:
+                shape = tuple(tensor.shape)
+                raise CheckpointMismatchError(
+                    f'{what}: {name} has shape {shape}; expected {full[unit]} {unit} on axis {axis}'
+                    f'{" of its (3, D, ...) q/k/v view" if qkv else ""} for a ViT of width {dim} with '
+                    f'{full["neurons"]} MLP neurons')
+    return dim, full['neurons']
+
+
 def _shape_of(state_dict: Mapping[str, torch.Tensor], k: int, head_dim: int,
               mlp_ratio: Optional[float], nesting: str) -> SubnetShape:
-    full_dim = state_dict['patch_embed.proj.weight'].shape[0]
+    full_dim, _ = check_vit_state_dict(state_dict)
     if full_dim % head_dim:
         raise CheckpointMismatchError(f'embedding width {full_dim} is not a multiple of head_dim {head_dim}')
     num_heads = full_dim // head_dim
@@ -111,6 +149,9 @@ def subnet_state_dict(
     loads the result with ``strict=True``. Separate per-k classifiers (``heads.<k>.*``) become ``head.*``.
     """
     if nesting == 'separate':
+        if not isinstance(state_dict, Mapping):
+            raise CheckpointMismatchError(f'expected a state dict (mapping of names to tensors), got '
+                                          f'{type(state_dict).__name__}')
         return _member_state_dict(state_dict, k)
     shape = _shape_of(state_dict, k, head_dim, mlp_ratio, nesting)
     sizes = {'channels': shape.embed_dim, 'heads': shape.num_heads * head_dim, 'neurons': shape.mlp_hidden}
@@ -229,11 +270,7 @@ def init_from_vit(model: UniversalModel, source: Union[nn.Module, Mapping[str, t
             raise CheckpointMismatchError(
                 f'head_dim mismatch: source heads have {attn.head_dim} channels, HydraViT {model.config.head_dim}')
         source = source.state_dict()
-    if 'patch_embed.proj.weight' not in source:
-        raise CheckpointMismatchError(
-            f'the source is not a timm VisionTransformer state dict: it has no patch_embed.proj.weight '
-            f'(tensors {sorted(source)[:5]}...)')
-    src_dim = source['patch_embed.proj.weight'].shape[0]
+    src_dim, _ = check_vit_state_dict(source, 'the source')
     if isinstance(model, SeparateViTs):  # nesting 'separate': the ViT of the source's width takes it whole
         widths = {k * model.config.head_dim: k for k in model.k_choices}
         if src_dim not in widths:

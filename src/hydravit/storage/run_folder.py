@@ -26,7 +26,7 @@ from .results import read_results, table_columns
 
 __all__ = [
     'RunFolder', 'resolve_checkpoint', 'load_or_create_model', 'preprocessing_config', 'read_accuracy',
-    'training_metadata', 'write_summary', 'read_summary', 'PREPROCESSING_KEYS', 'PRETRAINED_CFG_KEY',
+    'training_metadata', 'write_summary', 'read_summary', 'accuracy_file', 'PREPROCESSING_KEYS', 'PRETRAINED_CFG_KEY',
     'TRAIN_CONFIG_KEY', 'CLASS_NAMES_KEY', 'EPOCHS_KEY',
 ]
 
@@ -215,6 +215,11 @@ def _results_file(checkpoint: Path, results: Optional[PathLike]) -> Optional[Pat
     if results:
         return Path(results)
     return next((checkpoint.parent / n for n in RESULTS_NAMES if (checkpoint.parent / n).is_file()), None)
+
+
+def accuracy_file(checkpoint: PathLike, results: Optional[PathLike] = None) -> Optional[Path]:
+    """The file :func:`read_accuracy` reads: ``results``, else a results/eval file next to the checkpoint."""
+    return _results_file(Path(checkpoint), results)
 
 
 def read_accuracy(checkpoint: PathLike, results: Optional[PathLike] = None,

@@ -21,10 +21,12 @@ from ..evaluation.report import write_report
 from ..models.factory import create_model
 from ..models.kchoices import check_k_choices
 from ..storage.checkpoint import load_model
+from ..storage.provenance import with_identity
 from ..storage.results import markdown_table, read_results, write_results
 from ..storage.run_folder import RunFolder
 from .config import TrainConfig
 from .methods import METHODS, CompareOptions, NestingMethod, method_class
+from .run_settings import describe_differences, settings_differences
 from .trainer import train
 
 __all__ = ['Run', 'run_config', 'method_config', 'train_runs', 'compare_methods', 'write_comparison',
@@ -78,7 +80,12 @@ def method_config(base: TrainConfig, method: str, out_dir: Path, options: Compar
 def _train_or_reuse(run: Run) -> None:
     folder = RunFolder(run.folder)
     if folder.is_finished():
-        logger.info('%s: finished earlier, reusing %s', run.label, folder.results)
+        differences = settings_differences(folder.read_args(), run.config)
+        if differences:
+            raise ValueError(f'{folder.path} holds a finished {run.label} run trained with other settings '
+                             f'({describe_differences(differences)}): move it away or give another output folder '
+                             'to train it with the requested ones')
+        logger.info('%s: finished earlier with the same settings, reusing %s', run.label, folder.results)
         run.results = read_results(folder.results)
         return
     tic = time.perf_counter()
@@ -88,9 +95,12 @@ def _train_or_reuse(run: Run) -> None:
 
 def _benchmark(run: Run, batch_size: int, seconds: float, measure_memory: bool) -> None:
     """Speed of each extracted subnetwork (what is deployed), saved next to the run."""
-    run.benchmark = benchmark_subnets(load_model(RunFolder(run.folder).weights('last')), [r['k'] for r in run.results],
-                                      modes=('extracted',), batch_size=batch_size, rounds=3, min_seconds=seconds,
-                                      latency_iters=20, measure_memory=measure_memory, flop_count=False)
+    weights = RunFolder(run.folder).weights('last')
+    model = load_model(weights)
+    run.benchmark = with_identity(
+        benchmark_subnets(model, [r['k'] for r in run.results], modes=('extracted',), batch_size=batch_size, rounds=3,
+                          min_seconds=seconds, latency_iters=20, measure_memory=measure_memory, flop_count=False),
+        model, weights)
     write_results(run.benchmark, run.folder, 'benchmark', verbose=False)
 
 

@@ -95,8 +95,10 @@ def build_datasets(cfg: TrainConfig, data_config: Mapping[str, Any]) -> Tuple[Lo
     common: Dict[str, Any] = dict(seed=cfg.seed, skip_bad_images=cfg.skip_bad_images, num_classes=cfg.num_classes)
     train_set = load_dataset(cfg.dataset, cfg.data_dir, split='train', max_samples=cfg.max_train_samples,
                              transform=build_transform(data_config, is_training=True, **aug), **common)
+    # validation folders map to the training classes (by name), never on their own
     val_set = load_dataset(cfg.dataset, cfg.data_dir, split='val', max_samples=cfg.max_val_samples,
-                           transform=build_transform(data_config, is_training=False), **common)
+                           transform=build_transform(data_config, is_training=False),
+                           **{**common, 'num_classes': train_set.num_classes}, class_names=train_set.classes)
     if cfg.num_classes is not None and train_set.num_classes != cfg.num_classes:
         raise ValueError(f'--num-classes {cfg.num_classes} does not match data set {cfg.dataset!r}, '
                          f'which has {train_set.num_classes} classes')
