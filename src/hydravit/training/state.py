@@ -72,19 +72,24 @@ def _weights_names(with_ema: bool) -> List[str]:
     return ['last', 'last_ema'] if with_ema else ['last']
 
 
-def _generation_of(path: Path) -> Optional[str]:
-    """The checkpoint generation a weights file was written for (None if absent or unreadable)."""
+def _is_committed(path: Path, committed: Optional[int], committed_updates: Optional[int]) -> bool:
+    """Whether ``path`` holds the committed weights: of generation ``committed`` (folders written before
+    generations existed: of update count ``committed_updates``, without a generation)."""
     if not path.is_file():
-        return None
+        return False
     try:
-        return read_metadata(path).get(GENERATION_KEY)
+        meta = read_metadata(path)
     except CheckpointError:
-        return None
+        return False
+    if committed is not None:
+        return meta.get(GENERATION_KEY) == str(committed)
+    return (committed_updates is not None and GENERATION_KEY not in meta
+            and meta.get(UPDATES_KEY) == str(committed_updates))
 
 
 def save_training_checkpoint(out_dir: Path, model: UniversalModel, ema_model: Optional[UniversalModel],
                              state: Dict[str, Any], metadata: Mapping[str, str],
-                             committed: Optional[int] = None) -> int:
+                             committed: Optional[int] = None, committed_updates: Optional[int] = None) -> int:
     """Write checkpoint generation ``committed + 1``: ``last[_ema].safetensors``, then ``last.state.pth``.
 
     ``committed`` is the generation of the ``last.state.pth`` on disk (None: none yet). Its weights stay
@@ -93,6 +98,7 @@ def save_training_checkpoint(out_dir: Path, model: UniversalModel, ema_model: Op
     and then ``last.prev`` holds the committed weights and is kept). Every file is written atomically, so
     a kill or a full disk at any point leaves a folder that resumes from the last committed generation.
     Non-finite weights are refused before anything is touched. Returns the new generation.
+    ``committed_updates`` identifies the committed weights of a folder written before generations existed.
     """
     names = _weights_names(ema_model is not None)
     nets = [model] if ema_model is None else [model, ema_model]
@@ -106,7 +112,7 @@ def save_training_checkpoint(out_dir: Path, model: UniversalModel, ema_model: Op
     meta = {**metadata, UPDATES_KEY: str(state[UPDATES_KEY]), GENERATION_KEY: str(generation)}
     for name, net in zip(names, nets, strict=True):
         path, prev = out_dir / f'{name}.safetensors', out_dir / f'{name}.prev.safetensors'
-        if committed is not None and _generation_of(path) == str(committed):
+        if _is_committed(path, committed, committed_updates):
             os.replace(path, prev)  # prev held an older generation, which no state refers to any more
         save_model(path, net, meta)
     atomic_write(out_dir / STATE_FILE, lambda tmp: torch.save(state, tmp))

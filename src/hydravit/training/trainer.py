@@ -134,6 +134,7 @@ class Trainer:
         self.epoch_throughput = 0.0
         self.rng_to_restore: Optional[Dict[str, Any]] = None
         self.generation: Optional[int] = None  # of the checkpoint committed in the run folder
+        self.legacy_updates: Optional[int] = None
         out_dir = resume_dir or (_output_folder(cfg, self.data_config) if env.is_main else Path(cfg.output))
         self.run = RunFolder(out_dir)
         random_seed(cfg.seed, env.rank)  # per-rank streams for drop-path, mixup, ...
@@ -223,6 +224,7 @@ class Trainer:
         self.loss_sum, self.loss_count = state['loss_sum'], state['loss_count']
         self.best_metric, self.best_epoch = state['best_metric'], state['best_epoch']
         self.generation = state.get(GENERATION_KEY)
+        self.legacy_updates = None if GENERATION_KEY in state else self.num_updates  # a folder from before generations
         self.guard.skipped = int(state.get('nonfinite_steps', 0))
         rngs = state['rng']
         if len(rngs) != self.env.world_size:
@@ -255,7 +257,8 @@ class Trainer:
         state = self._state()  # a collective: every rank takes part
         if self.env.is_main:
             self.generation = save_training_checkpoint(self.out_dir, self.model, self.ema.module if self.ema else None,
-                                                       state, self.metadata(), committed=self.generation)
+                                                       state, self.metadata(), committed=self.generation,
+                                                       committed_updates=self.legacy_updates)
 
     # -------------------------------------------------------------------------------------- training
     def fit(self) -> TrainResult:
