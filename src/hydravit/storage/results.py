@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from .checkpoint import atomic_write
+from .provenance import IDENTITY_COLUMNS
 
 __all__ = ['Row', 'RESULT_FORMATS', 'write_results', 'read_results', 'format_table', 'markdown_table', 'result_label',
            'results_format', 'table_columns']
@@ -80,8 +81,8 @@ def write_results(rows: Sequence[Row], out_dir: PathLike, name: str = 'results',
         writer.writerows(rows)
         text = buf.getvalue()
     path = atomic_write(Path(out_dir) / f'{name}.{fmt}', lambda tmp: Path(tmp).write_text(text))
-    if verbose:
-        logger.info('%s', format_table(rows, columns))
+    if verbose:  # the provenance columns are for tools, not for reading
+        logger.info('%s', format_table(rows, [c for c in columns if c not in IDENTITY_COLUMNS]))
     return path
 
 

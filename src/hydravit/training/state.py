@@ -32,7 +32,7 @@ from ..storage.run_folder import STATE_FILE
 
 __all__ = [
     'capture_rng', 'restore_rng', 'save_training_checkpoint', 'load_training_checkpoint', 'read_training_state',
-    'resolve_resume', 'remove_stale_temporaries', 'GENERATION_KEY',
+    'resolve_resume', 'remove_stale_temporaries', 'remove_superseded_weights', 'GENERATION_KEY',
 ]
 
 UPDATES_KEY = 'num_updates'
@@ -130,6 +130,17 @@ def _matching_weights(out_dir: Path, name: str, state: Mapping[str, Any]) -> Pat
             return path
     raise CheckpointError(f'{out_dir}: no {name}.safetensors written for {key} {value} to go with '
                           f'{STATE_FILE}; the run folder is incomplete')
+
+
+def remove_superseded_weights(out_dir: Path, state: Mapping[str, Any], with_ema: bool) -> List[Path]:
+    """Delete ``*.prev`` weights a kill left behind after the state that supersedes them was committed."""
+    removed = []
+    for name in _weights_names(with_ema):
+        prev = out_dir / f'{name}.prev.safetensors'
+        if prev.is_file() and _matching_weights(out_dir, name, state) != prev:
+            prev.unlink()
+            removed.append(prev)
+    return removed
 
 
 def remove_stale_temporaries(out_dir: Path) -> List[Path]:

@@ -58,6 +58,7 @@ from .state import (
     load_training_checkpoint,
     read_training_state,
     remove_stale_temporaries,
+    remove_superseded_weights,
     resolve_resume,
     restore_rng,
     save_training_checkpoint,
@@ -209,6 +210,8 @@ class Trainer:
     def _resume(self, folder: Path, state: Dict[str, Any]) -> None:
         remove_stale_temporaries(folder)
         state = load_training_checkpoint(folder, self.ema is not None, state=state)
+        if self.env.is_main:
+            remove_superseded_weights(folder, state, self.ema is not None)
         self.model.load_state_dict(state['model'], strict=True)
         if self.ema is not None:
             self.ema.module.load_state_dict(state['ema'], strict=True)
