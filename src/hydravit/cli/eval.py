@@ -18,6 +18,7 @@ from ..models.factory import UniversalModel
 from ..models.kchoices import parse_ks
 from ..storage.results import RESULT_FORMATS, format_table, results_format, write_results
 from ..storage.run_folder import resolve_checkpoint, training_metadata
+from .compile_flags import add_compile_flags, compile_options_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('-j', '--workers', type=int, default=2)
     p.add_argument('--device', default='cpu')
     p.add_argument('--amp-dtype', choices=sorted(AMP_DTYPES), help='autocast dtype (default: fp32)')
+    add_compile_flags(p)
     p.add_argument('--results-file', help='write one row per k here (.csv or .json)')
     p.add_argument('--results-format', choices=RESULT_FORMATS, help='default: from --results-file suffix, else csv')
     p.add_argument('--report', metavar='DIR', nargs='?', const='',
@@ -74,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         args.dataset, args.data_dir = trained['dataset'] or 'fashion-mnist', args.data_dir or trained['data_dir']
     dataset = build_eval_dataset(model, args, trained['class_names'])
     rows = evaluate_dataset(model, dataset, ks, batch_size=args.batch_size, workers=args.workers,
-                            device=args.device, amp_dtype=AMP_DTYPES.get(args.amp_dtype), mode=args.mode)
+                            device=args.device, amp_dtype=AMP_DTYPES.get(args.amp_dtype), mode=args.mode,
+                            compile_options=compile_options_from_args(args))
     scored = rows[0]['num_classes_scored']
     if scored < model.num_classes:
         logger.info(f'{scored} of {model.num_classes} classes present: logits restricted to them')

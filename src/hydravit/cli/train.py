@@ -65,6 +65,9 @@ OPTIONS: List[Tuple[Tuple[str, ...], Dict[str, Any], str]] = [
     (('--clip-mode',), {}, 'norm | value | agc'),
     (('--amp',), dict(action=BOOL), 'mixed precision (torch.autocast)'),
     (('--amp-dtype',), dict(choices=('float16', 'bfloat16')), 'autocast dtype'),
+    (('--torchcompile',), dict(nargs='?', const='inductor'),
+     'torch.compile the model with this backend (default when given: inductor); each k compiles once'),
+    (('--torchcompile-mode',), {}, 'torch.compile mode: default, reduce-overhead, max-autotune, ...'),
     (('--model-ema',), dict(action=BOOL), 'keep an EMA of the weights (timm ModelEmaV3), evaluated too'),
     (('--model-ema-decay',), dict(type=float), 'EMA decay'),
     # regularisation and augmentation

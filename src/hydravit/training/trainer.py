@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ContextManager, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from ..evaluation.evaluate import evaluate_subnets
+from ..models.compiled import PerKCompiled, compile_universal
 from ..models.factory import UniversalModel
 from ..storage.checkpoint import save_model
 from ..storage.run_folder import (
@@ -167,6 +168,12 @@ class Trainer:
         # every parameter is used at every k (sliced views), except the other k's classifiers with separate heads
         self.ddp = (DistributedDataParallel(self.model, device_ids=[env.device] if env.device.type == 'cuda' else None,
                                             find_unused_parameters=cfg.separate_heads) if env.distributed else None)
+        # torch.compile: one graph per k (models.compiled); the EMA copy is evaluated through its own
+        compile_options = cfg.compile_options()
+        self.train_forward: Callable[..., torch.Tensor] = (
+            compile_universal(self.model, compile_options, self.ddp or self.model) if compile_options
+            else (self.ddp or self.model))
+        self.eval_forwards: Dict[int, Optional[PerKCompiled]] = {}
 
     def _check_eval_metric(self) -> None:
         m = EVAL_METRIC.fullmatch(self.cfg.eval_metric)
@@ -313,7 +320,7 @@ class Trainer:
         no_sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
         with no_sync:
             with self.autocast():
-                logits = (self.ddp or self.model)(images, k=k)
+                logits = self.train_forward(images, k=k)
                 loss = (self.criterion(logits, target) if soft_target is None
                         else self.distill_loss(logits, soft_target))
             self.loss_scaler(loss / micro_batches, self.optimizer, clip_grad=self.cfg.clip_grad,
@@ -341,8 +348,11 @@ class Trainer:
         return out
 
     def _evaluate(self, model: UniversalModel) -> List[Dict[str, Any]]:
+        compile_options = self.cfg.compile_options()
+        if compile_options and id(model) not in self.eval_forwards:
+            self.eval_forwards[id(model)] = compile_universal(model, compile_options, pad_batches=True)
         rows = evaluate_subnets(model, self.val_loader, self.eval_ks, device=self.env.device,
-                                amp_dtype=self.amp_dtype)
+                                amp_dtype=self.amp_dtype, forward=self.eval_forwards.get(id(model)))
         sums: List[float] = []
         for r in rows:
             n = r['num_samples']
