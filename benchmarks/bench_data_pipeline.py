@@ -45,9 +45,9 @@ TIMM_TRAIN_IMG_S = {'deit_tiny_patch16_224 (512)': 2290.53, 'deit_small_patch16_
 
 def deit_train_transform(img_size: int = 224):
     """The paper's train transform: timm's create_transform with DeiT's settings (posterize fixed for Pillow 13)."""
-    return pillow_safe_posterize(create_transform(img_size, is_training=True, auto_augment='rand-m9-mstd0.5-inc1', interpolation='bicubic',
-                            re_prob=0.25, re_mode='pixel', re_count=1, color_jitter=0.3, hflip=0.5,
-                            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD))
+    return pillow_safe_posterize(create_transform(
+        img_size, is_training=True, auto_augment='rand-m9-mstd0.5-inc1', interpolation='bicubic', re_prob=0.25,
+        re_mode='pixel', re_count=1, color_jitter=0.3, hflip=0.5, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD))
 
 
 def write_jpegs(root: Path, count: int, classes: int = 4, size=(500, 375), seed: int = 0) -> int:
@@ -125,7 +125,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--images', type=int, default=48, help='generated JPEGs (each timed once per round)')
     p.add_argument('--rounds', type=int, default=3)
     p.add_argument('--batch-size', type=int, default=128, help='batch for the Mixup/CutMix timing')
-    p.add_argument('--gpu-check', help="a gpu_check.json: also the workers for its measured training img/s")
+    p.add_argument('--gpu-check', help='a gpu_check.json: also the workers for its measured training img/s')
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # as in a DataLoader worker
     with tempfile.TemporaryDirectory(prefix='hydravit-jpegs-') as tmp:

@@ -12,8 +12,9 @@ Writes ``gpu_check.json`` and ``gpu_check.md`` (tables) into ``--out``:
   compiled (each k once: calling every k again compiles nothing);
 - a 2-step DistributedDataParallel run on every visible GPU (``mp.spawn``, NCCL), replicas checked identical.
 
-Sections run in the order inference, training, DDP, compiled under a time budget (``--budget-s``, 300 s); one that would start after it is
-recorded as skipped, so the command ends within 6 minutes on a GPU where a ViT-B step takes well under a second.
+Sections run in the order inference, training, DDP, compiled under a time budget (``--budget-s``, 300 s); one
+that would start after it is recorded as skipped, so the command ends within 6 minutes on a GPU where a ViT-B
+step takes well under a second.
 
     python benchmarks/gpu_check.py --out gpu_check/            # on a CUDA machine
     python benchmarks/gpu_check.py --dry-run --out /tmp/gc     # CPU, tiny model, gloo DDP: seconds (the test)
@@ -331,7 +332,8 @@ def markdown(report: Dict[str, Any]) -> str:
     train = report.get('train') or []
     if train:
         lines += [f'## Training step (fwd + bwd + fused AdamW, AMP bf16), batch {train[0]["batch_size"]}', '',
-                  '| k | sliced img/s | timm img/s | sliced/timm | peak MB above weights+optimizer: sliced / timm |', '|---:|---:|---:|---:|---:|']
+                  '| k | sliced img/s | timm img/s | sliced/timm | peak MB above weights+optimizer: sliced / timm |',
+                  '|---:|---:|---:|---:|---:|']
         for r in train:
             lines.append(f'| {r["k"]} | {_fmt(r["sliced_img_s"])} | {_fmt(r["timm_img_s"])} | '
                          f'{_fmt(r["sliced_vs_timm"], 3)} | {_fmt(r["sliced_peak_mb"])} / {_fmt(r["timm_peak_mb"])} |')

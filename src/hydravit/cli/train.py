@@ -54,6 +54,8 @@ OPTIONS: List[Tuple[Tuple[str, ...], Dict[str, Any], str]] = [
     (('--lr-base',), dict(type=float), 'learning rate at a global batch of 512'),
     (('--opt',), {}, 'timm optimizer name (adamw, sgd, lamb, ...)'),
     (('--momentum',), dict(type=float), 'SGD momentum'),
+    (('--opt-active-slice',), dict(action=BOOL),
+     "AdamW updates only the step's active slice (faster at small k; off: the paper's full-tensor update)"),
     (('--weight-decay',), dict(type=float), 'weight decay'),
     (('--sched',), {}, 'timm scheduler name (cosine, step, ...)'),
     (('--warmup-epochs',), dict(type=float), 'linear warm-up epochs (fractions allowed)'),

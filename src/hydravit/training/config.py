@@ -93,6 +93,7 @@ class TrainConfig:
     report: bool = True
     torchcompile: Optional[str] = None  # a torch.compile backend (timm's flag): one graph per k
     torchcompile_mode: Optional[str] = None
+    opt_active_slice: bool = False  # AdamW over the step's active slice only (training.slice_optimizer)
 
     def __post_init__(self) -> None:
         for name in ('batch_size', 'epochs', 'grad_accum_steps', 'val_interval', 'log_interval', 'importance_samples'):
@@ -120,6 +121,9 @@ class TrainConfig:
         if self.torchcompile_mode is not None and self.torchcompile is None:
             raise ValueError('--torchcompile-mode needs --torchcompile (the backend, e.g. inductor)')
         self.compile_options()  # validates backend and mode
+        if self.opt_active_slice and self.opt.lower() != 'adamw':
+            raise ValueError(f'--opt-active-slice is an AdamW step over the active slice: it needs --opt adamw, '
+                             f'got --opt {self.opt}')
         for name in ('scale', 'ratio'):
             value = getattr(self, name)
             if value is not None and len(value) != 2:

@@ -50,6 +50,7 @@ from .methods import create_method
 from .model_setup import build_model
 from .outputs import PerK, metric_value, results_table, summary_row, write_run_results
 from .samplers import create_sampler
+from .slice_optimizer import ActiveSliceAdamW
 from .state import capture_rng, load_training_checkpoint, resolve_resume, restore_rng, save_training_checkpoint
 
 __all__ = ['Trainer', 'TrainResult', 'train']
@@ -148,6 +149,9 @@ class Trainer:
         fused: Dict[str, Any] = {'fused': True} if cfg.opt.lower() in FUSED_OPTIMIZERS else {}
         self.optimizer = create_optimizer_v2(self.model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay,
                                              momentum=cfg.momentum, **fused)
+        if cfg.opt_active_slice:  # timm's param groups (no decay on norms, biases, pos_embed), stepped slice-wise
+            self.optimizer = ActiveSliceAdamW(self.optimizer.param_groups, self.model, lr=self.lr,
+                                              weight_decay=cfg.weight_decay)
         updates_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum_steps)
         self.scheduler, self.num_epochs = create_scheduler_v2(
             self.optimizer, sched=cfg.sched, num_epochs=cfg.epochs,
@@ -301,6 +305,8 @@ class Trainer:
             soft_target = self.method.distill_target(self, images)
             for j, k in enumerate(ks):
                 last = i == len(window) - 1 and j == len(ks) - 1
+                if isinstance(self.optimizer, ActiveSliceAdamW):  # the largest k of the step, before its update
+                    self.optimizer.active_k = k if i == j == 0 else max(k, self.optimizer.active_k or k)
                 loss, logits = self._backward(images, target, soft_target, k, len(window), last)
                 if self.cfg.inplace_distill and soft_target is None and len(ks) > 1:
                     soft_target = torch.softmax(logits.detach().float(), dim=-1)
