@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import os
@@ -43,15 +44,19 @@ def model_from_args(args: argparse.Namespace) -> Tuple[UniversalModel, Optional[
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # no prefix matching anywhere: an abbreviation such as the official code's --drop-p must never be read as
+    # one of our flags (--drop-path)
     parser = argparse.ArgumentParser(
-        prog='hydravit', description='HydraViT: one ViT checkpoint, a working subnetwork for every k heads.')
+        prog='hydravit', description='HydraViT: one ViT checkpoint, a working subnetwork for every k heads.',
+        allow_abbrev=False)
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument('-v', '--verbose', action='store_const', dest='log_level', const='DEBUG',
                            help='also print debug messages')
     verbosity.add_argument('-q', '--quiet', action='store_const', dest='log_level', const='WARNING',
                            help='print only warnings and errors')
     verbosity.add_argument('--log-level', choices=LOG_LEVELS, help='message level (default: INFO)')
-    sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True,
+                                parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False))
     for module_name in COMMANDS.values():
         module = importlib.import_module(module_name)
         module.add_parser(sub).set_defaults(_run=module.run)

@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 def build_model(cfg: TrainConfig, num_classes: int) -> UniversalModel:
     """``cfg.model`` with the recipe's classes, drop-path, k set and the method's nesting."""
-    kwargs: Dict[str, Any] = dict(num_classes=num_classes, drop_path_rate=cfg.drop_path,
+    kwargs: Dict[str, Any] = dict(num_classes=num_classes, drop_rate=cfg.drop, drop_path_rate=cfg.drop_path,
                                   separate_heads=cfg.separate_heads, nesting=method_class(cfg.method).nesting)
     if cfg.heads:
         kwargs['k_choices'] = tuple(cfg.heads)
@@ -32,6 +32,8 @@ def build_model(cfg: TrainConfig, num_classes: int) -> UniversalModel:
         raise
     if cfg.initial_checkpoint:
         load_initial_checkpoint(model, cfg.initial_checkpoint)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     return model
 
 
