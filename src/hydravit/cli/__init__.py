@@ -35,12 +35,21 @@ def add_model_source(parser: argparse.ArgumentParser, default_model: Optional[st
     group = parser.add_mutually_exclusive_group(required=required)
     default = ' (default: %(default)s)' if default_model else ''
     group.add_argument('--model', default=default_model, help=f'registered model name{default}')
-    group.add_argument('--checkpoint', help=f'{checkpoint_help}, instead of --model')
+    group.add_argument('--checkpoint', help=f'{checkpoint_help}, instead of --model (also a timm train.py '
+                       'checkpoint or a timm ViT state dict: .pth, .pth.tar, .bin, .safetensors)')
+    add_ema_choice(parser)
+
+
+def add_ema_choice(parser: argparse.ArgumentParser) -> None:
+    """``--use-ema`` / ``--no-use-ema``: which weights of a checkpoint (default: EMA when a file holds both)."""
+    parser.add_argument('--use-ema', action=argparse.BooleanOptionalAction, default=None,
+                        help="the EMA weights: a run's *_ema.safetensors twin, or the EMA inside a timm checkpoint; "
+                             '--no-use-ema: the raw weights (default: the file named; EMA in a file holding both)')
 
 
 def model_from_args(args: argparse.Namespace) -> Tuple[UniversalModel, Optional[Path]]:
     """The model of ``--model NAME`` or ``--checkpoint PATH`` (a file or a run folder), and the checkpoint file."""
-    return load_or_create_model(args.model, args.checkpoint)
+    return load_or_create_model(args.model, args.checkpoint, use_ema=getattr(args, 'use_ema', None))
 
 
 def build_parser() -> argparse.ArgumentParser:

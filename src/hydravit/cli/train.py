@@ -93,7 +93,7 @@ OPTIONS: List[Tuple[Tuple[str, ...], Dict[str, Any], str]] = [
     (('--hflip',), dict(type=float), 'horizontal flip probability'),
     (('--vflip',), dict(type=float), 'vertical flip probability'),
     (('--color-jitter',), dict(type=float), 'colour jitter strength'),
-    (('--train-interpolation',), {}, "training resize interpolation (timm: random, bicubic, ...)"),
+    (('--train-interpolation',), {}, 'training resize interpolation (timm: random, bicubic, ...)'),
     (('--aa',), {}, 'timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1'),
     (('--reprob',), dict(type=float), 'random erasing probability'),
     (('--remode',), {}, 'random erasing mode'),
@@ -127,7 +127,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        description=__doc__.splitlines()[0], argument_default=SUPPRESS, allow_abbrev=False)
     p.add_argument('-c', '--config', help='YAML recipe with timm-style keys or a timm train.py args.yaml, or one of '
                    f'{", ".join(NAMED_CONFIGS)} (default: {BUILTIN_RECIPE} for the built-in model on Fashion-MNIST, '
-                   f'else {TIMM_DEFAULTS}: timm train.py\'s defaults)')
+                   f"else {TIMM_DEFAULTS}: timm train.py's defaults)")
     for flags, kwargs, help_text in OPTIONS:
         p.add_argument(*flags, help=help_text, **kwargs)
     add_official_flags(p)

@@ -177,7 +177,7 @@ def export_subnets(
         model_name: Optional[str] = None,
         overwrite: bool = False,
         onnx_opset: int = 17,
-        use_ema: bool = False,
+        use_ema: Optional[bool] = None,
 ) -> List[Dict[str, Any]]:
     """Export subnetworks ``ks`` of ``checkpoint`` (a file or a run folder) in ``formats``; returns the index.
 
@@ -186,7 +186,7 @@ def export_subnets(
     """
     formats = _check_formats(formats)
     checkpoint = resolve_checkpoint(checkpoint, use_ema)
-    model = load_model(checkpoint).eval()
+    model = load_model(checkpoint, model_name=model_name, use_ema=use_ema).eval()
     chosen = parse_ks(ks, model.k_choices, model.config.num_heads) or list(model.k_choices)
     output = Path(output)
     preprocessing = preprocessing_config(checkpoint, model, model_name)

@@ -35,7 +35,7 @@ def _falsy(v: Any) -> bool:
 
 # timm keys without a setting here: (is the value inert?, why it does not change a run / what is missing)
 INERT: Dict[str, Tuple[Callable[[Any], bool], str]] = {
-    'amp_impl': (_is('native'), "torch.autocast is the only AMP implementation"),
+    'amp_impl': (_is('native'), 'torch.autocast is the only AMP implementation'),
     'aug_repeats': (_falsy, 'repeated augmentation is not implemented'),
     'aug_splits': (_falsy, 'augmentation splits (AugMix/JSD) are not implemented'),
     'bce_loss': (_falsy, 'BCE loss is not implemented'),
@@ -106,13 +106,13 @@ INERT: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     'torchscript': (_falsy, 'TorchScript training is not implemented'),
     'train_num_samples': (_falsy, 'only for iterable data sets; use max_train_samples for a subset'),
     'val_num_samples': (_falsy, 'only for iterable data sets; use max_val_samples for a subset'),
-    'train_split': (_is('train'), "the split folder is found as train/ under data_dir"),
-    'val_split': (_is('validation', 'val'), "the split folder is found as val/ or validation/ under data_dir"),
+    'train_split': (_is('train'), 'the split folder is found as train/ under data_dir'),
+    'val_split': (_is('validation', 'val'), 'the split folder is found as val/ or validation/ under data_dir'),
     'tta': (_falsy, 'test-time augmentation is not implemented'),
     'use_multi_epochs_loader': (lambda v: True, 'changes loader start-up time only'),
     'warmup_prefix': (_falsy, 'the warm-up is part of the cosine schedule (timm default)'),
-    'worker_seeding': (lambda v: True, "augmentation is seeded per sample from (seed, epoch, index), so it does "
-                       "not depend on the workers"),
+    'worker_seeding': (lambda v: True, 'augmentation is seeded per sample from (seed, epoch, index), so it does '
+                       'not depend on the workers'),
     'decay_epochs': (lambda v: True, 'only for the step schedule, which is refused below'),
     'decay_milestones': (lambda v: True, 'only for the multistep schedule, which is refused below'),
     'decay_rate': (lambda v: True, 'only for step, multistep and plateau schedules, which are refused below'),
