@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import logging
 import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 from ..models.factory import UniversalModel
 from ..storage.run_folder import load_or_create_model
@@ -52,6 +51,14 @@ def model_from_args(args: argparse.Namespace) -> Tuple[UniversalModel, Optional[
     return load_or_create_model(args.model, args.checkpoint, use_ema=getattr(args, 'use_ema', None))
 
 
+class StrictParser(argparse.ArgumentParser):
+    """An argument parser without prefix matching (an abbreviation is an unknown flag, never another flag)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault('allow_abbrev', False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # no prefix matching anywhere: an abbreviation such as the official code's --drop-p must never be read as
     # one of our flags (--drop-path)
@@ -65,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help='print only warnings and errors')
     verbosity.add_argument('--log-level', choices=LOG_LEVELS, help='message level (default: INFO)')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True,
-                                parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False))
+                                parser_class=StrictParser)
     for module_name in COMMANDS.values():
         module = importlib.import_module(module_name)
         module.add_parser(sub).set_defaults(_run=module.run)

@@ -19,7 +19,7 @@ import pickle
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from safetensors import SafetensorError
@@ -37,7 +37,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 CONFIG_KEY = 'hydravit_config'
-SAFE_GLOBALS = [argparse.Namespace]  # the one class weights_only loading allows: timm train.py's saved args
+SAFE_GLOBALS: List[Any] = [argparse.Namespace]  # the one class weights_only loading allows: timm train.py's saved args
 RAW_KEYS = ('state_dict', 'model')  # where timm and others keep the trained weights in a checkpoint dict
 EMA_KEYS = ('state_dict_ema', 'model_ema')
 HEAD_DIM = 64  # ViT/DeiT's head size: the only one the tensor shapes cannot tell

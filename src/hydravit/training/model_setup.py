@@ -134,6 +134,7 @@ def load_pretrained_vit(source: str) -> Dict[str, torch.Tensor]:
                 'download them where there is network (timm.create_model(name, pretrained=True)) or pass a '
                 f'.safetensors/.pth file ({type(cached_error).__name__})') from None
         vit = timm.create_model(name, pretrained=True)
-    logger.info('--initial-checkpoint: %s weights from timm (%s)', name, vit.pretrained_cfg.get('hf_hub_id') or
-                vit.pretrained_cfg.get('url') or 'local')
+    origin: Dict[str, Any] = dict(getattr(vit, 'pretrained_cfg', None) or {})
+    logger.info('--initial-checkpoint: %s weights from timm (%s)', name,
+                origin.get('hf_hub_id') or origin.get('url') or 'local')
     return vit.state_dict()
