@@ -49,7 +49,8 @@ def test_folder_tar_and_builtin_imagefolder_give_identical_batches(tmp_path):
     assert len(folder) == len(tar) == len(builtin) == 9
     # the built-in reader orders samples by class folder, timm's by file name: the same image gets the same label
     def labelled_images(dataset):
-        return sorted((x.flatten()[:8].tolist(), int(y)) for xb, yb in _batches(dataset) for x, y in zip(xb, yb))
+        return sorted((x.flatten()[:8].tolist(), int(y))
+                      for xb, yb in _batches(dataset) for x, y in zip(xb, yb, strict=True))
     assert labelled_images(folder) == labelled_images(tar) == labelled_images(builtin)
     # and the timm folder and tar readers give the very same batches, in order
     for (xf, yf), (xt, yt) in zip(_batches(folder), _batches(tar), strict=True):

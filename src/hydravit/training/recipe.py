@@ -18,7 +18,7 @@ import yaml
 
 from .config import TrainConfig
 from .methods import method_class
-from .timm_args import translate_timm_args
+from .timm_args import official_model_name, translate_timm_args
 
 __all__ = ['DEFAULT_CONFIG', 'NAMED_CONFIGS', 'BUILTIN_RECIPE', 'TIMM_DEFAULTS', 'load_train_config',
            'is_builtin_run']
@@ -73,6 +73,9 @@ def load_train_config(path: Optional[str | os.PathLike] = None, **overrides: Any
     prescribed = method_class(overrides['method']).sampler if 'method' in overrides else None
     if prescribed and 'sampler' not in overrides:  # the method's update scheme wins over the recipe's sampler
         overrides = {**overrides, 'sampler': prescribed}
-    cfg = TrainConfig(**{**recipe, **overrides})
+    settings = {**recipe, **overrides}
+    if isinstance(settings.get('model'), str):
+        settings['model'] = official_model_name(settings['model'])
+    cfg = TrainConfig(**settings)
     method_class(cfg.method).check(cfg)
     return cfg

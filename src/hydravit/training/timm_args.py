@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Dict, List, Mapping, Tuple
 
-__all__ = ['OFFICIAL_FLAGS', 'translate_timm_args']
+from ..storage.checkpoint import OFFICIAL_MODELS
+
+__all__ = ['OFFICIAL_FLAGS', 'official_model_name', 'translate_timm_args']
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +23,6 @@ OFFICIAL_FLAGS: Dict[str, Tuple[str | None, str]] = {
                 'normalised)'),
     'drop_p': (None, 'parsed but never used by the official HydraViT code'),
 }
-OFFICIAL_MODELS = {'hydravit_dyn_patch16_224': 'hydravit_base_patch16_224'}  # the official code's ViT-B/16 name
 EMPTY_MEANS_UNSET = ('experiment', 'initial_checkpoint', 'resume', 'data_dir', 'train_interpolation')
 
 
@@ -148,8 +149,6 @@ def translate_timm_args(recipe: Mapping[str, Any], known: set, source: str) -> D
         out['dataset'] = 'folder'  # timm's default reader
     if out.get('eval_metric') in ('top1', 'top5'):
         out['eval_metric'] = f'{out["eval_metric"]}_mean'  # one model there, every k here: the mean over k
-    if out.get('model') in OFFICIAL_MODELS:
-        out['model'] = OFFICIAL_MODELS[out['model']]
     sched = out.get('sched')
     if sched is not None and sched not in SCHEDULES_WITHOUT_DECAY_SETTINGS:
         decay = [k for k in ('decay_epochs', 'decay_milestones', 'decay_rate') if k in recipe]
@@ -161,3 +160,11 @@ def translate_timm_args(recipe: Mapping[str, Any], known: set, source: str) -> D
     if inert:
         logger.info('%s: %d timm train.py setting(s) have no effect here: %s', source, len(inert), '; '.join(inert))
     return out
+
+
+def official_model_name(name: str) -> str:
+    """Our name for a model name of the official HydraViT code (``hydravit_dyn_patch16_224``), else ``name``."""
+    if name in OFFICIAL_MODELS:
+        logger.info("model %s (the official code's name) is %s here", name, OFFICIAL_MODELS[name])
+        return OFFICIAL_MODELS[name]
+    return name
