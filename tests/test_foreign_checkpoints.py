@@ -154,3 +154,36 @@ def test_timm_pretrained_name_fails_at_once_without_the_hub(tmp_path, monkeypatc
     assert constants.HF_HUB_OFFLINE is False  # the cache-only lookup restores the hub setting
     with pytest.raises(FileNotFoundError, match=r'no such file, and not a timm model name'):
         load_pretrained_vit('no_such_model.tag')
+
+
+def test_eval_use_ema_picks_the_weights_inside_a_timm_checkpoint(tmp_path, randomize, capsys):
+    """eval --use-ema / --no-use-ema on a CheckpointSaver file, its architecture named by --model (heads of 8 channels
+    cannot be read off the shapes)."""
+    import numpy as np
+    from PIL import Image
+
+    torch.manual_seed(0)
+    model = randomize(timm.create_model('vit_base_patch16_224', img_size=16, patch_size=4, embed_dim=32, num_heads=4,
+                                        depth=2, mlp_ratio=2.0, num_classes=10), 4)  # hydravit_test_patch4_16's shape
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.5)
+    ema = ModelEmaV3(model, decay=0.5)
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    optimizer.step()
+    CheckpointSaver(model, optimizer, args=argparse.Namespace(model='vit_tiny'), model_ema=ema,
+                    checkpoint_dir=str(tmp_path), max_history=1).save_checkpoint(epoch=0, metric=1.0)
+    rng = np.random.default_rng(0)
+    for c in range(10):
+        folder = tmp_path / 'data' / 'val' / f'c{c}'
+        folder.mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / 'x.png')
+    losses = {}
+    for flag in ('--use-ema', '--no-use-ema'):
+        out = tmp_path / f'{flag}.csv'
+        assert cli_main(['eval', '--checkpoint', str(tmp_path / 'model_best.pth.tar'), flag, '--model',
+                         'hydravit_test_patch4_16', '--dataset', 'folder', '--data-dir', str(tmp_path / 'data'),
+                         '-j', '0', '--no-benchmark', '--k', '4', '--results-file', str(out)]) == 0
+        header, row = out.read_text().splitlines()[:2]
+        losses[flag] = float(row.split(',')[header.split(',').index('loss')])
+    log = capsys.readouterr().out
+    assert 'using the raw weights (state_dict)' in log and 'using the EMA weights (state_dict_ema)' in log
+    assert losses['--use-ema'] != pytest.approx(losses['--no-use-ema'], abs=1e-4)

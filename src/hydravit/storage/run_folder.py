@@ -21,7 +21,7 @@ import yaml
 from timm.models import get_pretrained_cfg
 
 from ..models.factory import UniversalModel, create_model
-from .checkpoint import atomic_write, is_hydravit_file, load_model, read_metadata
+from .checkpoint import OFFICIAL_MODELS, atomic_write, is_hydravit_file, load_model, read_metadata
 from .results import read_results, table_columns
 
 __all__ = [
@@ -152,7 +152,7 @@ def training_metadata(path: PathLike) -> Dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ preprocessing
 def _registered_cfg(name: str) -> Dict[str, Any]:
-    cfg = get_pretrained_cfg(name)
+    cfg = get_pretrained_cfg(OFFICIAL_MODELS.get(name, name))
     if cfg is None:
         raise ValueError(f'unknown model {name!r}: cannot read its default preprocessing')
     return cfg.to_dict()
