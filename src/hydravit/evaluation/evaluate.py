@@ -154,22 +154,23 @@ def _restrict(logits: torch.Tensor, columns: Optional[torch.Tensor]) -> torch.Te
     return logits if columns is None else logits.index_select(1, columns)
 
 
-def load_for_eval(path: str | os.PathLike, ks: Optional[Sequence[int]] = None,
-                  model_name: Optional[str] = None) -> Tuple[UniversalModel, List[int]]:
+def load_for_eval(path: str | os.PathLike, ks: Optional[Sequence[int]] = None, model_name: Optional[str] = None,
+                  use_ema: Optional[bool] = None) -> Tuple[UniversalModel, List[int]]:
     """Model of a checkpoint, with its training preprocessing as ``pretrained_cfg``, and the k to evaluate.
 
     ks default to the trained ones. A k outside the trained set but within 1..H is evaluated with a
     warning (the model is rebuilt with every k allowed); beyond H it is an error. The preprocessing
     comes from :func:`hydravit.storage.run_folder.preprocessing_config` (``model_name`` settles ambiguous cases).
     """
-    model, ks = _load_with_ks(path, ks)
+    model, ks = _load_with_ks(path, ks, model_name, use_ema)
     # a plain dict attribute, as timm's builder sets it; torch's stubs type Module attributes as Tensor | Module
     model.pretrained_cfg = preprocessing_config(path, model, model_name)  # type: ignore[assignment]
     return model, ks
 
 
-def _load_with_ks(path: str | os.PathLike, ks: Optional[Sequence[int]]) -> Tuple[UniversalModel, List[int]]:
-    model = load_model(path)
+def _load_with_ks(path: str | os.PathLike, ks: Optional[Sequence[int]], model_name: Optional[str],
+                  use_ema: Optional[bool]) -> Tuple[UniversalModel, List[int]]:
+    model = load_model(path, model_name=model_name, use_ema=use_ema)
     h = model.config.num_heads
     ks = list(model.k_choices) if not ks else list(check_k_choices(ks, h, what=f'k (trained: {list(model.k_choices)})'))
     untrained = [k for k in ks if k not in model.k_choices]
@@ -178,7 +179,7 @@ def _load_with_ks(path: str | os.PathLike, ks: Optional[Sequence[int]]) -> Tuple
             raise ValueError(f'k {untrained} has no weights of its own: this model has a classifier (or a whole '
                              f'ViT) per trained k {list(model.k_choices)}')
         warnings.warn(f'k {untrained} not in the trained set {list(model.k_choices)}: evaluating anyway', stacklevel=3)
-        model = load_model(path, k_choices=tuple(range(1, h + 1)))
+        model = load_model(path, model_name=model_name, use_ema=use_ema, k_choices=tuple(range(1, h + 1)))
     return model, ks
 
 

@@ -147,6 +147,10 @@ class Trainer:
         # fused Adam(W): the sliced model updates its full tensors every step (the paper's behaviour), and one
         # fused pass over them is what keeps a small-k step as fast as a standalone ViT's (bench_train_step.py)
         fused: Dict[str, Any] = {'fused': True} if cfg.opt.lower() in FUSED_OPTIMIZERS else {}
+        if cfg.opt_eps is not None:
+            fused['eps'] = cfg.opt_eps
+        if cfg.opt_betas is not None:
+            fused['betas'] = tuple(cfg.opt_betas)
         self.optimizer = create_optimizer_v2(self.model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay,
                                              momentum=cfg.momentum, **fused)
         if cfg.opt_active_slice:  # timm's param groups (no decay on norms, biases, pos_embed), stepped slice-wise
