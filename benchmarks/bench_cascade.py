@@ -46,7 +46,7 @@ def interval(values: List[float]) -> Dict[str, float]:
 def main() -> None:
     if '--system-malloc' not in sys.argv:
         reexec_with_malloc_env(sys.argv)
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False)
     p.add_argument('--checkpoint', required=True)
     p.add_argument('--score', default='margin')
     p.add_argument('--max-drop', type=float, default=0.1)

@@ -19,6 +19,7 @@ from ..models.kchoices import parse_ks
 from ..storage.checkpoint import atomic_write
 from ..storage.results import format_table
 from ..storage.run_folder import resolve_checkpoint, training_metadata
+from . import add_ema_choice
 
 logger = logging.getLogger(__name__)
 CALIBRATIONS = ('split-half', 'train')
@@ -32,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                    'every static k timed in the same run. The policy is saved as JSON next to the '
                                    'checkpoint (or --policy-file).')
     p.add_argument('--checkpoint', required=True, help='a .safetensors checkpoint or a run folder')
-    p.add_argument('--use-ema', action='store_true', help='use the *_ema.safetensors next to the checkpoint')
+    add_ema_choice(p)
     p.add_argument('--model', help='registered model whose preprocessing training used, if the checkpoint lacks it')
     p.add_argument('--ks', nargs='+', default=['all'],
                    help="candidate stages: 'all' (the trained k) or a list; the stage list is searched among them")
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     _check_counts(args)
     goal = _goal(args)
     path = resolve_checkpoint(args.checkpoint, args.use_ema)
-    model, ks = load_for_eval(path, parse_ks(args.ks), args.model)
+    model, ks = load_for_eval(path, parse_ks(args.ks), args.model, use_ema=args.use_ema)
     model = model.to(args.device).eval()
     trained = training_metadata(path)
     if args.dataset is None:

@@ -30,6 +30,8 @@ from ..models.kchoices import parse_ks
 from ..storage.provenance import IDENTITY_COLUMNS, with_identity
 from ..storage.results import RESULT_FORMATS, format_table, results_format, write_results
 from ..storage.run_folder import resolve_checkpoint, training_metadata
+from . import add_ema_choice
+from .compile_flags import add_compile_flags, compile_options_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +45,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        description='Evaluate every subnetwork k of a HydraViT checkpoint on a data set. '
                                    'One command for the full table and both plots: '
                                    'hydravit eval --checkpoint RUN_FOLDER --report')
-    p.add_argument('--checkpoint', required=True, help='a .safetensors checkpoint or a run folder (model_best, last)')
+    p.add_argument('--checkpoint', required=True, help='a .safetensors checkpoint or a run folder (model_best, last), '
+                   'a timm train.py checkpoint or a timm ViT state dict')
     p.add_argument('--model', help='registered model whose preprocessing (mean/std/crop) training used, when '
-                                   'the checkpoint does not record it')
-    p.add_argument('--use-ema', action='store_true', help='use the *_ema.safetensors next to the checkpoint')
+                                   'the checkpoint does not record it (and its architecture, for a file from '
+                                   'elsewhere)')
+    add_ema_choice(p)
     p.add_argument('--k', nargs='+', default=['all'], help="'all' (the trained k) or a list of k")
     p.add_argument('--mode', choices=EVAL_MODES, default='sliced',
                    help='sliced universal model, or the extracted standalone timm ViT of each k')
@@ -60,6 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('-j', '--workers', type=int, default=2)
     p.add_argument('--device', default='cpu')
     p.add_argument('--amp-dtype', choices=sorted(AMP_DTYPES), help='autocast dtype (default: fp32)')
+    add_compile_flags(p)
     p.add_argument('--results-file', help='write one row per k here (.csv or .json)')
     p.add_argument('--results-format', choices=RESULT_FORMATS, help='default: from --results-file suffix, else csv')
     p.add_argument('--report', metavar='DIR', nargs='?', const='',
@@ -85,13 +90,14 @@ def build_eval_dataset(model: UniversalModel, args: argparse.Namespace, class_na
 
 def run(args: argparse.Namespace) -> int:
     path = resolve_checkpoint(args.checkpoint, args.use_ema)
-    model, ks = load_for_eval(path, parse_ks(args.k), args.model)
+    model, ks = load_for_eval(path, parse_ks(args.k), args.model, use_ema=args.use_ema)
     trained = training_metadata(path)
     if args.dataset is None:
         args.dataset, args.data_dir = trained['dataset'] or 'fashion-mnist', args.data_dir or trained['data_dir']
     dataset = build_eval_dataset(model, args, trained['class_names'])
     rows = evaluate_dataset(model, dataset, ks, batch_size=args.batch_size, workers=args.workers,
-                            device=args.device, amp_dtype=AMP_DTYPES.get(args.amp_dtype), mode=args.mode)
+                            device=args.device, amp_dtype=AMP_DTYPES.get(args.amp_dtype), mode=args.mode,
+                            compile_options=compile_options_from_args(args))
     scored = rows[0]['num_classes_scored']
     if scored < model.num_classes:
         logger.info(f'{scored} of {model.num_classes} classes present: logits restricted to them')

@@ -9,6 +9,7 @@ from ..cascade.policy import load_policy, policy_path
 from ..deployment.export import EXPORT_FORMATS, export_cascade, export_subnets
 from ..storage.results import format_table
 from ..storage.run_folder import resolve_checkpoint
+from . import add_ema_choice
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                    'index.csv/index.json with params, GMACs and accuracy where known.')
     p.add_argument('--checkpoint', required=True,
                    help='HydraViT .safetensors checkpoint or a training run folder (model_best, then last)')
-    p.add_argument('--use-ema', action='store_true', help='export the *_ema.safetensors twin of the checkpoint')
+    add_ema_choice(p)
     p.add_argument('--k', nargs='+', default=['all'], help="'all' (the trained k) or a list of k")
     p.add_argument('--format', nargs='+', default=['timm'], metavar='FORMAT',
                    help=f'one or more of {", ".join(EXPORT_FORMATS)} (default: timm)')

@@ -185,7 +185,7 @@ def export_subnets(
         model_name: Optional[str] = None,
         overwrite: bool = False,
         onnx_opset: int = 17,
-        use_ema: bool = False,
+        use_ema: Optional[bool] = None,
 ) -> List[Dict[str, Any]]:
     """Export subnetworks ``ks`` of ``checkpoint`` (a file or a run folder) in ``formats``; returns the index.
 
@@ -194,7 +194,7 @@ def export_subnets(
     """
     formats = _check_formats(formats)
     checkpoint = resolve_checkpoint(checkpoint, use_ema)
-    model = load_model(checkpoint).eval()
+    model = load_model(checkpoint, model_name=model_name, use_ema=use_ema).eval()
     chosen = parse_ks(ks, model.k_choices, model.config.num_heads) or list(model.k_choices)
     output = Path(output)
     preprocessing = preprocessing_config(checkpoint, model, model_name)
@@ -228,14 +228,14 @@ def export_subnets(
 
 def export_cascade(checkpoint: str | os.PathLike, policy: CascadePolicy, output: str | os.PathLike, *,
                    model_name: Optional[str] = None, overwrite: bool = False, onnx_opset: int = 17,
-                   use_ema: bool = False) -> Dict[str, Any]:
+                   use_ema: Optional[bool] = None) -> Dict[str, Any]:
     """``output/cascade.json`` and one checked ONNX file per stage (``k3.onnx``, ...): a deployable cascade.
 
     The manifest holds the policy, the preprocessing, and per stage its k, file, MACs and SHA-256, so
     :class:`hydravit.deployment.cascade_runtime.OnnxCascade` needs no checkpoint and no torch model.
     """
     checkpoint = resolve_checkpoint(checkpoint, use_ema)
-    model = load_model(checkpoint).eval()
+    model = load_model(checkpoint, model_name=model_name, use_ema=use_ema).eval()
     policy.check_ks(model.k_choices, model.config.num_heads)
     preprocessing = preprocessing_config(checkpoint, model, model_name)
     output = Path(output)

@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from ..evaluation.evaluate import evaluate_subnets, scored_classes
+from ..models.compiled import PerKCompiled, compile_universal
 from ..models.factory import UniversalModel
 from ..storage.checkpoint import save_model
 from ..storage.provenance import with_identity
@@ -52,6 +53,7 @@ from .nonfinite import NonFiniteGuard
 from .outputs import PerK, metric_value, results_table, summary_row, write_run_results
 from .run_settings import OPTIMIZER_SETTINGS, SCHEDULE_SETTINGS, check_resume
 from .samplers import create_sampler
+from .slice_optimizer import ActiveSliceAdamW
 from .state import (
     GENERATION_KEY,
     capture_rng,
@@ -174,8 +176,15 @@ class Trainer:
         # fused Adam(W): the sliced model updates its full tensors every step (the paper's behaviour), and one
         # fused pass over them is what keeps a small-k step as fast as a standalone ViT's (bench_train_step.py)
         fused: Dict[str, Any] = {'fused': True} if cfg.opt.lower() in FUSED_OPTIMIZERS else {}
+        if cfg.opt_eps is not None:
+            fused['eps'] = cfg.opt_eps
+        if cfg.opt_betas is not None:
+            fused['betas'] = tuple(cfg.opt_betas)
         self.optimizer = create_optimizer_v2(self.model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay,
                                              momentum=cfg.momentum, **fused)
+        if cfg.opt_active_slice:  # timm's param groups (no decay on norms, biases, pos_embed), stepped slice-wise
+            self.optimizer = ActiveSliceAdamW(self.optimizer.param_groups, self.model, lr=self.lr,
+                                              weight_decay=cfg.weight_decay)
         updates_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum_steps)
         self.scheduler, self.num_epochs = create_scheduler_v2(
             self.optimizer, sched=cfg.sched, num_epochs=cfg.epochs,
@@ -199,6 +208,12 @@ class Trainer:
         # every parameter is used at every k (sliced views), except the other k's classifiers with separate heads
         self.ddp = (DistributedDataParallel(self.model, device_ids=[env.device] if env.device.type == 'cuda' else None,
                                             find_unused_parameters=cfg.separate_heads) if env.distributed else None)
+        # torch.compile: one graph per k (models.compiled); the EMA copy is evaluated through its own
+        compile_options = cfg.compile_options()
+        self.train_forward: Callable[..., torch.Tensor] = (
+            compile_universal(self.model, compile_options, self.ddp or self.model) if compile_options
+            else (self.ddp or self.model))
+        self.eval_forwards: Dict[int, Optional[PerKCompiled]] = {}
 
     def _check_eval_metric(self) -> None:
         m = EVAL_METRIC.fullmatch(self.cfg.eval_metric)
@@ -337,6 +352,8 @@ class Trainer:
             soft_target = self.method.distill_target(self, images)
             for j, k in enumerate(ks):
                 last = i == len(window) - 1 and j == len(ks) - 1
+                if isinstance(self.optimizer, ActiveSliceAdamW):  # the largest k of the step, before its update
+                    self.optimizer.active_k = k if i == j == 0 else max(k, self.optimizer.active_k or k)
                 loss, logits = self._backward(images, target, soft_target, k, len(window), last)
                 if self.cfg.inplace_distill and soft_target is None and len(ks) > 1:
                     soft_target = torch.softmax(logits.detach().float(), dim=-1)
@@ -358,7 +375,7 @@ class Trainer:
         no_sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
         with no_sync:
             with self.autocast():
-                logits = (self.ddp or self.model)(images, k=k)
+                logits = self.train_forward(images, k=k)
                 loss = (self.criterion(logits, target) if soft_target is None
                         else self.distill_loss(logits, soft_target))
             self.loss_scaler(loss / micro_batches, self.optimizer, clip_grad=self.cfg.clip_grad,
@@ -397,8 +414,12 @@ class Trainer:
         return out
 
     def _evaluate(self, model: UniversalModel) -> List[Dict[str, Any]]:
+        compile_options = self.cfg.compile_options()
+        if compile_options and id(model) not in self.eval_forwards:
+            self.eval_forwards[id(model)] = compile_universal(model, compile_options, pad_batches=True)
         rows = evaluate_subnets(model, self.val_loader, self.eval_ks, device=self.env.device,
-                                amp_dtype=self.amp_dtype, class_indices=self.val_classes)
+                                amp_dtype=self.amp_dtype, forward=self.eval_forwards.get(id(model)),
+                                class_indices=self.val_classes)
         sums: List[float] = []
         for r in rows:
             n = r['num_samples']
