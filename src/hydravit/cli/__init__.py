@@ -25,6 +25,8 @@ COMMANDS = {
     'export': 'hydravit.cli.export',
     'select': 'hydravit.cli.select',
     'serve-demo': 'hydravit.cli.adaptive',
+    'serve': 'hydravit.cli.serve',
+    'loadtest': 'hydravit.cli.loadtest',
 }
 
 
