@@ -212,7 +212,7 @@ def test_overload_is_a_503_not_a_crash(run_folder):
 
 
 # ------------------------------------------------------------------------------------------ policies
-def test_policy_spellings_are_checked_with_the_choices_named(run_folder):
+def test_policy_spellings_are_checked_with_the_choices_named(run_folder, capsys):
     model, _ = load_for_eval(resolve_checkpoint(run_folder))
     kw = dict(target_ms=50.0, max_batch=4, max_wait_ms=1.0)
     with pytest.raises(ValueError, match='unknown --policy .* choose one of adaptive, fixed:K, cascade:POLICY.json'):
@@ -223,8 +223,12 @@ def test_policy_spellings_are_checked_with_the_choices_named(run_folder):
         create_policy('fixed:3', model, **kw)
     with pytest.raises(PolicyUnavailable, match='cascade .* not available'):
         create_policy('cascade:policy.json', model, **kw)
-    assert main(['serve', '--checkpoint', str(run_folder), '--latency-ms', '50', '--policy', 'fixed:3']) == 2
-    assert main(['serve', '--checkpoint', str(run_folder), '--latency-ms', '5', '--max-wait-ms', '10']) == 2
+    serve = ['serve', '--checkpoint', str(run_folder), '--port', '0']
+    assert main([*serve, '--latency-ms', '50', '--policy', 'fixed:3']) == 2
+    assert main([*serve, '--latency-ms', '5', '--max-wait-ms', '10']) == 2
+    assert main([*serve, '--latency-ms', '50', '--policy', 'cascade:p.json']) == 2
+    err = capsys.readouterr().err
+    assert 'allowed values are [2, 4]' in err and 'must be below --latency-ms 5' in err and 'not available' in err
 
 
 def test_adaptive_policy_lowers_k_as_the_queue_grows_and_climbs_back(run_folder):
@@ -320,8 +324,9 @@ def _start(args: List[str]) -> tuple:
 
 @pytest.mark.slow
 def test_sigterm_answers_every_accepted_request_before_exiting(run_folder):
-    proc, url = _start(['--checkpoint', str(run_folder), '--latency-ms', '2000', '--policy', 'fixed:2',
-                        '--max-wait-ms', '800', '--max-batch', '64'])
+    # a batch waits 5 s for more images: long enough for all eight to be queued when the signal comes
+    proc, url = _start(['--checkpoint', str(run_folder), '--latency-ms', '20000', '--policy', 'fixed:2',
+                        '--max-wait-ms', '5000', '--max-batch', '64'])
     files = images(8, seed=3)
     try:
         with ThreadPoolExecutor(8) as pool:

@@ -124,10 +124,10 @@ def serve(cfg: ServeConfig) -> int:
     cfg.check()
     if not is_loopback(cfg.host):
         logger.warning('listening on %s: reachable from other machines (the default is 127.0.0.1)', cfg.host)
+    state = build_state(cfg)  # bad settings and load errors surface here, once, before the first request
     sock = bind_socket(cfg.host, cfg.port)
     port = sock.getsockname()[1]
     url = f'http://{cfg.host if ":" not in cfg.host else f"[{cfg.host}]"}:{port}'
-    state = build_state(cfg)  # bad settings and load errors surface here, once, before the first request
     if cfg.workers == 1:
         server = uvicorn.Server(uvicorn_config(create_app(state), cfg))
         logger.info('serving %s on %s (policy %s, latency target %g ms); Ctrl-C stops', state.model_name, url,
