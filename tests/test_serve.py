@@ -32,7 +32,7 @@ from hydravit.data.transforms import build_transform  # noqa: E402
 from hydravit.evaluation.evaluate import load_for_eval  # noqa: E402
 from hydravit.serving.app import create_app  # noqa: E402
 from hydravit.serving.loadtest import check_url, parse_schedule, run_load, summarize_load  # noqa: E402
-from hydravit.serving.policies import AdaptivePolicy, PolicyUnavailable, create_policy, parse_policy  # noqa: E402
+from hydravit.serving.policies import AdaptivePolicy, create_policy, parse_policy  # noqa: E402
 from hydravit.serving.server import ServeConfig, bind_socket, build_state, uvicorn_config  # noqa: E402
 from hydravit.storage.run_folder import resolve_checkpoint  # noqa: E402
 from hydravit.training import load_train_config, train  # noqa: E402
@@ -221,14 +221,35 @@ def test_policy_spellings_are_checked_with_the_choices_named(run_folder, capsys)
         parse_policy('fixed')
     with pytest.raises(ValueError, match=r'k=3 is not a valid subnetwork: allowed values are \[2, 4\]'):
         create_policy('fixed:3', model, **kw)
-    with pytest.raises(PolicyUnavailable, match='cascade .* not available'):
+    with pytest.raises(FileNotFoundError, match='cascade:policy.json: no such policy file'):
         create_policy('cascade:policy.json', model, **kw)
     serve = ['serve', '--checkpoint', str(run_folder), '--port', '0']
     assert main([*serve, '--latency-ms', '50', '--policy', 'fixed:3']) == 2
     assert main([*serve, '--latency-ms', '5', '--max-wait-ms', '10']) == 2
     assert main([*serve, '--latency-ms', '50', '--policy', 'cascade:p.json']) == 2
     err = capsys.readouterr().err
-    assert 'allowed values are [2, 4]' in err and 'must be below --latency-ms 5' in err and 'not available' in err
+    assert 'allowed values are [2, 4]' in err and 'must be below --latency-ms 5' in err and 'no such policy' in err
+
+
+def test_cascade_policy_answers_each_image_at_its_exit_stage(run_folder, tmp_path):
+    from hydravit.cascade import CascadePolicy, save_policy
+
+    model, _ = load_for_eval(resolve_checkpoint(run_folder))
+    transform = build_transform(resolve_data_config({}, model=model), is_training=False)
+    files = images(8, seed=5)
+    x = torch.stack([transform(Image.open(io.BytesIO(d))) for d in files])
+    with torch.no_grad():
+        confidence = torch.softmax(model(x, k=2), -1).max(-1).values
+    low, high = confidence.sort().values[3:5].tolist()
+    threshold = (low + high) / 2  # half the images exit at k = 2, none close to the threshold
+    policy = save_policy(CascadePolicy(ks=(2, 4), thresholds=(threshold,)), tmp_path / 'p.cascade.json')
+    with live_server(run_folder, policy=f'cascade:{policy}') as (url, _, __):
+        answers = [httpx.post(url + '/predict', content=d).json() for d in files]
+    exits = [a['k'] for a in answers]
+    assert exits == [2 if c >= threshold else 4 for c in confidence.tolist()] and set(exits) == {2, 4}
+    with torch.no_grad():
+        for a, xi in zip(answers, x, strict=True):
+            assert a['class'] == int(model(xi[None], k=a['k']).argmax())
 
 
 def test_adaptive_policy_lowers_k_as_the_queue_grows_and_climbs_back(run_folder):

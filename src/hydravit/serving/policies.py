@@ -8,15 +8,15 @@ logits, the k that answered each image and the time the forward took.
   work present now would take at the k it served (forward latency x batches queued), so a growing queue
   pushes k down just as a slower machine does.
 - ``fixed:K``: always K.
-- ``cascade:POLICY.json``: the early-exit cascade, loaded through :func:`load_cascade_runner` (the one
-  place that knows the cascade package).
+- ``cascade:POLICY.json``: the early-exit cascade of :mod:`hydravit.cascade`, through :func:`load_cascade_runner`
+  (the one place that knows that package); each image answers at the stage it exits.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
@@ -25,14 +25,10 @@ from ..deployment.adaptive import LatencyController, calibrate_latencies
 from ..models.factory import UniversalModel
 
 __all__ = ['BatchOutput', 'ServingPolicy', 'AdaptivePolicy', 'FixedPolicy', 'CascadeServingPolicy',
-           'SERVING_POLICIES', 'register_serving_policy', 'parse_policy', 'create_policy', 'PolicyUnavailable',
+           'SERVING_POLICIES', 'register_serving_policy', 'parse_policy', 'create_policy',
            'load_cascade_runner']
 
 Clock = Callable[[], float]
-
-
-class PolicyUnavailable(ValueError):
-    """A policy that this installation cannot run (its package is missing)."""
 
 
 @dataclass
@@ -182,17 +178,18 @@ CascadeRunner = Callable[[torch.Tensor], Tuple[torch.Tensor, Sequence[int]]]  # 
 
 
 def load_cascade_runner(model: UniversalModel, path: str) -> CascadeRunner:
-    """ADAPTER to the early-exit cascade package (``hydravit.cascade``), built separately from serving.
+    """Adapter to the early-exit cascade (:mod:`hydravit.cascade`): its policy JSON and predictor, as
+    ``batch -> (logits of the exit stage per image, k of that stage per image)``."""
+    from ..cascade import CascadePredictor, load_policy
 
-    Until that package provides a policy loader and a predictor, this raises :class:`PolicyUnavailable`.
-    Wiring it means: load the policy JSON, check its ks against the model, and return a function
-    ``batch -> (logits of the exit stage per image, k of that stage per image)``.
-    """
-    if importlib.util.find_spec('hydravit.cascade') is None:
-        raise PolicyUnavailable(f'--policy cascade:{path}: the early-exit cascade (package hydravit.cascade) is not '
-                                f'available in this installation; use --policy adaptive or fixed:K')
-    raise PolicyUnavailable(f'--policy cascade:{path}: the cascade package is present but serving is not wired to '
-                            f'its predictor yet; use --policy adaptive or fixed:K')
+    if not Path(path).is_file():
+        raise FileNotFoundError(f'--policy cascade:{path}: no such policy file (write one with hydravit cascade)')
+    predictor = CascadePredictor(model, load_policy(path))
+
+    def run(x: torch.Tensor) -> Tuple[torch.Tensor, Sequence[int]]:
+        out = predictor(x)
+        return out.logits, out.exit_k.tolist()
+    return run
 
 
 @register_serving_policy
