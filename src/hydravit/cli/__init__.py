@@ -26,6 +26,8 @@ COMMANDS = {
     'select': 'hydravit.cli.select',
     'serve-demo': 'hydravit.cli.adaptive',
     'cascade': 'hydravit.cli.cascade',
+    'serve': 'hydravit.cli.serve',
+    'loadtest': 'hydravit.cli.loadtest',
 }
 
 
