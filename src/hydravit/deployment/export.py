@@ -6,6 +6,8 @@
 * ``safetensors``: ``k3.safetensors``, the subnet state dict with the ViT kwargs and preprocessing in
   its metadata.
 * ``onnx``: ``k3.onnx`` with a dynamic batch axis, checked against PyTorch with onnxruntime.
+* ``onnx-switchable``: one ``switchable.onnx`` for every exported k, inputs ``input`` and ``k`` (an int64
+  scalar), the weights stored once (:mod:`hydravit.deployment.onnx_switchable`); every k checked likewise.
 
 Every export also writes ``index.csv`` / ``index.json``: one row per k with params, GMACs and the
 accuracy measured for the parent checkpoint where a results file is known.
@@ -33,6 +35,7 @@ from ..models.factory import UniversalModel
 from ..models.kchoices import parse_ks
 from ..models.subnet import extract_subnet, model_subnet_state_dict, subnet_vit_kwargs
 from ..storage.checkpoint import atomic_write, load_model, read_metadata
+from .onnx_switchable import export_switchable_onnx
 from ..storage.results import write_results
 from ..storage.run_folder import (
     CLASS_NAMES_KEY,
@@ -46,7 +49,8 @@ from ..storage.run_folder import (
 __all__ = ['EXPORT_FORMATS', 'TIMM_ARCHITECTURE', 'ExportError', 'file_sha256', 'export_timm', 'export_safetensors',
            'export_onnx', 'export_subnets']
 
-EXPORT_FORMATS = ('timm', 'safetensors', 'onnx')
+EXPORT_FORMATS = ('timm', 'safetensors', 'onnx', 'onnx-switchable')
+SWITCHABLE_FILE = 'switchable.onnx'
 # timm architecture written to config.json; model_args override every shape argument of its factory
 TIMM_ARCHITECTURE = 'vit_base_patch16_224'
 ONNX_ATOL = 1e-4
@@ -196,11 +200,18 @@ def export_subnets(
     parent = {'parent_checkpoint': str(checkpoint.resolve()), 'parent_sha256': file_sha256(checkpoint),
               'parent_config': model.config.to_dict()}
     rows = []
+    per_k_formats = [f for f in formats if f != 'onnx-switchable']
+    switchable: Dict[str, Any] = {}
+    if 'onnx-switchable' in formats:
+        switchable = export_switchable_onnx(model, output / SWITCHABLE_FILE, chosen, opset=onnx_opset)
     for k in chosen:
         costs = cost_row(model.config, k)
         info = {**parent, 'metrics': {**costs, **accuracy.get(k, {})}, PRETRAINED_CFG_KEY: preprocessing}
         row: Dict[str, Any] = dict(**costs, **{a: accuracy.get(k, {}).get(a) for a in ('top1', 'top5')})
-        for fmt in formats:
+        if switchable:
+            row.update(onnx_switchable=switchable['onnx_switchable'],
+                       onnx_switchable_max_abs_diff=switchable['onnx_switchable_diffs'][k])
+        for fmt in per_k_formats:
             start = time.perf_counter()
             if fmt == 'timm':
                 row['timm_dir'] = str(export_timm(model, k, output / f'k{k}', preprocessing, info, label_names))
