@@ -61,21 +61,61 @@ def export_universal_onnx(model: UniversalModel, k: int, path: str | os.PathLike
 
 
 # ------------------------------------------------------------------------------------------ switchable
-def _branch(graph: Any, k: int, shared: Dict[str, str]) -> Any:
-    """The graph of one k as an ``If`` branch: no inputs, its own value names, shared weights from outside."""
+class _SmallConstants:
+    """The small constants of every branch (slice bounds, shapes, axes) as shared initializers, each value once."""
+
+    def __init__(self) -> None:
+        self.names: Dict[Tuple[int, Tuple[int, ...], bytes], str] = {}
+        self.tensors: List[Any] = []
+
+    def name_of(self, array: Any) -> str:
+        from onnx import numpy_helper
+        key = (array.dtype.num, tuple(array.shape), array.tobytes())
+        if key not in self.names:
+            self.names[key] = f'c{len(self.tensors)}'
+            self.tensors.append(numpy_helper.from_array(array, self.names[key]))
+        return self.names[key]
+
+
+def _constant_value(node: Any) -> Any:
+    """The array of a ``Constant`` node with a tensor ``value`` (None for other forms)."""
+    from onnx import numpy_helper
+    attrs = {a.name: a for a in node.attribute}
+    return numpy_helper.to_array(attrs['value'].t) if set(attrs) == {'value'} else None
+
+
+def _branch(graph: Any, k: int, shared: Dict[str, str], constants: _SmallConstants) -> Any:
+    """The graph of one k as an ``If`` branch: no inputs, short value names, weights and constants from outside.
+
+    The exporter spells every slice bound as ``Unsqueeze(Constant)``: those are folded here and every small
+    constant is stored once for all branches, so the file is the weights plus little more.
+    """
+    import numpy as np
     from onnx import helper
 
     outer = {'input', *shared}
+    short: Dict[str, str] = {}
+    values: Dict[str, Any] = {}  # value name -> array, for values known before run time
 
-    def rename(name: str) -> str:
+    def rename(name: str) -> str:  # short value names: the graph of every k is stored, so its size counts
         if not name:
             return name
-        return shared.get(name, name) if name in outer else f'k{k}/{name}'
+        if name in outer:
+            return shared.get(name, name)
+        if name in values:
+            return constants.name_of(values[name])
+        return short.setdefault(name, f'k{k}.{len(short)}')
 
     nodes = []
     for node in graph.node:
+        if node.op_type == 'Constant' and _constant_value(node) is not None:
+            values[node.output[0]] = _constant_value(node)
+            continue
+        if node.op_type == 'Unsqueeze' and len(node.input) == 2 and all(n in values for n in node.input):
+            values[node.output[0]] = np.expand_dims(values[node.input[0]], tuple(int(a) for a in values[node.input[1]]))
+            continue
         new = helper.make_node(node.op_type, [rename(n) for n in node.input], [rename(n) for n in node.output],
-                               name=f'k{k}/{node.name}', domain=node.domain)
+                               domain=node.domain)
         new.attribute.extend(node.attribute)
         nodes.append(new)
     out = graph.output[0]
@@ -149,20 +189,21 @@ def build_switchable_model(model: UniversalModel, ks: Optional[Sequence[int]] = 
         for init in graph.initializer:
             key = (str(tuple(init.dims)), numpy_helper.to_array(init).tobytes())
             if key not in by_content:
-                name = f'w{len(initializers)}/{init.name}'
+                name = f'w{len(initializers)}'
                 by_content[key] = name
                 initializers.append(numpy_helper.from_array(numpy_helper.to_array(init), name))
             shared[init.name] = by_content[key]
     branches = {}
+    constants = _SmallConstants()
     for k, graph in graphs.items():
         local = {init.name: shared[init.name] for init in graph.initializer}
-        branches[k] = _branch(graph, k, local)
+        branches[k] = _branch(graph, k, local, constants)
     c = model.config
     inputs = [helper.make_tensor_value_info('input', TensorProto.FLOAT, ['batch', c.in_chans, c.img_size, c.img_size]),
               helper.make_tensor_value_info('k', TensorProto.INT64, [])]
     outputs = [helper.make_tensor_value_info('logits', TensorProto.FLOAT, ['batch', c.num_classes or None])]
     graph = helper.make_graph(_select(chosen, branches, 'logits', 'select'), 'hydravit_switchable', inputs, outputs,
-                              initializer=initializers)
+                              initializer=initializers + constants.tensors)
     opset_import = [helper.make_opsetid('', opset)]
     proto = helper.make_model(graph, opset_imports=opset_import, producer_name='hydravit')
     helper.set_model_props(proto, {K_CHOICES_KEY: ','.join(map(str, chosen))})

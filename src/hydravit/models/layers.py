@@ -56,13 +56,14 @@ def check_image_batch(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int],
     A leaf of FX graphs (``torch.fx.wrap``): a traced model still checks its input when it runs.
     """
     shape = x.shape
-    got = '(' + ', '.join([str(n) for n in shape]) + ')'
     if strict_img_size:
         if len(shape) != 4 or shape[1] != in_chans or shape[2] != img_size[0] or shape[3] != img_size[1]:
+            got = '(' + ', '.join([str(n) for n in shape]) + ')'
             raise ValueError(
                 f'expected images of shape (batch, {in_chans}, {img_size[0]}, {img_size[1]}) '
                 f'(in_chans, img_size, img_size), got {got}')
     elif len(shape) != 4 or shape[1] != in_chans or shape[2] % patch_size[0] or shape[3] % patch_size[1]:
+        got = '(' + ', '.join([str(n) for n in shape]) + ')'
         raise ValueError(
             f'expected images of shape (batch, {in_chans}, H, W) with H and W multiples of the patch size '
             f'{patch_size[0]} (dynamic_img_size), got {got}')
