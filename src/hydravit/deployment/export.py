@@ -35,7 +35,6 @@ from ..models.factory import UniversalModel
 from ..models.kchoices import parse_ks
 from ..models.subnet import extract_subnet, model_subnet_state_dict, subnet_vit_kwargs
 from ..storage.checkpoint import atomic_write, load_model, read_metadata
-from .onnx_switchable import export_switchable_onnx
 from ..storage.results import write_results
 from ..storage.run_folder import (
     CLASS_NAMES_KEY,
@@ -45,6 +44,7 @@ from ..storage.run_folder import (
     read_accuracy,
     resolve_checkpoint,
 )
+from .onnx_switchable import ExportError, export_switchable_onnx
 
 __all__ = ['EXPORT_FORMATS', 'TIMM_ARCHITECTURE', 'ExportError', 'file_sha256', 'export_timm', 'export_safetensors',
            'export_onnx', 'export_subnets']
@@ -54,10 +54,6 @@ SWITCHABLE_FILE = 'switchable.onnx'
 # timm architecture written to config.json; model_args override every shape argument of its factory
 TIMM_ARCHITECTURE = 'vit_base_patch16_224'
 ONNX_ATOL = 1e-4
-
-
-class ExportError(ValueError):
-    """An export that would be wrong (output mismatch) or would overwrite something."""
 
 
 def file_sha256(path: str | os.PathLike) -> str:

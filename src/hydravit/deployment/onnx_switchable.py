@@ -22,11 +22,15 @@ import torch.nn as nn
 from ..models.factory import UniversalModel
 from ..storage.checkpoint import atomic_write
 
-__all__ = ['SWITCHABLE_INPUTS', 'FixedK', 'export_universal_onnx', 'export_switchable_onnx', 'check_switchable_onnx',
-           'run_switchable', 'switchable_ks']
+__all__ = ['ExportError', 'SWITCHABLE_INPUTS', 'FixedK', 'export_universal_onnx', 'export_switchable_onnx',
+           'check_switchable_onnx', 'run_switchable', 'switchable_ks']
 
 SWITCHABLE_INPUTS = ('input', 'k')
 K_CHOICES_KEY = 'hydravit_k_choices'  # metadata_props entry of the switchable file: the ks it holds
+
+
+class ExportError(ValueError):
+    """An export that would be wrong (output mismatch) or would overwrite something."""
 
 
 class FixedK(nn.Module):
@@ -132,7 +136,8 @@ def _error_branch(ks: Sequence[int]) -> Any:
     name = f'invalid_k_allowed_{"_".join(str(k) for k in ks)}'
     nodes = [
         helper.make_node('Cast', ['k'], [f'{name}/k'], to=TensorProto.FLOAT),
-        helper.make_node('Constant', [], [f'{name}/shape'], value=helper.make_tensor('s', TensorProto.INT64, [2], [2, 2])),
+        helper.make_node('Constant', [], [f'{name}/shape'],
+                         value=helper.make_tensor('s', TensorProto.INT64, [2], [2, 2])),
         helper.make_node('Reshape', [f'{name}/k', f'{name}/shape'], [f'{name}/logits'], name=name),
     ]
     output = helper.make_tensor_value_info(f'{name}/logits', TensorProto.FLOAT, ['batch', None])
@@ -185,7 +190,7 @@ def build_switchable_model(model: UniversalModel, ks: Optional[Sequence[int]] = 
     shared: Dict[str, str] = {}
     initializers: List[Any] = []
     by_content: Dict[Tuple[str, bytes], str] = {}
-    for k, graph in graphs.items():
+    for graph in graphs.values():
         for init in graph.initializer:
             key = (str(tuple(init.dims)), numpy_helper.to_array(init).tobytes())
             if key not in by_content:
@@ -243,7 +248,6 @@ def run_switchable(session: Any, x: Any, k: int) -> Any:
 def check_switchable_onnx(model: UniversalModel, path: str | os.PathLike, batch_sizes: Sequence[int] = (1, 3),
                           atol: float = 1e-4) -> Dict[int, float]:
     """Max abs difference between onnxruntime and PyTorch per k of a switchable file; ExportError above ``atol``."""
-    from .export import ExportError
     try:
         import onnxruntime as ort
     except ImportError as e:

@@ -28,13 +28,19 @@ class KFeatureGetterNet(FeatureGetterNet):
 
     @property
     def k_choices(self) -> Any:
-        return self.model.k_choices
+        return self.backbone.k_choices
+
+    @property
+    def backbone(self) -> Any:
+        """The wrapped universal model (timm stores it as ``model``; torch types module attributes loosely)."""
+        return self['model']
 
     def channels(self, k: Optional[int] = None) -> List[int]:
         """Channels of each returned feature map at subnetwork ``k`` (default: ``default_k``)."""
-        width = self.model.feature_channels(self.default_k if k is None else k)
+        width = self.backbone.feature_channels(self.default_k if k is None else k)
         return [width] * len(self.feature_info.info)
 
-    def forward(self, x: torch.Tensor, k: Optional[int] = None) -> Any:  # type: ignore[override]
-        return self.model.forward_intermediates(x, indices=self.out_indices, norm=self.norm, output_fmt=self.output_fmt,
-                                                intermediates_only=True, k=self.default_k if k is None else k)
+    def forward(self, x: torch.Tensor, k: Optional[int] = None) -> Any:
+        return self.backbone.forward_intermediates(x, indices=self.out_indices, norm=self.norm,
+                                                   output_fmt=self.output_fmt, intermediates_only=True,
+                                                   k=self.default_k if k is None else k)

@@ -271,7 +271,7 @@ class HydraViT(KChoices, nn.Module):
     @torch.jit.unused
     def _python_subnet(self, x: torch.Tensor, k: Optional[int]) -> Tuple[torch.Tensor, Widths]:
         if isinstance(k, torch.fx.Proxy):  # FX tracing without a concrete k: the graph runs the active k
-            x = check_traced_k(x, k, self._active_k)  # type: ignore[arg-type]
+            x = check_traced_k(x, k, self._active_k)
             k = None
         shape = self.subnet_shape(k)
         return x, (shape.k, shape.embed_dim, shape.num_heads, shape.mlp_hidden)

@@ -103,7 +103,7 @@ class SlicedPatchEmbed(nn.Module):
                 proj = nn.Conv2d(self.in_chans, self.proj.out_channels, kernel_size=patch_size, stride=patch_size,
                                  bias=self.proj.bias is not None, device=weight.device, dtype=weight.dtype)
                 proj.weight.copy_(weight)
-                if self.proj.bias is not None:
+                if self.proj.bias is not None and proj.bias is not None:
                     proj.bias.copy_(self.proj.bias)
             proj.train(self.proj.training)
             proj.weight.requires_grad_(self.proj.weight.requires_grad)
