@@ -107,7 +107,7 @@ def main() -> None:
         logger.warning('no --checkpoint: the backbone is random')
     backbone = timm.create_model(MODEL, features_only=True, out_indices=(-1,), **kwargs).eval()
     train_x, train_y = load('train', args.train_images)
-    test_x, test_y = load('test', args.test_images)
+    test_x, test_y = load('val', args.test_images)  # the 10,000 test images
     logger.info('k  channels  pixel acc (%)  mIoU (%)')
     for k in args.k:
         head = train_head(features(backbone, train_x, k), train_y, args.epochs, args.seed)
