@@ -25,6 +25,7 @@ COMMANDS = {
     'export': 'hydravit.cli.export',
     'select': 'hydravit.cli.select',
     'serve-demo': 'hydravit.cli.adaptive',
+    'cascade': 'hydravit.cli.cascade',
 }
 
 

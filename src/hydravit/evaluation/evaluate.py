@@ -9,11 +9,12 @@ import contextlib
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Literal, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Literal, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from ..models.compiled import CompileOptions, compile_module, compile_universal
 from ..models.costs import add_costs
 from ..models.factory import UniversalModel
 from ..models.kchoices import check_k_choices
@@ -99,13 +100,17 @@ def evaluate_subnets(
         amp_dtype: Optional[torch.dtype] = None,
         class_indices: Optional[Sequence[int]] = None,
         mode: Mode = 'sliced',
+        forward: Optional[Callable[..., torch.Tensor]] = None,
+        compile_options: Optional[CompileOptions] = None,
 ) -> List[Dict[str, float]]:
     """One row per k: ``k, top1, top1_err, top5, top5_err, loss, num_samples`` (percentages).
 
     ``mode='extracted'`` scores the standalone timm ViT of each k instead of the sliced model (they
     agree; this is the check). ``class_indices`` restricts the logits to those classes (ImageNet-R/-A
     style test sets); labels stay indices into the full class list. With fewer than 5 classes "top5"
-    is top-C. Sliced mode reads the loader once for all k.
+    is top-C. Sliced mode reads the loader once for all k. ``forward(images, k=k)`` replaces
+    ``model(images, k=k)`` in sliced mode (a :class:`hydravit.models.compiled.PerKCompiled` of ``model``);
+    ``compile_options`` compiles the sliced model (one graph per k) or each extracted subnet.
     """
     if mode not in EVAL_MODES:
         raise ValueError(f'mode must be one of {EVAL_MODES}, got {mode!r}')
@@ -125,12 +130,16 @@ def evaluate_subnets(
         with torch.inference_mode(), autocast:
             if mode == 'sliced':
                 tallies = {k: _Tally() for k in ks}
+                run = forward or model
+                if forward is None and compile_options is not None:
+                    run = compile_universal(model, compile_options, pad_batches=True)
                 for images, target in _batches(loader, device, mapping, model.num_classes):
                     for k in ks:
-                        tallies[k].update(_restrict(model(images, k=k), columns), target)
+                        tallies[k].update(_restrict(run(images, k=k), columns), target)
                 return [tallies[k].row(k) for k in ks]
             rows = []
             for k, net in _subnet_fns(model, ks, mode):
+                net = compile_module(net, compile_options) if compile_options else net
                 tally = _Tally()
                 for images, target in _batches(loader, device, mapping, model.num_classes):
                     tally.update(_restrict(net(images), columns), target)
@@ -175,7 +184,7 @@ def _load_with_ks(path: str | os.PathLike, ks: Optional[Sequence[int]]) -> Tuple
 
 def evaluate_dataset(model: UniversalModel, dataset, ks: Optional[Sequence[int]] = None, *, batch_size: int = 256,
                      workers: int = 0, device: str | torch.device = 'cpu', amp_dtype: Optional[torch.dtype] = None,
-                     mode: Mode = 'sliced') -> List[Dict]:
+                     mode: Mode = 'sliced', compile_options: Optional[CompileOptions] = None) -> List[Dict]:
     """:func:`evaluate_subnets` on a data set, with timm's validate.py columns and per-k costs.
 
     A data set whose ``class_indices`` (labels present) are a strict subset of the model's classes
@@ -192,7 +201,7 @@ def evaluate_dataset(model: UniversalModel, dataset, ks: Optional[Sequence[int]]
     class_indices = present if len(present) < model.num_classes else None
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     rows = evaluate_subnets(model.to(device), loader, ks, device=device, amp_dtype=amp_dtype,
-                            class_indices=class_indices, mode=mode)
+                            class_indices=class_indices, mode=mode, compile_options=compile_options)
     data_config = resolve_data_config({}, model=model)
     return add_costs(rows, model.config, img_size=data_config['input_size'][-1], crop_pct=data_config['crop_pct'],
                      interpolation=data_config['interpolation'], mode=mode, num_classes_scored=len(present))
