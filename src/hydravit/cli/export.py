@@ -14,14 +14,16 @@ from . import add_ema_choice
 logger = logging.getLogger(__name__)
 
 COLUMNS = ('k', 'param_count', 'gmacs', 'top1', 'timm_export_s', 'safetensors_export_s', 'onnx_export_s',
-           'onnx_max_abs_diff')
+           'onnx_max_abs_diff', 'onnx_switchable_max_abs_diff')
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser('export', help='export subnetworks as timm folders, safetensors or ONNX',
+    p = sub.add_parser('export', help='export subnetworks as timm folders, safetensors, ONNX or one switchable ONNX',
                        description='Cut subnetworks k out of a HydraViT checkpoint and write each as a standalone '
                                    'model: a timm local-dir folder (DIR/k3), k3.safetensors and/or k3.onnx, plus '
-                                   'index.csv/index.json with params, GMACs and accuracy where known.')
+                                   'index.csv/index.json with params, GMACs and accuracy where known. '
+                                   'onnx-switchable writes one switchable.onnx for all of them: inputs "input" '
+                                   '(image batch) and "k" (int64 scalar), the weights stored once.')
     p.add_argument('--checkpoint', required=True,
                    help='HydraViT .safetensors checkpoint or a training run folder (model_best, then last)')
     add_ema_choice(p)

@@ -7,8 +7,9 @@ equal-width) timm ViT into the leading slices.
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union, cast
 
+import timm
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
@@ -19,8 +20,14 @@ from .separate import SeparateViTs
 
 __all__ = [
     'subnet_state_dict', 'model_subnet_state_dict', 'subnet_vit_kwargs', 'extract_subnet', 'inflate_state_dict',
-    'init_from_vit', 'CheckpointMismatchError', 'PARAMETER_AXES', 'parameter_axes', 'qkv_blocks',
+    'init_from_vit', 'CheckpointMismatchError', 'PARAMETER_AXES', 'parameter_axes', 'qkv_blocks', 'SUBNET_ARCHITECTURE',
+    'subnet_pretrained_cfg',
 ]
+
+# the timm architecture a subnetwork is built as (and named in its config.json); its shape arguments are overridden
+SUBNET_ARCHITECTURE = 'vit_base_patch16_224'
+# preprocessing and metadata of the universal model that a subnetwork keeps in its pretrained_cfg
+_CFG_KEYS = ('interpolation', 'crop_pct', 'crop_mode', 'mean', 'std', 'label_names', 'license')
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -144,15 +151,35 @@ def model_subnet_state_dict(model: UniversalModel, k: int) -> StateDict:
                              nesting=c.nesting)
 
 
+def subnet_pretrained_cfg(model: UniversalModel) -> Dict[str, Any]:
+    """A plain ViT ``pretrained_cfg`` for a subnetwork: timm's architecture, the model's input size and classes,
+    and the preprocessing (mean/std, crop, interpolation) the universal model carries from training."""
+    c = model.config
+    source = dict(getattr(model, 'pretrained_cfg', None) or {})
+    cfg = {key: source[key] for key in _CFG_KEYS if source.get(key) is not None}
+    cfg.update(architecture=SUBNET_ARCHITECTURE, input_size=(c.in_chans, c.img_size, c.img_size),
+               num_classes=c.num_classes, fixed_input_size=not getattr(model, 'dynamic_img_size', False),
+               first_conv='patch_embed.proj', classifier='head')
+    return cfg
+
+
 def extract_subnet(model: UniversalModel, k: int) -> VisionTransformer:
-    """Subnetwork ``k`` of a universal model as an ordinary timm ``VisionTransformer`` in eval mode (copied)."""
+    """Subnetwork ``k`` of a universal model as an ordinary timm ``VisionTransformer`` in eval mode (copied).
+
+    Built by timm's factory as :data:`SUBNET_ARCHITECTURE` with the subnetwork's shape, so its ``pretrained_cfg``
+    describes a plain ViT (:func:`subnet_pretrained_cfg`) and ``save_for_hf`` writes a config that reloads it.
+    """
     k = model.resolve_k(k)
-    vit = VisionTransformer(**subnet_vit_kwargs(model.config, k))
+    kwargs = subnet_vit_kwargs(model.config, k)
+    pool = getattr(model, 'global_pool', model.config.global_pool)
+    if pool != model.config.global_pool:  # reset_classifier changed the pooling; the norm stays where it was built
+        kwargs.update(global_pool=pool, fc_norm=model.config.global_pool == 'avg')
+    if getattr(model, 'dynamic_img_size', False):
+        kwargs['dynamic_img_size'] = True
+    vit = timm.create_model(SUBNET_ARCHITECTURE, pretrained=False, pretrained_cfg=subnet_pretrained_cfg(model),
+                            **kwargs)
     vit.load_state_dict(model_subnet_state_dict(model, k), strict=True)
-    if hasattr(model, 'pretrained_cfg'):
-        # a dict timm's builder sets; torch's stubs type every Module attribute as Tensor | Module
-        vit.pretrained_cfg = dict(model.pretrained_cfg)  # type: ignore[arg-type, assignment]
-    return vit.to(next(model.parameters()).device).eval()
+    return cast(VisionTransformer, vit.to(next(model.parameters()).device).eval())
 
 
 def _leading_slice(dst: torch.Tensor, src: torch.Tensor, name: str) -> torch.Tensor:
