@@ -18,6 +18,7 @@ from ..models.factory import UniversalModel
 from ..models.kchoices import parse_ks
 from ..storage.results import RESULT_FORMATS, format_table, results_format, write_results
 from ..storage.run_folder import resolve_checkpoint, training_metadata
+from .common import add_alias, add_threads, apply_threads, check_writable, positive_int, progress
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +44,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--data-dir', help='data root (default: the training one when --dataset is not given)')
     p.add_argument('--split', default='val', help='split to evaluate (default: %(default)s)')
     p.add_argument('--class-map', help='file mapping folder names to class indices (ImageNet-R/-A style subsets)')
-    p.add_argument('--max-samples', type=int, help='evaluate on the first N samples only (quick checks)')
+    p.add_argument('--max-val-samples', type=positive_int, dest='max_samples',
+                   help='evaluate on the first N samples only (quick checks)')
+    add_alias(p, '--max-samples', '--max-val-samples', 'max_samples', type=positive_int)
     p.add_argument('-b', '--batch-size', type=int, default=256)
     p.add_argument('-j', '--workers', type=int, default=2)
     p.add_argument('--device', default='cpu')
+    add_threads(p)
     p.add_argument('--amp-dtype', choices=sorted(AMP_DTYPES), help='autocast dtype (default: fp32)')
     p.add_argument('--results-file', help='write one row per k here (.csv or .json)')
     p.add_argument('--results-format', choices=RESULT_FORMATS, help='default: from --results-file suffix, else csv')
@@ -67,6 +71,9 @@ def build_eval_dataset(model: UniversalModel, args: argparse.Namespace, class_na
 
 
 def run(args: argparse.Namespace) -> int:
+    threads = apply_threads(args.threads)
+    if args.results_file:
+        check_writable(Path(args.results_file).parent, '--results-file')
     path = resolve_checkpoint(args.checkpoint, args.use_ema)
     model, ks = load_for_eval(path, parse_ks(args.k), args.model)
     trained = training_metadata(path)
@@ -74,7 +81,11 @@ def run(args: argparse.Namespace) -> int:
         args.dataset, args.data_dir = trained['dataset'] or 'fashion-mnist', args.data_dir or trained['data_dir']
     dataset = build_eval_dataset(model, args, trained['class_names'])
     rows = evaluate_dataset(model, dataset, ks, batch_size=args.batch_size, workers=args.workers,
-                            device=args.device, amp_dtype=AMP_DTYPES.get(args.amp_dtype), mode=args.mode)
+                            device=args.device, amp_dtype=AMP_DTYPES.get(args.amp_dtype), mode=args.mode,
+                            progress=progress)
+    logger.info(f'{path}: {rows[0]["num_samples"]} {args.split} samples of {args.dataset}, batch {args.batch_size}, '
+                f'{args.device}, {threads} threads, {args.amp_dtype or "fp32"}, mode {args.mode}; '
+                'param_count in M, gmacs in GMACs per image, top1/top5 in %')
     scored = rows[0]['num_classes_scored']
     if scored < model.num_classes:
         logger.info(f'{scored} of {model.num_classes} classes present: logits restricted to them')

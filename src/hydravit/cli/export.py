@@ -6,6 +6,7 @@ import logging
 
 from ..deployment.export import EXPORT_FORMATS, export_subnets
 from ..storage.results import format_table
+from .common import add_alias, add_threads, apply_threads, check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +27,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help=f'one or more of {", ".join(EXPORT_FORMATS)} (default: timm)')
     p.add_argument('--output', required=True, help='output folder (must not exist or be empty)')
     p.add_argument('--overwrite', action='store_true', help='write into an existing folder, replacing same-named files')
-    p.add_argument('--results', help='per-k accuracy file (results.csv / eval .csv/.json); default: one next to '
-                                     'the checkpoint')
+    p.add_argument('--results-file', dest='results',
+                   help='per-k accuracy file (results.csv / eval .csv/.json); default: one next to the checkpoint')
+    add_alias(p, '--results', '--results-file', 'results')
+    add_threads(p)
     p.add_argument('--model', help='registered model whose preprocessing was used in training, if the checkpoint '
                                    'does not record it')
     p.add_argument('--opset', type=int, default=17, help='ONNX opset (default: %(default)s)')
@@ -35,6 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_threads(args.threads)
+    check_writable(args.output)
     rows = export_subnets(args.checkpoint, args.k, args.format, args.output, results=args.results,
                           model_name=args.model, overwrite=args.overwrite, onnx_opset=args.opset,
                           use_ema=args.use_ema)

@@ -17,6 +17,15 @@ __all__ = ['DEFAULT_CONFIG', 'load_train_config']
 DEFAULT_CONFIG = 'fmnist_cpu.yaml'
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's problem and where it is, as 'line L, column C: problem' (1-based, as editors count)."""
+    mark = getattr(error, 'problem_mark', None)
+    problem = getattr(error, 'problem', None) or str(error)
+    context = getattr(error, 'context', None)
+    where = f'line {mark.line + 1}, column {mark.column + 1}: ' if mark is not None else ''
+    return f'{where}{problem}' + (f' ({context})' if context else '')
+
+
 def load_train_config(path: Optional[str | os.PathLike] = None, **overrides: Any) -> TrainConfig:
     """A :class:`TrainConfig` from a YAML recipe (default: the built-in ``configs/fmnist_cpu.yaml``)."""
     if path is None:
@@ -26,7 +35,10 @@ def load_train_config(path: Optional[str | os.PathLike] = None, **overrides: Any
         if not path.is_file():
             raise FileNotFoundError(f'--config: {path} does not exist')
         text = path.read_text()
-    recipe = yaml.safe_load(text) or {}
+    try:
+        recipe = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f'{path or DEFAULT_CONFIG}: not valid YAML: {_yaml_problem(e)}') from None
     if not isinstance(recipe, dict):
         raise ValueError(f'{path or DEFAULT_CONFIG}: a recipe is a YAML mapping of setting: value')
     names = {f.name for f in fields(TrainConfig)}
