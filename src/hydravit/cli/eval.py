@@ -107,7 +107,7 @@ def _write(args: argparse.Namespace, rows: List[Dict[str, Any]], model, ks, path
         bench = None
         if not args.no_benchmark:
             bench = {label: benchmark_subnets(model, ks, modes=('sliced',), batch_size=args.batch_size,
-                                              device=args.device, rounds=2, min_seconds=0.2, latency_iters=20,
-                                              measure_memory=False, flop_count=False)}
+                                              device=args.device, rounds=3, min_seconds=0.2, latency_iters=20,
+                                              measure_memory=False, flop_count=False, interleave_ks=True)}
         paths = write_report({label: rows}, bench, out_dir)
         logger.info('report: ' + ', '.join(str(p) for p in paths.values()))

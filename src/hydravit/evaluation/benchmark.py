@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -96,8 +96,8 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (pos - lo)
 
 
-def _throughputs(runners: Dict[str, Runner], x: torch.Tensor, rounds: int, min_seconds: float,
-                 warmup: int) -> Dict[str, List[float]]:
+def _throughputs(runners: Dict[Any, Runner], x: torch.Tensor, rounds: int, min_seconds: float,
+                 warmup: int) -> Dict[Any, List[float]]:
     """Images/s per mode in each of the interleaved rounds of about ``min_seconds``."""
     with torch.inference_mode():
         per_call = {}
@@ -105,7 +105,7 @@ def _throughputs(runners: Dict[str, Runner], x: torch.Tensor, rounds: int, min_s
             _timed(fn, x, warmup)
             per_call[mode] = statistics.median(_timed(fn, x, 2))
         iters = {m: max(1, round(min_seconds / max(t, 1e-6))) for m, t in per_call.items()}
-        samples: Dict[str, List[float]] = {m: [] for m in runners}
+        samples: Dict[Any, List[float]] = {m: [] for m in runners}
         for _ in range(rounds):
             for mode, fn in runners.items():
                 samples[mode].append(iters[mode] * x.shape[0] / sum(_timed(fn, x, iters[mode])))
@@ -229,6 +229,7 @@ def benchmark_subnets(
         measure_memory: bool = True,
         flop_count: bool = True,
         progress: Optional[Callable[..., Iterable[int]]] = None,
+        interleave_ks: bool = False,
 ) -> List[Dict]:
     """One row per (k, mode) with timm ``benchmark.py`` column names (see the module docstring).
 
@@ -236,7 +237,9 @@ def benchmark_subnets(
     batch 1 (median, p10, p90), optional ``train_samples_per_sec``, ``peak_mem_mb``, ``param_count``
     (M, counted), analytic ``gmacs`` and ``flop_counter_gmacs`` (misses the attention matmuls). The
     spread of the rounds: ``infer_samples_per_sec_min``/``_max`` and ``infer_spread_pct`` (see
-    :func:`spread_pct`). ``progress`` wraps the loop over k (e.g. a tqdm bar).
+    :func:`spread_pct`). ``progress`` wraps the loop over k (e.g. a tqdm bar). ``interleave_ks`` times every k
+    in each round (all runners held at once: meant for the sliced mode, whose runners are views), so a slow
+    drift of a shared machine cannot bend the curve across k.
     """
     bad = [m for m in modes if m not in BENCH_MODES]
     if bad or not modes:
@@ -246,9 +249,14 @@ def benchmark_subnets(
     ks, model, x = _prepare(model, ks, device, batch_size)
     cfg, device = model.config, x.device
     rows = []
+    all_speeds = None
+    if interleave_ks:
+        all_speeds = _throughputs({(k, m): build_runner(model, k, m) for k in ks for m in modes}, x, rounds,
+                                  min_seconds, warmup)
     for k in (progress(ks, total=len(ks), desc='benchmark k') if progress is not None else ks):
         runners = {mode: build_runner(model, k, mode) for mode in modes}
-        speed = _throughputs(runners, x, rounds, min_seconds, warmup)
+        speed = ({m: all_speeds[(k, m)] for m in modes} if all_speeds is not None
+                 else _throughputs(runners, x, rounds, min_seconds, warmup))
         cost = subnet_cost(cfg, k)
         for mode, fn in runners.items():
             # the sliced runner is the universal model at k: its parameters are the subnetwork's share
