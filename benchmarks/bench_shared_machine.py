@@ -71,13 +71,17 @@ def main() -> None:
                 losses.setdefault((name, load), set()).add(loss)
                 print(f'{name:28s} competitor={load!s:5s} {img_s:8.1f} img/s  loss {loss}', flush=True)
     print(f'\nmedian img/s over {args.rounds} rounds (range); {args.samples} images, 1 epoch, built-in recipe')
-    print('| setting | idle | with one 2-thread process | loaded / idle |\n|---|---:|---:|---:|')
+    print('| setting | without | with one 2-thread process |\n|---|---:|---:|')
+    def cell(values: List[float]) -> str:
+        done = [v for v in values if v == v]  # a stalled run (timeout) is nan
+        stalled = len(values) - len(done)
+        text = f'{statistics.median(done):.0f} ({min(done):.0f}-{max(done):.0f})' if done else '-'
+        return text + (f', {stalled} of {len(values)} stalled > {args.timeout:.0f} s' if stalled else '')
+
     for name in SETTINGS:
-        idle, busy = results[(name, False)], results[(name, True)]
-        mi, mb = statistics.median(idle), statistics.median(busy)
-        print(f'| {name} | {mi:.0f} ({min(idle):.0f}-{max(idle):.0f}) | {mb:.0f} ({min(busy):.0f}-{max(busy):.0f}) '
-              f'| {mb / mi:.2f} |')
-    print('same final loss in every run of a setting:', all(len(v) == 1 for v in losses.values()))
+        print(f'| {name} | {cell(results[(name, False)])} | {cell(results[(name, True)])} |')
+    finished = {loss for v in losses.values() for loss in v if loss is not None}
+    print('the same final loss in every finished run:', len(finished) == 1, sorted(finished))
 
 
 if __name__ == '__main__':

@@ -280,3 +280,19 @@ def test_predict_defaults_to_the_largest_k_and_refuses_what_it_cannot_do(tiny_ch
         assert main(['predict', '--checkpoint', str(tiny_checkpoint), *argv]) == 2, argv
         err = capsys.readouterr().err
         assert message in err and 'Traceback' not in err, (argv, err)
+
+
+class _Payload:
+    """Stands for an object a hostile state file would make torch run when unpickled."""
+
+
+@needs_fmnist
+def test_a_refused_state_file_is_never_reported_with_advice_to_unpickle_it(tmp_path, capsys):
+    run = tmp_path / 'run'
+    run.mkdir()
+    torch.save({'epoch': 0, 'payload': _Payload()}, run / 'last.state.pth')
+    assert main(['train', '--resume', str(run), '--data-dir', str(FMNIST), '--max-train-samples', '64',
+                 '--max-val-samples', '32', '-b', '32', '--threads', '1']) == 2
+    err = capsys.readouterr().err
+    assert 'last.state.pth' in err and 'refused' in err, err
+    assert 'weights_only' not in err and 'Traceback' not in err, err

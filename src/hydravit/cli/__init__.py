@@ -12,7 +12,7 @@ from typing import Iterator, List, Optional, Tuple
 
 from ..models.factory import UniversalModel
 from ..storage.run_folder import load_or_create_model
-from .common import describe_os_error, process_env, reexec_with_env
+from .common import describe_os_error, process_env, reexec_with_env, safe_message
 
 LOG_LEVELS = ('DEBUG', 'INFO', 'WARNING', 'ERROR')
 # subcommand -> module defining ``add_parser(subparsers)`` and ``run(args) -> int``
@@ -102,7 +102,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             return int(args._run(args) or 0)
         except (ValueError, FileNotFoundError) as e:
-            logging.getLogger('hydravit').error('hydravit %s: error: %s', args.command, e)
+            logging.getLogger('hydravit').error('hydravit %s: error: %s', args.command, safe_message(e))
             return 2
         except OSError as e:  # a full disk, a read-only or vanished output folder: the reason, not a traceback
             logging.getLogger('hydravit').error('hydravit %s: error: %s', args.command, describe_os_error(e))

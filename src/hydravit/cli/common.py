@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, S
 import torch
 
 __all__ = ['positive_int', 'add_threads', 'apply_threads', 'process_env', 'reexec_with_env', 'add_alias',
-           'progress', 'add_omp_flag', 'describe_os_error', 'check_writable', 'PASSIVE_OMP']
+           'progress', 'add_omp_flag', 'describe_os_error', 'safe_message', 'check_writable', 'PASSIVE_OMP']
 
 logger = logging.getLogger('hydravit.cli')
 PASSIVE_OMP = {'OMP_WAIT_POLICY': 'PASSIVE'}
@@ -124,6 +124,18 @@ def progress(items: Iterable[T], total: Optional[int] = None, desc: str = '', *,
         if now - last >= every_seconds:
             last = now
             logger.info('%s: %d%s done (%.0f s)', desc, done, f'/{total}' if total else '', now - start)
+
+
+def safe_message(error: BaseException) -> str:
+    """The error's message without torch's advice to retry a refused load with ``weights_only=False`` (which would
+    run whatever the file holds): a refused file is reported as refused, never with a way around the refusal."""
+    text = str(error)
+    start = text.find('Weights only load failed')
+    if start < 0 and 'weights_only' in text:
+        start = text.find('weights_only')
+    if start < 0:
+        return text
+    return text[:start].rstrip(' (:') + ' (refused: it holds Python objects other than tensors and plain types)'
 
 
 def describe_os_error(error: OSError) -> str:

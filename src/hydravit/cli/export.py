@@ -44,5 +44,6 @@ def run(args: argparse.Namespace) -> int:
                           model_name=args.model, overwrite=args.overwrite, onnx_opset=args.opset,
                           use_ema=args.use_ema)
     logger.info(format_table(rows, [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]))
+    logger.info('param_count in M, gmacs in GMACs per image, top1 in %, *_export_s in seconds')
     logger.info(f'exported {len(rows)} subnetworks to {args.output} (index.csv, index.json)')
     return 0

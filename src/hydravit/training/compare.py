@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Type
 
 import numpy as np
+import torch
 
 from ..evaluation.benchmark import benchmark_subnets
 from ..evaluation.report import write_report
@@ -161,8 +162,11 @@ def _runs_table(runs: Sequence[Run]) -> List[str]:
              'train_minutes': run.train_seconds / 60 if run.train_seconds else None,
              'k': ' '.join(str(r['k']) for r in run.results), 'folder': str(run.folder)} for run in runs]
     c = runs[0].config
-    return ['## Runs', '', f'{c.model} on {c.dataset}, {c.epochs} epochs, batch {c.batch_size}, seed {c.seed} '
-            '(train_minutes: empty when the run was reused)', '', markdown_table(rows), '']
+    threads = c.threads or torch.get_num_threads()
+    return ['## Runs', '', f'{c.model} on {c.dataset}, {c.epochs} epochs, batch {c.batch_size}, seed {c.seed}, '
+            f'{threads} threads, {c.max_val_samples or "all"} validation samples (train_minutes: empty when the run '
+            'was reused; benchmark: extracted subnetworks, median of 3 interleaved rounds)', '',
+            markdown_table(rows), '']
 
 
 def _separate_gap_lines(runs: Sequence[Run], separate: Run) -> List[str]:
