@@ -296,3 +296,9 @@ def test_a_refused_state_file_is_never_reported_with_advice_to_unpickle_it(tmp_p
     err = capsys.readouterr().err
     assert 'last.state.pth' in err and 'refused' in err, err
     assert 'weights_only' not in err and 'Traceback' not in err, err
+
+
+def test_the_builtin_recipe_checkpoints_within_its_first_epoch():
+    cfg = load_train_config(None)
+    steps_per_epoch = 60000 // cfg.batch_size  # Fashion-MNIST's training set
+    assert 0 < cfg.checkpoint_interval_steps < steps_per_epoch

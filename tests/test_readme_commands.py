@@ -16,6 +16,7 @@ from typing import List, Optional
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from hydravit.cli import main
@@ -140,9 +141,11 @@ def scratch(tmp_path, monkeypatch):
     """A folder with a tiny trained run at output/train/run (also reachable as run/) and the inputs the README
     takes as given (another method's results file, a folder of unlabelled images)."""
     run = tmp_path / 'output' / 'train' / 'run'
+    threads = torch.get_num_threads()
     train(load_train_config(None, data_dir=str(FMNIST), max_train_samples=256, max_val_samples=64, epochs=1,
                             warmup_epochs=0, heads=[3, 6, 12], output=str(run.parent), experiment='run',
                             report=False, threads=1))
+    torch.set_num_threads(threads)  # a run sets its thread count for the process: give the others theirs back
     (tmp_path / 'run').symlink_to(run, target_is_directory=True)
     shutil.copy(run / 'results.csv', tmp_path / 'other_method.csv')
     (tmp_path / 'images').mkdir()
@@ -155,8 +158,6 @@ def scratch(tmp_path, monkeypatch):
 @pytest.mark.slow
 @needs_fmnist
 def test_every_readme_command_runs_as_written(scratch, capsys):
-    import torch
-
     threads = torch.get_num_threads()
     ran, skipped, failed = [], [], []
     for command in _readme_commands(README.read_text()):
