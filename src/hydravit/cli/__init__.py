@@ -27,6 +27,7 @@ COMMANDS = {
     'select': 'hydravit.cli.select',
     'serve-demo': 'hydravit.cli.adaptive',
     'predict': 'hydravit.cli.predict',
+    'cascade': 'hydravit.cli.cascade',
 }
 
 

@@ -16,6 +16,7 @@ from ..models.kchoices import parse_ks
 from ..storage.results import RESULT_FORMATS, format_table, results_format, write_results
 from . import add_model_source, model_from_args
 from .common import add_threads, apply_threads, check_writable, progress
+from .compile_flags import add_compile_flags, compile_options_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--no-switching', action='store_true', help='skip the switching vs loading table')
     p.add_argument('--switch-repeats', type=int, default=30, help='paired switch/steady forwards per k (median)')
     add_threads(p)
+    add_compile_flags(p)
     p.add_argument('--system-malloc', action='store_true', help="keep glibc's default malloc thresholds on CPU")
     p.add_argument('--results-file', help='write rows here (.csv/.json); switching goes to <stem>_switching.<ext>')
     p.add_argument('--results-format', choices=RESULT_FORMATS, help='default: from --results-file suffix, else csv')
@@ -87,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
                 f'noisy = rounds more than {NOISY_SPREAD_PCT:.0f} % apart')
     rows = benchmark_subnets(model, ks, modes=args.modes, batch_size=args.batch_size, device=device,
                              rounds=args.rounds, min_seconds=args.min_seconds, latency_iters=args.latency_iters,
-                             train=args.train, measure_memory=not args.no_memory, progress=progress)
+                             train=args.train, measure_memory=not args.no_memory, progress=progress,
+                             compile_options=compile_options_from_args(args))
     for row in rows:
         row['noisy'] = '*' if row['infer_spread_pct'] > NOISY_SPREAD_PCT else ''
     switching = (None if args.no_switching else

@@ -9,6 +9,17 @@ from typing import Any, Dict, List, Optional
 import torch
 from timm.data import resolve_data_config
 
+from ..cascade import (
+    collect_logits,
+    curve_rows,
+    load_policy,
+    policy_path,
+    score_points,
+    stack_images,
+    stage_macs,
+    sweep_policies,
+    time_points,
+)
 from ..data.datasets import load_dataset
 from ..data.transforms import build_transform
 from ..evaluation.benchmark import benchmark_subnets
@@ -19,6 +30,7 @@ from ..models.kchoices import parse_ks
 from ..storage.results import RESULT_FORMATS, format_table, results_format, write_results
 from ..storage.run_folder import resolve_checkpoint, training_metadata
 from .common import add_alias, add_threads, apply_threads, check_writable, positive_int, progress
+from .compile_flags import add_compile_flags, compile_options_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +64,17 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--device', default='cpu')
     add_threads(p)
     p.add_argument('--amp-dtype', choices=sorted(AMP_DTYPES), help='autocast dtype (default: fp32)')
+    add_compile_flags(p)
     p.add_argument('--results-file', help='write one row per k here (.csv or .json)')
     p.add_argument('--results-format', choices=RESULT_FORMATS, help='default: from --results-file suffix, else csv')
     p.add_argument('--report', metavar='DIR', nargs='?', const='',
                    help='also write report.md, report.csv and the two Pareto plots into DIR '
                         '(default: a report folder next to the checkpoint)')
+    p.add_argument('--cascade', metavar='POLICY',
+                   help='also score this cascade policy (JSON from hydravit cascade) and its threshold sweep; with '
+                        '--report it is drawn on both plots (default with --report: the policy saved next to the '
+                        'checkpoint, if any). Scored on the whole eval split: for figures on images the policy was '
+                        'not fitted on, use hydravit cascade')
     p.add_argument('--no-benchmark', action='store_true',
                    help='with --report: skip the quick throughput run (only the accuracy-vs-GMACs plot)')
     return p
@@ -82,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     dataset = build_eval_dataset(model, args, trained['class_names'])
     rows = evaluate_dataset(model, dataset, ks, batch_size=args.batch_size, workers=args.workers,
                             device=args.device, amp_dtype=AMP_DTYPES.get(args.amp_dtype), mode=args.mode,
-                            progress=progress)
+                            progress=progress, compile_options=compile_options_from_args(args))
     logger.info(f'{path}: {rows[0]["num_samples"]} {args.split} samples of {args.dataset}, batch {args.batch_size}, '
                 f'{args.device}, {threads} threads, {args.amp_dtype or "fp32"}, mode {args.mode}; '
                 'param_count in M, gmacs in GMACs per image, top1/top5 in %')
@@ -90,11 +108,35 @@ def run(args: argparse.Namespace) -> int:
     if scored < model.num_classes:
         logger.info(f'{scored} of {model.num_classes} classes present: logits restricted to them')
     rows = [{c: {**r, 'checkpoint': str(path)}[c] for c in COLUMNS} for r in rows]
-    _write(args, rows, model, ks, path)
+    curves = _cascade_curve(args, model, dataset, path)
+    _write(args, rows, model, ks, path, curves)
     return 0
 
 
-def _write(args: argparse.Namespace, rows: List[Dict[str, Any]], model, ks, path: Path) -> None:
+def _cascade_curve(args: argparse.Namespace, model: UniversalModel, dataset, path: Path) -> Dict[str, List]:
+    """The cascade policy's sweep scored (and with a benchmark, timed) on the eval data, as report curve rows."""
+    source = Path(args.cascade) if args.cascade else policy_path(path)
+    if not args.cascade and (args.report is None or not source.is_file()):
+        return {}
+    policy = load_policy(source).check_ks(model.k_choices, model.config.num_heads)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+    logits, labels = collect_logits(model, loader, policy.ks, device=args.device)
+    policies = sweep_policies(policy)
+    points = score_points(logits, labels, policies, stage_macs(model, policy.ks))
+    if args.report is not None and not args.no_benchmark:
+        images = stack_images(dataset, range(min(len(dataset), 4 * args.batch_size))).to(args.device)
+        time_points(model, policies, points, images, batch_size=args.batch_size, rounds=2, latency_images=20)
+    table = [dict(policy='fitted' if p['fitted'] else f'sweep {i}', stages='-'.join(map(str, p['ks'])),
+                  top1=p['top1'], gmacs=p['gmacs'], img_per_s=p.get('img_per_s'),
+                  exits=' '.join(f'{k}:{v:.2f}' for k, v in p['exit_fractions'].items()))
+             for i, p in enumerate(points)]
+    logger.info(f'cascade {source}: {policy.describe()}')
+    logger.info(format_table(table, [c for c in table[0] if any(r.get(c) is not None for r in table)]))
+    return {'cascade': curve_rows({'points': points})}
+
+
+def _write(args: argparse.Namespace, rows: List[Dict[str, Any]], model, ks, path: Path,
+           curves: Optional[Dict[str, List]] = None) -> None:
     if args.results_file:
         out = Path(args.results_file)
         fmt = results_format(out, args.results_format)
@@ -109,5 +151,6 @@ def _write(args: argparse.Namespace, rows: List[Dict[str, Any]], model, ks, path
             bench = {label: benchmark_subnets(model, ks, modes=('sliced',), batch_size=args.batch_size,
                                               device=args.device, rounds=3, min_seconds=0.2, latency_iters=20,
                                               measure_memory=False, flop_count=False, interleave_ks=True)}
-        paths = write_report({label: rows}, bench, out_dir)
+        named = {f'{label} {name}': curve for name, curve in (curves or {}).items()}
+        paths = write_report({label: rows}, bench, out_dir, curves=named)
         logger.info('report: ' + ', '.join(str(p) for p in paths.values()))

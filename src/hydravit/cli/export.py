@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
-from ..deployment.export import EXPORT_FORMATS, export_subnets
+from ..cascade.policy import load_policy, policy_path
+from ..deployment.export import EXPORT_FORMATS, export_cascade, export_subnets
 from ..storage.results import format_table
+from ..storage.run_folder import resolve_checkpoint
 from .common import add_alias, add_threads, apply_threads, check_writable
 
 logger = logging.getLogger(__name__)
@@ -34,6 +37,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--model', help='registered model whose preprocessing was used in training, if the checkpoint '
                                    'does not record it')
     p.add_argument('--opset', type=int, default=17, help='ONNX opset (default: %(default)s)')
+    p.add_argument('--cascade', metavar='POLICY', help="also export this early-exit cascade policy ('auto': the one "
+                                                      'saved next to the checkpoint) into OUTPUT/cascade: one ONNX '
+                                                      'file per stage and cascade.json, run by '
+                                                      'hydravit.deployment.cascade_runtime.OnnxCascade')
     return p
 
 
@@ -46,4 +53,11 @@ def run(args: argparse.Namespace) -> int:
     logger.info(format_table(rows, [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]))
     logger.info('param_count in M, gmacs in GMACs per image, top1 in %, *_export_s in seconds')
     logger.info(f'exported {len(rows)} subnetworks to {args.output} (index.csv, index.json)')
+    if args.cascade:
+        checkpoint = resolve_checkpoint(args.checkpoint, args.use_ema)
+        policy = load_policy(policy_path(checkpoint) if args.cascade == 'auto' else args.cascade)
+        manifest = export_cascade(checkpoint, policy, Path(args.output) / 'cascade', model_name=args.model,
+                                  overwrite=args.overwrite, onnx_opset=args.opset, use_ema=args.use_ema)
+        logger.info(f'exported cascade {policy.describe()} to {Path(args.output) / "cascade"} '
+                    f'({len(manifest["stages"])} ONNX stages, cascade.json)')
     return 0

@@ -55,6 +55,8 @@ OPTIONS: List[Tuple[Tuple[str, ...], Dict[str, Any], str]] = [
     (('--lr-base',), dict(type=float), 'learning rate at a global batch of 512'),
     (('--opt',), {}, 'timm optimizer name (adamw, sgd, lamb, ...)'),
     (('--momentum',), dict(type=float), 'SGD momentum'),
+    (('--opt-active-slice',), dict(action=BOOL),
+     "AdamW updates only the step's active slice (faster at small k; off: the paper's full-tensor update)"),
     (('--weight-decay',), dict(type=float), 'weight decay'),
     (('--sched',), {}, 'timm scheduler name (cosine, step, ...)'),
     (('--warmup-epochs',), dict(type=float), 'linear warm-up epochs (fractions allowed)'),
@@ -66,6 +68,9 @@ OPTIONS: List[Tuple[Tuple[str, ...], Dict[str, Any], str]] = [
     (('--clip-mode',), {}, 'norm | value | agc'),
     (('--amp',), dict(action=BOOL), 'mixed precision (torch.autocast)'),
     (('--amp-dtype',), dict(choices=('float16', 'bfloat16')), 'autocast dtype'),
+    (('--torchcompile',), dict(nargs='?', const='inductor'),
+     'torch.compile the model with this backend (default when given: inductor); each k compiles once'),
+    (('--torchcompile-mode',), {}, 'torch.compile mode: default, reduce-overhead, max-autotune, ...'),
     (('--model-ema',), dict(action=BOOL), 'keep an EMA of the weights (timm ModelEmaV3), evaluated too'),
     (('--model-ema-decay',), dict(type=float), 'EMA decay'),
     # regularisation and augmentation

@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Iterable, List, Literal, Optional, Seque
 import torch
 import torch.nn.functional as F
 
+from ..models.compiled import CompileOptions, compile_module, compile_universal
 from ..models.costs import add_costs
 from ..models.factory import UniversalModel
 from ..models.kchoices import check_k_choices
@@ -102,6 +103,8 @@ def evaluate_subnets(
         class_indices: Optional[Sequence[int]] = None,
         mode: Mode = 'sliced',
         progress: Optional[Progress] = None,
+        forward: Optional[Callable[..., torch.Tensor]] = None,
+        compile_options: Optional[CompileOptions] = None,
 ) -> List[Dict[str, float]]:
     """One row per k: ``k, top1, top1_err, top5, top5_err, loss, num_samples`` (percentages).
 
@@ -109,7 +112,9 @@ def evaluate_subnets(
     agree; this is the check). ``class_indices`` restricts the logits to those classes (ImageNet-R/-A
     style test sets); labels stay indices into the full class list. With fewer than 5 classes "top5"
     is top-C. Sliced mode reads the loader once for all k. ``progress`` wraps each pass over the loader
-    (e.g. a tqdm bar).
+    (e.g. a tqdm bar). ``forward(images, k=k)`` replaces
+    ``model(images, k=k)`` in sliced mode (a :class:`hydravit.models.compiled.PerKCompiled` of ``model``);
+    ``compile_options`` compiles the sliced model (one graph per k) or each extracted subnet.
     """
     if mode not in EVAL_MODES:
         raise ValueError(f'mode must be one of {EVAL_MODES}, got {mode!r}')
@@ -135,12 +140,16 @@ def evaluate_subnets(
         with torch.inference_mode(), autocast:
             if mode == 'sliced':
                 tallies = {k: _Tally() for k in ks}
+                run = forward or model
+                if forward is None and compile_options is not None:
+                    run = compile_universal(model, compile_options, pad_batches=True)
                 for images, target in passes(f'eval k={ks}'):
                     for k in ks:
-                        tallies[k].update(_restrict(model(images, k=k), columns), target)
+                        tallies[k].update(_restrict(run(images, k=k), columns), target)
                 return [tallies[k].row(k) for k in ks]
             rows = []
             for k, net in _subnet_fns(model, ks, mode):
+                net = compile_module(net, compile_options) if compile_options else net
                 tally = _Tally()
                 for images, target in passes(f'eval k={k} (extracted)'):
                     tally.update(_restrict(net(images), columns), target)
@@ -185,7 +194,8 @@ def _load_with_ks(path: str | os.PathLike, ks: Optional[Sequence[int]]) -> Tuple
 
 def evaluate_dataset(model: UniversalModel, dataset, ks: Optional[Sequence[int]] = None, *, batch_size: int = 256,
                      workers: int = 0, device: str | torch.device = 'cpu', amp_dtype: Optional[torch.dtype] = None,
-                     mode: Mode = 'sliced', progress: Optional[Progress] = None) -> List[Dict]:
+                     mode: Mode = 'sliced', progress: Optional[Progress] = None,
+                     compile_options: Optional[CompileOptions] = None) -> List[Dict]:
     """:func:`evaluate_subnets` on a data set, with timm's validate.py columns and per-k costs.
 
     A data set whose ``class_indices`` (labels present) are a strict subset of the model's classes
@@ -202,7 +212,8 @@ def evaluate_dataset(model: UniversalModel, dataset, ks: Optional[Sequence[int]]
     class_indices = present if len(present) < model.num_classes else None
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     rows = evaluate_subnets(model.to(device), loader, ks, device=device, amp_dtype=amp_dtype,
-                            class_indices=class_indices, mode=mode, progress=progress)
+                            class_indices=class_indices, mode=mode, progress=progress,
+                            compile_options=compile_options)
     data_config = resolve_data_config({}, model=model)
     return add_costs(rows, model.config, img_size=data_config['input_size'][-1], crop_pct=data_config['crop_pct'],
                      interpolation=data_config['interpolation'], mode=mode, num_classes_scored=len(present))

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..models.compiled import CompileOptions
 from ..models.kchoices import check_k_choices
 
 __all__ = ['TrainConfig', 'AMP_DTYPES', 'effective_lr']
@@ -91,6 +92,9 @@ class TrainConfig:
     eval_metric: str = 'top1_mean'
     checkpoint_interval_steps: int = 0
     report: bool = True
+    torchcompile: Optional[str] = None  # a torch.compile backend (timm's flag): one graph per k
+    torchcompile_mode: Optional[str] = None
+    opt_active_slice: bool = False  # AdamW over the step's active slice only (training.slice_optimizer)
 
     def __post_init__(self) -> None:
         for name in ('batch_size', 'epochs', 'grad_accum_steps', 'val_interval', 'log_interval', 'importance_samples'):
@@ -118,10 +122,22 @@ class TrainConfig:
                 # the model sorts its k choices: keep each weight with its k
                 pairs = sorted(zip(self.heads, self.head_weights, strict=True))
                 self.heads, self.head_weights = [k for k, _ in pairs], [w for _, w in pairs]
+        if self.torchcompile_mode is not None and self.torchcompile is None:
+            raise ValueError('--torchcompile-mode needs --torchcompile (the backend, e.g. inductor)')
+        self.compile_options()  # validates backend and mode
+        if self.opt_active_slice and self.opt.lower() != 'adamw':
+            raise ValueError(f'--opt-active-slice is an AdamW step over the active slice: it needs --opt adamw, '
+                             f'got --opt {self.opt}')
         for name in ('scale', 'ratio'):
             value = getattr(self, name)
             if value is not None and len(value) != 2:
                 raise ValueError(f'{name} takes two numbers (min max), got {value!r}')
+
+    def compile_options(self) -> Optional[CompileOptions]:
+        """The torch.compile settings, or None when the run is eager."""
+        if self.torchcompile is None:
+            return None
+        return CompileOptions(self.torchcompile, self.torchcompile_mode)
 
     def to_dict(self) -> Dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
