@@ -4,18 +4,18 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import DefaultDict, Dict
 
 import torch
 
-from ..evaluation.benchmark import BENCH_MODES, benchmark_subnets, measure_switching, reexec_with_malloc_env
+from ..evaluation.benchmark import BENCH_MODES, MALLOC_ENV, NOISY_SPREAD_PCT, benchmark_subnets, measure_switching
 from ..models.factory import UniversalModel, model_from_config
 from ..models.kchoices import parse_ks
 from ..storage.results import RESULT_FORMATS, format_table, results_format, write_results
 from . import add_model_source, model_from_args
+from .common import add_threads, apply_threads, check_writable, progress
 from .compile_flags import add_compile_flags, compile_options_from_args
 
 logger = logging.getLogger(__name__)
@@ -38,12 +38,18 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--no-memory', action='store_true', help='skip the peak-memory child processes')
     p.add_argument('--no-switching', action='store_true', help='skip the switching vs loading table')
     p.add_argument('--switch-repeats', type=int, default=30, help='paired switch/steady forwards per k (median)')
-    p.add_argument('--threads', type=int, help="torch CPU threads (default: torch's)")
+    add_threads(p)
     add_compile_flags(p)
     p.add_argument('--system-malloc', action='store_true', help="keep glibc's default malloc thresholds on CPU")
     p.add_argument('--results-file', help='write rows here (.csv/.json); switching goes to <stem>_switching.<ext>')
     p.add_argument('--results-format', choices=RESULT_FORMATS, help='default: from --results-file suffix, else csv')
+    p.set_defaults(_process_env=process_env)
     return p
+
+
+def process_env(args: argparse.Namespace) -> Dict[str, str]:
+    """On CPU, fixed malloc thresholds from process start (see evaluation.benchmark), unless --system-malloc."""
+    return {} if args.system_malloc or torch.device(args.device).type != 'cpu' else dict(MALLOC_ENV)
 
 
 def print_ratios(rows: list) -> None:
@@ -63,25 +69,30 @@ def print_ratios(rows: list) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = torch.device(args.device)
-    if device.type == 'cpu' and not args.system_malloc and sys.argv[1:2] == ['benchmark']:
-        # launched as `hydravit benchmark ...` (not main(argv) from Python): restart with fixed malloc thresholds
-        reexec_with_malloc_env(['-c', 'import sys; from hydravit.cli import main; sys.exit(main())', *sys.argv[1:]])
+    device = torch.device(args.device)  # hydravit.cli.main restarted the program with process_env(args) set
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError('--device cuda requested but CUDA is not available')
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = apply_threads(args.threads)
+    for setting in ('batch_size', 'rounds', 'latency_iters', 'switch_repeats'):
+        if getattr(args, setting) < 1:
+            raise ValueError(f'--{setting.replace("_", "-")} must be >= 1, got {getattr(args, setting)}')
+    if args.results_file:
+        check_writable(Path(args.results_file).parent, '--results-file')
     model, checkpoint = model_from_args(args)
     ks = parse_ks(args.k, num_heads=model.config.num_heads)
     if ks:
         model = _with_ks(model, ks)
     name = checkpoint or args.model
-    logger.info(f'{name}: batch {args.batch_size}, {device}, fp32, {torch.get_num_threads()} threads, '
-          f'{args.rounds} rounds, median')
+    logger.info(f'{name}: modes {" ".join(args.modes)}, batch {args.batch_size} (latency: batch 1), {device}, fp32, '
+                f'{threads} threads, {args.rounds} interleaved rounds of {args.min_seconds} s, median; '
+                'param_count in M, gmacs in GMACs per image, img/s, ms, MB; '
+                f'noisy = rounds more than {NOISY_SPREAD_PCT:.0f} % apart')
     rows = benchmark_subnets(model, ks, modes=args.modes, batch_size=args.batch_size, device=device,
                              rounds=args.rounds, min_seconds=args.min_seconds, latency_iters=args.latency_iters,
-                             train=args.train, measure_memory=not args.no_memory,
+                             train=args.train, measure_memory=not args.no_memory, progress=progress,
                              compile_options=compile_options_from_args(args))
+    for row in rows:
+        row['noisy'] = '*' if row['infer_spread_pct'] > NOISY_SPREAD_PCT else ''
     switching = (None if args.no_switching else
                  measure_switching(model, ks, device=device, repeats=args.switch_repeats))
     _output(args, rows, switching)

@@ -30,6 +30,7 @@ from ..models.kchoices import parse_ks
 from ..storage.results import RESULT_FORMATS, format_table, results_format, write_results
 from ..storage.run_folder import resolve_checkpoint, training_metadata
 from . import add_ema_choice
+from .common import add_alias, add_threads, apply_threads, check_writable, positive_int, progress
 from .compile_flags import add_compile_flags, compile_options_from_args
 
 logger = logging.getLogger(__name__)
@@ -58,10 +59,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--data-dir', help='data root (default: the training one when --dataset is not given)')
     p.add_argument('--split', default='val', help='split to evaluate (default: %(default)s)')
     p.add_argument('--class-map', help='file mapping folder names to class indices (ImageNet-R/-A style subsets)')
-    p.add_argument('--max-samples', type=int, help='evaluate on the first N samples only (quick checks)')
+    p.add_argument('--max-val-samples', type=positive_int, dest='max_samples',
+                   help='evaluate on the first N samples only (quick checks)')
+    add_alias(p, '--max-samples', '--max-val-samples', 'max_samples', type=positive_int)
     p.add_argument('-b', '--batch-size', type=int, default=256)
     p.add_argument('-j', '--workers', type=int, default=2)
     p.add_argument('--device', default='cpu')
+    add_threads(p)
     p.add_argument('--amp-dtype', choices=sorted(AMP_DTYPES), help='autocast dtype (default: fp32)')
     add_compile_flags(p)
     p.add_argument('--results-file', help='write one row per k here (.csv or .json)')
@@ -88,6 +92,9 @@ def build_eval_dataset(model: UniversalModel, args: argparse.Namespace, class_na
 
 
 def run(args: argparse.Namespace) -> int:
+    threads = apply_threads(args.threads)
+    if args.results_file:
+        check_writable(Path(args.results_file).parent, '--results-file')
     path = resolve_checkpoint(args.checkpoint, args.use_ema)
     model, ks = load_for_eval(path, parse_ks(args.k), args.model, use_ema=args.use_ema)
     trained = training_metadata(path)
@@ -96,7 +103,10 @@ def run(args: argparse.Namespace) -> int:
     dataset = build_eval_dataset(model, args, trained['class_names'])
     rows = evaluate_dataset(model, dataset, ks, batch_size=args.batch_size, workers=args.workers,
                             device=args.device, amp_dtype=AMP_DTYPES.get(args.amp_dtype), mode=args.mode,
-                            compile_options=compile_options_from_args(args))
+                            progress=progress, compile_options=compile_options_from_args(args))
+    logger.info(f'{path}: {rows[0]["num_samples"]} {args.split} samples of {args.dataset}, batch {args.batch_size}, '
+                f'{args.device}, {threads} threads, {args.amp_dtype or "fp32"}, mode {args.mode}; '
+                'param_count in M, gmacs in GMACs per image, top1/top5 in %')
     scored = rows[0]['num_classes_scored']
     if scored < model.num_classes:
         logger.info(f'{scored} of {model.num_classes} classes present: logits restricted to them')
@@ -142,8 +152,8 @@ def _write(args: argparse.Namespace, rows: List[Dict[str, Any]], model, ks, path
         bench = None
         if not args.no_benchmark:
             bench = {label: benchmark_subnets(model, ks, modes=('sliced',), batch_size=args.batch_size,
-                                              device=args.device, rounds=2, min_seconds=0.2, latency_iters=20,
-                                              measure_memory=False, flop_count=False)}
+                                              device=args.device, rounds=3, min_seconds=0.2, latency_iters=20,
+                                              measure_memory=False, flop_count=False, interleave_ks=True)}
         named = {f'{label} {name}': curve for name, curve in (curves or {}).items()}
         paths = write_report({label: rows}, bench, out_dir, curves=named)
         logger.info('report: ' + ', '.join(str(p) for p in paths.values()))

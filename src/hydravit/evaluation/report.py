@@ -37,10 +37,24 @@ def join_results(eval_rows: Sequence[Row], bench_rows: Sequence[Row] = (), bench
     for row in eval_rows:
         bench = by_k.get(int(row['k']), {})
         extra: Row = {c: bench[c] for c in ('param_count', 'gmacs') if c in bench and c not in row}
-        extra.update({c: bench[c] for c in ('infer_samples_per_sec', 'infer_latency_ms', 'peak_mem_mb')
+        extra.update({c: bench[c] for c in ('infer_samples_per_sec', 'infer_samples_per_sec_min',
+                                            'infer_samples_per_sec_max', 'infer_latency_ms', 'peak_mem_mb')
                       if c in bench})
         joined.append({**row, **extra})
     return joined
+
+
+def _spread(rows: Sequence[Row], x: str, xs: Sequence[float]) -> Optional[List[List[float]]]:
+    """[below, above] distances of ``x``'s ``_min``/``_max`` from each point, when every row has them."""
+    by_x = {}
+    for r in rows:
+        lo, hi = r.get(f'{x}_min'), r.get(f'{x}_max')
+        if r.get(x) is None or lo in (None, '') or hi in (None, ''):
+            return None
+        by_x[float(r[x])] = (float(lo), float(hi))
+    if not by_x:
+        return None
+    return [[v - by_x[v][0] for v in xs], [by_x[v][1] - v for v in xs]]
 
 
 def plot_accuracy(series: Mapping[str, Sequence[Row]], x: str, path: PathLike, title: Optional[str] = None,
@@ -66,7 +80,11 @@ def plot_accuracy(series: Mapping[str, Sequence[Row]], x: str, path: PathLike, t
         if not points:
             continue
         xs, ys, ks = zip(*points, strict=True)
-        ax.plot(xs, ys, marker='o', label=label)
+        spread = _spread(rows, x, xs)
+        if spread is not None:  # the range of the timed rounds: how far each point could move on this machine
+            ax.errorbar(xs, ys, xerr=spread, marker='o', capsize=3, label=f'{label} (bars: range of timed rounds)')
+        else:
+            ax.plot(xs, ys, marker='o', label=label)
         for px, py, k in points:
             ax.annotate(f'k={k}', (px, py), textcoords='offset points', xytext=(4, -10), fontsize=7)
         plotted += 1
@@ -134,7 +152,10 @@ def write_report(eval_rows_by_label: Mapping[str, Sequence[Row]],
         paths['plot_throughput'] = plot_accuracy(series, 'infer_samples_per_sec',
                                                  out_dir / 'accuracy_vs_throughput.png',
                                                  'Top-1 accuracy vs inference throughput', curves=curves)
-    text = [f'# {title}', '', markdown_table(table, columns), '']
+    units = ('Units: top1/top5 in %, param_count in M parameters, gmacs in GMACs per image (analytic), '
+             'infer_samples_per_sec in images/s (median of timed rounds), infer_latency_ms at batch 1, '
+             'peak_mem_mb in MB.')
+    text = [f'# {title}', '', markdown_table(table, columns), '', units, '']
     if curves:
         curve_table = [{'curve': label, **r} for label, rows in curves.items() for r in rows]
         curve_columns = [c for c in ('curve', 'label', 'stages', 'top1', 'gmacs', 'infer_samples_per_sec',

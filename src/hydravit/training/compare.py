@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Type
 
 import numpy as np
+import torch
 
 from ..evaluation.benchmark import benchmark_subnets
 from ..evaluation.report import write_report
@@ -25,6 +26,7 @@ from ..storage.results import markdown_table, read_results, write_results
 from ..storage.run_folder import RunFolder
 from .config import TrainConfig
 from .methods import METHODS, CompareOptions, NestingMethod, method_class
+from .preflight import check_before_training
 from .trainer import train
 
 __all__ = ['Run', 'run_config', 'method_config', 'train_runs', 'compare_methods', 'write_comparison',
@@ -97,7 +99,8 @@ def _benchmark(run: Run, batch_size: int, seconds: float, measure_memory: bool) 
 def train_runs(runs: Sequence[Run], *, benchmark: bool = True, bench_batch_size: int = 256,
                bench_seconds: float = 0.2, measure_memory: bool = False) -> None:
     """Train (or reuse) each run in turn, then time its subnetworks; fills the runs' results in place."""
-    for run in runs:
+    for i, run in enumerate(runs, start=1):
+        logger.info('run %d of %d: %s -> %s', i, len(runs), run.label, run.folder)
         _train_or_reuse(run)
         if benchmark:
             _benchmark(run, bench_batch_size, bench_seconds, measure_memory)
@@ -120,6 +123,8 @@ def compare_methods(base: TrainConfig, methods: Sequence[str] = tuple(METHODS), 
         check_k_choices(separate_ks, config.num_heads, what='--separate-ks')
     options = CompareOptions(k_choices=k_choices, teacher_epochs=teacher_epochs, separate_ks=separate_ks)
     runs = {cls.name: Run(cls.label, method_config(base, cls.name, out_dir, options)) for cls in classes}
+    for run in runs.values():  # every run's settings, before the first one trains
+        check_before_training(run.config)
     train_runs(list(runs.values()), **bench)
     baseline = next((run for run in runs.values() if run.method.is_baseline), None)
     write_comparison(list(runs.values()), out_dir, title='Nested-width methods compared', separate=baseline,
@@ -157,8 +162,11 @@ def _runs_table(runs: Sequence[Run]) -> List[str]:
              'train_minutes': run.train_seconds / 60 if run.train_seconds else None,
              'k': ' '.join(str(r['k']) for r in run.results), 'folder': str(run.folder)} for run in runs]
     c = runs[0].config
-    return ['## Runs', '', f'{c.model} on {c.dataset}, {c.epochs} epochs, batch {c.batch_size}, seed {c.seed} '
-            '(train_minutes: empty when the run was reused)', '', markdown_table(rows), '']
+    threads = c.threads or torch.get_num_threads()
+    return ['## Runs', '', f'{c.model} on {c.dataset}, {c.epochs} epochs, batch {c.batch_size}, seed {c.seed}, '
+            f'{threads} threads, {c.max_val_samples or "all"} validation samples (train_minutes: empty when the run '
+            'was reused; benchmark: extracted subnetworks, median of 3 interleaved rounds)', '',
+            markdown_table(rows), '']
 
 
 def _separate_gap_lines(runs: Sequence[Run], separate: Run) -> List[str]:

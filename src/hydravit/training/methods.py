@@ -188,6 +188,9 @@ class DynaBERT(NestingMethod):
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
         self.teacher: Optional[UniversalModel] = None  # the frozen full-width model, once reordered
+        if cfg.teacher_epochs == 0 and not cfg.initial_checkpoint:
+            logger.warning('--method dynabert --teacher-epochs 0 without --initial-checkpoint: every k distils from '
+                           'an untrained teacher')
 
     @classmethod
     def check(cls, cfg: TrainConfig) -> None:
@@ -195,13 +198,18 @@ class DynaBERT(NestingMethod):
         if cfg.teacher_epochs is not None and not 0 <= cfg.teacher_epochs < cfg.epochs:
             raise ValueError(f'--teacher-epochs must be in 0..{cfg.epochs - 1} (below --epochs), '
                              f'got {cfg.teacher_epochs}')
+        if cfg.teacher_epochs is None and not cfg.initial_checkpoint and cfg.epochs < 2:
+            raise ValueError(f'--method dynabert trains its full-width teacher for at least one epoch before the '
+                             f'width-adaptive phase: give --epochs >= 2 (got {cfg.epochs}), or --initial-checkpoint '
+                             'to distil from trained weights, or --teacher-epochs 0 to distil from the initial weights')
 
     @staticmethod
     def teacher_epochs(cfg: TrainConfig) -> int:
-        """Epochs of full-width training before reordering: as set, else 0 from a checkpoint, else a quarter."""
+        """Epochs of full-width training before reordering: as set, else 0 from a checkpoint, else a quarter
+        (at least one: a teacher trained for 0 epochs teaches nothing)."""
         if cfg.teacher_epochs is not None:
             return cfg.teacher_epochs
-        return 0 if cfg.initial_checkpoint else cfg.epochs // 4
+        return 0 if cfg.initial_checkpoint else max(1, cfg.epochs // 4)
 
     def ks_for_step(self, trainer: TrainerView, step: int) -> List[int]:
         if self.teacher is None:  # the full width trains first

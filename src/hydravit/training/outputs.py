@@ -59,8 +59,10 @@ def write_run_results(run: RunFolder, results: Sequence[Row], model: UniversalMo
     plot_accuracy(series, 'gmacs', run.plot, f'{title}: top-1 vs GMACs')
     logger.info('results: %s, %s', run.results, run.plot)
     if report:
-        bench = benchmark_subnets(model, [r['k'] for r in results], modes=('sliced',), device=device, rounds=1,
-                                  min_seconds=0.1, latency_iters=3, measure_memory=False, flop_count=False)
+        # as `hydravit benchmark` times: interleaved rounds (every k in each), median, the spread as error bars
+        bench = benchmark_subnets(model, [r['k'] for r in results], modes=('sliced',), device=device, rounds=5,
+                                  min_seconds=0.1, latency_iters=3, measure_memory=False, flop_count=False,
+                                  interleave_ks=True)
         paths = write_report(series, {name: bench for name in series}, run.report, config=model.config,
                              title=title)
         logger.info('report: %s', ', '.join(str(p) for p in paths.values()))

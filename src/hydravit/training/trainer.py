@@ -14,7 +14,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
@@ -43,12 +43,13 @@ from ..storage.run_folder import (
     read_summary,
     write_summary,
 )
-from .config import AMP_DTYPES, EVAL_METRIC, TrainConfig, effective_lr
+from .config import AMP_DTYPES, TrainConfig, effective_lr
 from .distributed import DistEnv, all_gather, all_reduce_sum, check_replicas_in_sync, init_distributed
 from .loaders import EpochSeededDataset, build_datasets, rng_preserving, run_data_config, train_loader, val_loader
 from .methods import create_method
 from .model_setup import build_model
 from .outputs import PerK, metric_value, results_table, summary_row, write_run_results
+from .preflight import check_eval_metric
 from .samplers import create_sampler
 from .slice_optimizer import ActiveSliceAdamW
 from .state import capture_rng, load_training_checkpoint, resolve_resume, restore_rng, save_training_checkpoint
@@ -98,6 +99,9 @@ class Trainer:
     """One training run; ``fit()`` returns the per-k results. Build it through :func:`train`."""
 
     def __init__(self, cfg: TrainConfig, env: DistEnv, datasets: Optional[Tuple[Dataset, Dataset]] = None) -> None:
+        if cfg.threads is not None:  # the weights depend on the thread count: args.yaml records the one used
+            torch.set_num_threads(cfg.threads)
+        cfg = replace(cfg, threads=torch.get_num_threads())
         self.cfg, self.env = cfg, env
         self.method = create_method(cfg)
         resume_dir = resolve_resume(cfg.resume) if cfg.resume else None
@@ -184,10 +188,7 @@ class Trainer:
         self.eval_forwards: Dict[int, Optional[PerKCompiled]] = {}
 
     def _check_eval_metric(self) -> None:
-        m = EVAL_METRIC.fullmatch(self.cfg.eval_metric)
-        if m is not None and m.group(2) and int(m.group(2)) not in self.eval_ks:
-            raise ValueError(f'--eval-metric {self.cfg.eval_metric}: k={m.group(2)} is not evaluated; '
-                             f'--eval-heads are {self.eval_ks}')
+        check_eval_metric(self.cfg.eval_metric, self.eval_ks)
 
     # -------------------------------------------------------------------------------------- resume
     def _resume(self, folder: Path) -> None:
