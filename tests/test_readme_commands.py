@@ -48,7 +48,11 @@ TINY_FLAGS = {
 NO_TINY_FLAGS_WITH = ('--resume',)
 # an exit status 2 that is a correct answer, not a failure: the message it must come with
 EXPECTED_REFUSALS = {'select': 'no subnetwork meets'}  # a latency budget a loaded test machine may not meet
-SKIPPED_SUBCOMMANDS: dict = {}  # subcommand -> why its README commands cannot run in a test
+# subcommand -> why its README commands cannot run here as one-shot commands
+SKIPPED_SUBCOMMANDS: dict = {
+    'serve': 'a long-running server: test_serve.py starts real servers on loopback ports and stops them',
+    'loadtest': 'needs a running server: test_serve.py runs the load test against one',
+}
 SCRATCH_PATHS = ('/tmp/',)  # absolute output paths in the README, moved into the scratch folder
 
 
@@ -86,6 +90,8 @@ def _skip_reason(tokens: List[str]) -> Optional[str]:
     """Why a command cannot run in a test on this machine (None: it runs)."""
     if tokens[:2] == ['bash', 'scripts/setup.sh']:
         return 'creates a virtual environment and installs packages (the setup, not a command of the package)'
+    if tokens[0] == 'curl':
+        return 'a request to a running server: test_serve.py sends the same requests to a real one'
     if tokens[0] == 'torchrun':
         return 'several processes: the multi-process run is tested in test_train.py (gloo)'
     if tokens[0].endswith('python') and tokens[1:3] == ['-m', 'pytest']:
