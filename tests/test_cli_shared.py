@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from hydravit.cascade.policy import CascadePolicy, save_policy
 from hydravit.cli import build_parser, main
 from hydravit.cli.common import process_env, progress
 from hydravit.evaluation.benchmark import MALLOC_ENV, benchmark_subnets
@@ -263,6 +264,26 @@ def test_predict_gives_class_names_top5_and_the_k_used(tiny_checkpoint, tmp_path
         assert [row[f'prob{i}'] for i in range(1, 6)] == pytest.approx(top.values.tolist(), abs=1e-5)
 
 
+@pytest.mark.parametrize('threshold, exit_k', [(0.0, 2), (2.0, 4)])
+def test_predict_with_a_cascade_reports_the_k_that_answered(tiny_checkpoint, tmp_path, threshold, exit_k):
+    """Threshold 0: every image exits at the first stage; above 1: every image reaches the last; the rows
+    then equal plain prediction at that k."""
+    paths = _images(tmp_path / 'imgs')
+    policy = save_policy(CascadePolicy(ks=(2, 4), thresholds=(threshold,)), tmp_path / 'policy.json')
+    rows = {}
+    for name, flags in [('cascade', ['--cascade', str(policy)]), ('static', ['--k', str(exit_k)])]:
+        out = tmp_path / f'{name}.json'
+        assert main(['predict', '--checkpoint', str(tiny_checkpoint), str(tmp_path / 'imgs'), *flags,
+                     '--results-file', str(out)]) == 0
+        data = json.loads(out.read_text())
+        rows[name] = data['rows'] if isinstance(data, dict) else data
+    assert [r['k'] for r in rows['cascade']] == [exit_k] * len(paths)
+    for got, want in zip(rows['cascade'], rows['static'], strict=True):
+        assert [got[f'class{i}'] for i in range(1, 6)] == [want[f'class{i}'] for i in range(1, 6)]
+        assert [got[f'prob{i}'] for i in range(1, 6)] == pytest.approx([want[f'prob{i}'] for i in range(1, 6)],
+                                                                       abs=1e-6)
+
+
 def test_predict_defaults_to_the_largest_k_and_refuses_what_it_cannot_do(tiny_checkpoint, tmp_path, capsys):
     paths = _images(tmp_path / 'imgs', 1)
     out = tmp_path / 'pred.csv'
@@ -272,7 +293,7 @@ def test_predict_defaults_to_the_largest_k_and_refuses_what_it_cannot_do(tiny_ch
     capsys.readouterr()
     (tmp_path / 'notes.txt').write_text('not an image')
     for argv, message in [
-        (['--cascade', 'entropy', str(paths[0])], '--cascade entropy: cascaded prediction is not available'),
+        (['--cascade', str(tmp_path / 'none.json'), str(paths[0])], 'none.json does not exist'),
         (['--k', '9', str(paths[0])], 'outside 1..4'),
         ([str(tmp_path / 'missing.png')], 'missing.png does not exist'),
         ([str(tmp_path / 'notes.txt')], 'notes.txt: not a readable image'),

@@ -42,7 +42,7 @@ TINY_FLAGS = {
     'predict': [*ONE_THREAD],
     'report': [],
     'info': [],
-    'cascade': ['--max-samples', '256', '--no-timing', '-b', '64', *ONE_THREAD],
+    'cascade': ['--max-val-samples', '256', '--no-timing', '-b', '64', *ONE_THREAD],
 }
 # a resumed run takes its settings from its args.yaml: nothing is appended
 NO_TINY_FLAGS_WITH = ('--resume',)

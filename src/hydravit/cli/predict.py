@@ -22,7 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group()
     which.add_argument('--k', type=int, help="subnetwork to run (default: the checkpoint's largest trained k)")
     which.add_argument('--cascade', metavar='POLICY',
-                       help='cascade policy: small k first, larger k where it is unsure (not available yet)')
+                       help='early-exit cascade policy JSON (from hydravit cascade): small k first, larger k where '
+                            "it is unsure; the 'k' column says which k answered each image")
     p.add_argument('--use-ema', action='store_true', help='use the *_ema.safetensors next to the checkpoint')
     p.add_argument('--model', help='registered model whose preprocessing training used, when the checkpoint '
                                    'does not record it')
@@ -35,17 +36,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.cascade is not None:
-        # the cascade package plugs in here: build its predictor from (args.checkpoint, args.cascade) and
-        # report the k each image ended at in the 'k' column
-        raise ValueError(f'--cascade {args.cascade}: cascaded prediction is not available in this version; '
-                         'use --k K')
     threads = apply_threads(args.threads)
     if args.results_file:
         check_writable(Path(args.results_file).parent, '--results-file')
     files = image_files(args.inputs)
-    predictor = Predictor(args.checkpoint, args.k, device=args.device, model_name=args.model, use_ema=args.use_ema)
-    logger.info(f'{predictor.path}: k={predictor.k}, {len(files)} images, batch {args.batch_size}, {args.device}, '
+    predictor = Predictor(args.checkpoint, args.k, device=args.device, model_name=args.model, use_ema=args.use_ema,
+                          cascade=args.cascade)
+    answering = f'cascade {args.cascade}' if args.cascade else f'k={predictor.k}'
+    logger.info(f'{predictor.path}: {answering}, {len(files)} images, batch {args.batch_size}, {args.device}, '
                 f'{threads} threads; probabilities in 0..1')
     rows = predictor.predict(files, args.batch_size, progress=progress)
     if args.results_file:

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image, UnidentifiedImageError
 from timm.data import resolve_data_config
 
+from ..cascade.policy import load_policy
+from ..cascade.predictor import CascadePredictor
 from ..data.transforms import build_transform
 from ..evaluation.evaluate import load_for_eval
 from ..models.factory import UniversalModel
@@ -43,14 +45,19 @@ def image_files(inputs: Sequence[str | os.PathLike]) -> List[Path]:
 
 
 class Predictor:
-    """A checkpoint's subnetwork ``k`` (default: its largest trained k) applied to image files."""
+    """A checkpoint's subnetwork ``k`` (default: its largest trained k), or an early-exit cascade over its
+    subnetworks (``cascade``: a policy file), applied to image files."""
 
     def __init__(self, checkpoint: str | os.PathLike, k: Optional[int] = None, *, device: str = 'cpu',
-                 model_name: Optional[str] = None, use_ema: bool = False) -> None:
+                 model_name: Optional[str] = None, use_ema: bool = False,
+                 cascade: Optional[str | os.PathLike] = None) -> None:
+        if cascade is not None and k is not None:
+            raise ValueError('give either k or a cascade policy, not both')
         self.path = resolve_checkpoint(checkpoint, use_ema)
         model, ks = load_for_eval(self.path, None if k is None else [k], model_name)
         self.model: UniversalModel = model.to(device).eval()
         self.k = ks[-1] if k is None else ks[0]
+        self.cascade = None if cascade is None else CascadePredictor(self.model, load_policy(Path(cascade)))
         self.device = torch.device(device)
         names = training_metadata(self.path)['class_names']
         self.class_names = list(names) if names and len(names) == model.num_classes else \
@@ -64,6 +71,13 @@ class Predictor:
                 return self.transform(img)
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f'{path}: not a readable image ({e})') from None
+
+    def _forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
+        """Logits and the k that answered each image (the exit stage under a cascade)."""
+        if self.cascade is None:
+            return self.model(images, k=self.k), [self.k] * len(images)
+        out = self.cascade(images)
+        return out.logits, out.exit_k.tolist()
 
     def predict(self, files: Sequence[Path], batch_size: int = 64,
                 progress: Optional[Callable[..., Iterable[Any]]] = None) -> List[Dict[str, Any]]:
@@ -79,10 +93,11 @@ class Predictor:
             for start in starts:
                 chunk = files[start:start + batch_size]
                 images = torch.stack([self._load(f) for f in chunk]).to(self.device)
-                probs = torch.softmax(self.model(images, k=self.k).float(), dim=-1)
+                logits, used_k = self._forward(images)
+                probs = torch.softmax(logits.float(), dim=-1)
                 values, indices = probs.topk(top, dim=1)
-                for f, p, i in zip(chunk, values.tolist(), indices.tolist(), strict=True):
-                    row: Dict[str, Any] = {'file': str(f), 'k': self.k}
+                for f, k, p, i in zip(chunk, used_k, values.tolist(), indices.tolist(), strict=True):
+                    row: Dict[str, Any] = {'file': str(f), 'k': k}
                     for rank, (prob, index) in enumerate(zip(p, i, strict=True), start=1):
                         row[f'class{rank}'] = self.class_names[index]
                         row[f'prob{rank}'] = prob
