@@ -9,7 +9,7 @@ import argparse
 from typing import Any, Dict
 
 from ..training.compare import compare_methods
-from ..training.methods import METHODS
+from ..training.methods import METHODS, default_methods
 from .train import OPTIONS, SUPPRESS, config_from_args
 
 # train flags that name one run: a comparison sets them per method
@@ -20,8 +20,8 @@ QUICK = dict(epochs=1, max_train_samples=2048, max_val_samples=1000, warmup_epoc
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser('compare', help='train HydraViT, SortedNet, MatFormer, DynaBERT and separate ViTs alike; '
                                        'one report', description=__doc__.splitlines()[0], argument_default=SUPPRESS)
-    p.add_argument('--methods', nargs='+', choices=tuple(METHODS), default=list(METHODS),
-                   help='methods to train (default: all)')
+    p.add_argument('--methods', nargs='+', choices=tuple(METHODS), default=default_methods(),
+                   help='methods to train (default: all but the ablations heads and width)')
     p.add_argument('-o', '--output', default='output/compare',
                    help='folder of the method runs and of report/ (default: %(default)s); run again to resume')
     p.add_argument('--separate-ks', type=int, nargs='+', default=None,

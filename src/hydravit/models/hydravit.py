@@ -219,9 +219,9 @@ class HydraViT(KChoices, nn.Module):
         x = self._pos_embed(x, shape.embed_dim)
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-                x = checkpoint(block, x, shape.num_heads, shape.mlp_hidden, use_reentrant=False)
+                x = checkpoint(block, x, shape.num_heads, shape.mlp_hidden, shape.head_dim, use_reentrant=False)
             else:
-                x = block(x, shape.num_heads, shape.mlp_hidden)
+                x = block(x, shape.num_heads, shape.mlp_hidden, shape.head_dim)
         return self.norm(x)
 
     def _head(self, x: torch.Tensor, shape: SubnetShape, pre_logits: bool = False) -> torch.Tensor:

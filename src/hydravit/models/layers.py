@@ -56,7 +56,12 @@ class SlicedPatchEmbed(nn.Module):
 
 
 class SlicedAttention(nn.Module):
-    """Multi-head attention over the first ``num_heads`` heads, q/k/v read as a (3, D, D) view."""
+    """Multi-head attention over the first ``num_heads`` heads and the first ``head_dim`` channels of each.
+
+    q/k/v are read as a (3, H, head_dim, D) view; with whole heads (HydraViT) the slice stays a view, with
+    narrower heads (the ``'width'`` ablation) it is gathered into one copy per forward. The scale is
+    ``head_dim ** -0.5`` of the active head width, as in a standalone ViT of that shape.
+    """
 
     def __init__(self, dim: int, head_dim: int, qkv_bias: bool, attn_drop: float, proj_drop: float) -> None:
         super().__init__()
@@ -67,16 +72,20 @@ class SlicedAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
         B, N, d = x.shape
-        inner = num_heads * self.head_dim
-        weight = self.qkv.weight.view(3, self.dim, self.dim)[:, :inner, :d]
-        bias = self.qkv.bias.view(3, self.dim)[:, :inner] if self.qkv.bias is not None else (None,) * 3
-        q, k, v = (F.linear(x, weight[i], bias[i]).view(B, N, num_heads, self.head_dim).transpose(1, 2)
+        inner = num_heads * head_dim
+        heads = self.dim // self.head_dim
+        weight = self.qkv.weight.view(3, heads, self.head_dim, self.dim)[:, :num_heads, :head_dim, :d]
+        weight = weight.reshape(3, inner, d)
+        bias = self.qkv.bias.view(3, heads, self.head_dim)[:, :num_heads, :head_dim].reshape(3, inner) \
+            if self.qkv.bias is not None else (None,) * 3
+        q, k, v = (F.linear(x, weight[i], bias[i]).view(B, N, num_heads, head_dim).transpose(1, 2)
                    for i in range(3))
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, N, inner)
-        x = F.linear(x, self.proj.weight[:d, :inner], self.proj.bias[:d])
+        proj = self.proj.weight.view(self.dim, heads, self.head_dim)[:d, :num_heads, :head_dim].reshape(d, inner)
+        x = F.linear(x, proj, self.proj.bias[:d])
         return self.proj_drop(x)
 
 
@@ -110,7 +119,7 @@ class SlicedBlock(nn.Module):
         self.mlp = SlicedMlp(dim, mlp_hidden_dim(dim, cfg.mlp_ratio), cfg.proj_drop_rate)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, num_heads: int, mlp_hidden: int) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x), num_heads))
+    def forward(self, x: torch.Tensor, num_heads: int, mlp_hidden: int, head_dim: int) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x), num_heads, head_dim))
         return x + self.drop_path2(self.mlp(self.norm2(x), mlp_hidden))
 

@@ -24,7 +24,7 @@ from ..storage.checkpoint import load_model
 from ..storage.results import markdown_table, read_results, write_results
 from ..storage.run_folder import RunFolder
 from .config import TrainConfig
-from .methods import METHODS, CompareOptions, NestingMethod, method_class
+from .methods import CompareOptions, NestingMethod, default_methods, method_class
 from .trainer import train
 
 __all__ = ['Run', 'run_config', 'method_config', 'train_runs', 'compare_methods', 'write_comparison',
@@ -103,7 +103,7 @@ def train_runs(runs: Sequence[Run], *, benchmark: bool = True, bench_batch_size:
             _benchmark(run, bench_batch_size, bench_seconds, measure_memory)
 
 
-def compare_methods(base: TrainConfig, methods: Sequence[str] = tuple(METHODS), out_dir: str | Path = 'output/compare',
+def compare_methods(base: TrainConfig, methods: Optional[Sequence[str]] = None, out_dir: str | Path = 'output/compare',
                     *, separate_ks: Optional[Sequence[int]] = None, teacher_epochs: Optional[int] = None,
                     **bench: Any) -> Dict[str, Run]:
     """Train, evaluate and benchmark every method; write ``out_dir/report`` (table, plots, gaps).
@@ -112,7 +112,7 @@ def compare_methods(base: TrainConfig, methods: Sequence[str] = tuple(METHODS), 
     ``teacher_epochs`` is DynaBERT's full-width phase (default: see :meth:`DynaBERT.teacher_epochs`);
     ``bench`` goes to :func:`train_runs` (``benchmark``, ``bench_batch_size``, ``bench_seconds``, ``measure_memory``).
     """
-    classes = [method_class(m) for m in methods]
+    classes = [method_class(m) for m in (default_methods() if methods is None else methods)]
     out_dir = Path(out_dir)
     config = create_model(base.model).config
     k_choices = list(base.heads or config.k_choices)
