@@ -33,7 +33,7 @@ def test_width_keeps_every_head_and_narrows_each_one_only_where_it_divides():
     assert cfg.k_choices == (3, 6, 9, 12)  # the default is every k the nesting has
     shape = cfg.subnet_shape(3)
     assert (shape.embed_dim, shape.num_heads, shape.head_dim, shape.mlp_hidden) == (192, 12, 16, 768)
-    with pytest.raises(ValueError, match=r"k=4 is not; use k in \[3, 6, 9, 12\]"):
+    with pytest.raises(ValueError, match=r'k=4 is not; use k in \[3, 6, 9, 12\]'):
         cfg.subnet_shape(4)
     with pytest.raises(ValueError, match=r"nesting 'width' has no subnetwork k=\[4, 5\] .*among \[3, 6, 9, 12\]"):
         HydraViTConfig(**BASE, nesting='width', k_choices=(3, 4, 5, 6))

@@ -14,7 +14,7 @@ from ..models.costs import add_costs
 from ..storage.checkpoint import atomic_write
 from ..storage.results import Row, format_table, markdown_table, write_results
 
-__all__ = ['plot_accuracy', 'join_results', 'write_report', 'PLOT_AXES']
+__all__ = ['plot_accuracy', 'plot_per_k_curves', 'join_results', 'write_report', 'PLOT_AXES']
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
@@ -75,6 +75,35 @@ def plot_accuracy(series: Mapping[str, Sequence[Row]], x: str, path: PathLike, t
     ax.set_title(title or f'{y} vs {PLOT_AXES[x].split(" (")[0]}')
     ax.grid(True, alpha=0.3)
     ax.legend(loc='best')  # accuracy rises with cost but falls with throughput
+    fig.tight_layout()
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format='png'))
+
+
+def plot_per_k_curves(summary: Sequence[Row], path: PathLike, title: Optional[str] = None, *,
+                      metric: str = 'train_loss') -> Path:
+    """``metric_k<N>`` columns of ``summary.csv`` rows against the epoch, one line per k; a PNG file."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    prefix = f'{metric}_k'
+    ks = sorted({int(key[len(prefix):]) for row in summary for key in row
+                 if key.startswith(prefix) and key[len(prefix):].isdigit()})
+    if not ks:
+        raise ValueError(f'no {prefix}<N> columns in the summary rows: nothing to plot')
+    fig = Figure(figsize=(6.4, 4.8), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for k in ks:
+        points = [(int(r['epoch']) + 1, float(r[f'{prefix}{k}'])) for r in summary
+                  if r.get(f'{prefix}{k}') not in (None, '')]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker='o', label=f'k={k}')
+    ax.set_xlabel('epoch')
+    ax.set_ylabel(metric.replace('_', ' '))
+    ax.set_title(title or f'{metric} per k')
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc='best', fontsize=7, ncol=2)
     fig.tight_layout()
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format='png'))
 

@@ -150,8 +150,8 @@ def subnet_vit_kwargs(config: HydraViTConfig, k: int) -> Dict[str, Any]:
     shape = config.subnet_shape(k)
     if shape.attn_dim != shape.embed_dim:
         raise ValueError(
-            f"subnetwork k={k} of nesting {config.nesting!r} has {shape.num_heads} heads of {shape.head_dim} "
-            f'({shape.attn_dim} channels) inside a {shape.embed_dim}-wide embedding: timm\'s VisionTransformer '
+            f'subnetwork k={k} of nesting {config.nesting!r} has {shape.num_heads} heads of {shape.head_dim} '
+            f"({shape.attn_dim} channels) inside a {shape.embed_dim}-wide embedding: timm's VisionTransformer "
             'constructor (and so timm.create_model, config.json, ONNX metadata) cannot express attention narrower '
             'than the embedding; use hydravit.models.extract_subnet for a timm ViT with timm Attention(attn_head_dim) '
             'layers, or the universal model itself')

@@ -31,8 +31,8 @@ from .loaders import EpochSeededDataset, rng_preserving
 from .samplers import SubnetSampler, create_sampler
 
 __all__ = ['NestingMethod', 'CompareOptions', 'TrainerView', 'METHODS', 'register_method', 'method_class',
-           'create_method', 'default_methods', 'HydraViTMethod', 'SortedNet', 'MatFormer', 'DynaBERT', 'SeparateViTsMethod', 'HeadsOnly',
-           'WidthOnly']
+           'create_method', 'default_methods', 'HydraViTMethod', 'SortedNet', 'MatFormer', 'DynaBERT',
+           'SeparateViTsMethod', 'HeadsOnly', 'WidthOnly']
 
 logger = logging.getLogger(__name__)
 
@@ -308,6 +308,7 @@ class WidthOnly(NestingMethod):
         allowed = defined_ks(cls.nesting, config.num_heads, config.head_dim)
         keep = [i for i, k in enumerate(options.k_choices) if k in allowed]
         if not keep:
-            raise ValueError(f'--method width has none of the k {list(options.k_choices)}: it needs k in {list(allowed)}')
+            raise ValueError(f'--method width has none of the k {list(options.k_choices)}: '
+                             f'it needs k in {list(allowed)}')
         weights = [cfg.head_weights[i] for i in keep] if cfg.head_weights else None
         return replace(cfg, heads=[options.k_choices[i] for i in keep], head_weights=weights)
