@@ -26,6 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help='folder of the method runs and of report/ (default: %(default)s); run again to resume')
     p.add_argument('--separate-ks', type=int, nargs='+', default=None,
                    help='train separate ViTs for these k only (default: all)')
+    p.add_argument('--seeds', type=int, default=1,
+                   help='train every method this many times, seeds --seed, --seed+1, ... (same data order across '
+                        'methods within a seed); report mean, std and 95%% t-intervals per k (default: %(default)s)')
     p.add_argument('--quick', action='store_true', default=False,
                    help='smoke run: 1 epoch on 2048 images, 1000 to evaluate, short benchmark')
     p.add_argument('--no-benchmark', action='store_true', default=False, help='skip the throughput measurement')
@@ -41,7 +44,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    own = ('methods', 'output', 'separate_ks', 'quick', 'no_benchmark', 'bench_batch_size', 'memory', 'teacher_epochs')
+    own = ('methods', 'output', 'separate_ks', 'quick', 'no_benchmark', 'bench_batch_size', 'memory', 'teacher_epochs',
+           'seeds')
     settings: Dict[str, Any] = {name: getattr(args, name, None) for name in own}
     recipe = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in own})
     if settings['quick']:
@@ -50,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
                 setattr(recipe, name, value)
     base = config_from_args(recipe)
     compare_methods(base, settings['methods'], settings['output'], separate_ks=settings['separate_ks'],
-                    teacher_epochs=settings['teacher_epochs'], benchmark=not settings['no_benchmark'],
+                    teacher_epochs=settings['teacher_epochs'], seeds=settings['seeds'],
+                    benchmark=not settings['no_benchmark'],
                     bench_batch_size=settings['bench_batch_size'],
                     bench_seconds=0.05 if settings['quick'] else 0.2, measure_memory=settings['memory'])
     return 0

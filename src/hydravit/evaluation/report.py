@@ -44,10 +44,11 @@ def join_results(eval_rows: Sequence[Row], bench_rows: Sequence[Row] = (), bench
 
 
 def plot_accuracy(series: Mapping[str, Sequence[Row]], x: str, path: PathLike, title: Optional[str] = None,
-                  *, y: str = 'top1') -> Path:
+                  *, y: str = 'top1', error_bars: Optional[str] = None) -> Path:
     """Accuracy against cost, one line per method and each point labelled with its k; a PNG file.
 
     ``x`` is ``'gmacs'`` or ``'infer_samples_per_sec'`` (or ``param_count``/``infer_latency_ms``).
+    ``error_bars`` names a column of half widths (e.g. a 95 % interval over seeds) drawn around ``y``.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -59,13 +60,16 @@ def plot_accuracy(series: Mapping[str, Sequence[Row]], x: str, path: PathLike, t
     ax = fig.add_subplot()
     plotted = 0
     for label, rows in series.items():
-        points = sorted((float(r[x]), float(r[y]), int(r['k'])) for r in rows
-                        if r.get(x) is not None and r.get(y) is not None)
+        points = sorted((float(r[x]), float(r[y]), int(r['k']), float(r.get(error_bars) or 0.0) if error_bars else 0.0)
+                        for r in rows if r.get(x) is not None and r.get(y) is not None)
         if not points:
             continue
-        xs, ys, ks = zip(*points, strict=True)
-        ax.plot(xs, ys, marker='o', label=label)
-        for px, py, k in points:
+        xs, ys, ks, errs = zip(*points, strict=True)
+        if error_bars:
+            ax.errorbar(xs, ys, yerr=errs, marker='o', capsize=3, label=label)
+        else:
+            ax.plot(xs, ys, marker='o', label=label)
+        for px, py, k, _ in points:
             ax.annotate(f'k={k}', (px, py), textcoords='offset points', xytext=(4, -10), fontsize=7)
         plotted += 1
     if not plotted:
@@ -112,12 +116,13 @@ def write_report(eval_rows_by_label: Mapping[str, Sequence[Row]],
                  bench_rows_by_label: Optional[Mapping[str, Sequence[Row]]] = None,
                  out_dir: PathLike = '.', *, config: Optional[HydraViTConfig] = None,
                  title: str = 'HydraViT accuracy-cost report',
-                 extra_sections: Sequence[str] = ()) -> Dict[str, Path]:
+                 extra_sections: Sequence[str] = (), error_bars: Optional[str] = None) -> Dict[str, Path]:
     """Markdown table, joined CSV and the two Pareto plots of one or several methods.
 
     ``config`` (a :class:`HydraViTConfig`) fills ``param_count``/``gmacs`` for rows that lack them
     (e.g. the trainer's per-epoch rows). The throughput plot is written when a benchmark is given.
-    ``extra_sections`` (Markdown lines) follow the plots in ``report.md``.
+    ``extra_sections`` (Markdown lines) follow the plots in ``report.md``; ``error_bars`` (a column of half
+    widths, e.g. ``top1_ci``) draws error bars on the plots.
     Returns ``{'markdown', 'csv', 'plot_gmacs'[, 'plot_throughput']}`` -> paths.
     """
     if not eval_rows_by_label:
@@ -140,11 +145,11 @@ def write_report(eval_rows_by_label: Mapping[str, Sequence[Row]],
     paths = {'csv': write_results(table, out_dir, 'report', 'csv', verbose=False)}
     if any('gmacs' in r for r in table):
         paths['plot_gmacs'] = plot_accuracy(series, 'gmacs', out_dir / 'accuracy_vs_gmacs.png',
-                                            'Top-1 accuracy vs GMACs')
+                                            'Top-1 accuracy vs GMACs', error_bars=error_bars)
     if any('infer_samples_per_sec' in r for r in table):
         paths['plot_throughput'] = plot_accuracy(series, 'infer_samples_per_sec',
                                                  out_dir / 'accuracy_vs_throughput.png',
-                                                 'Top-1 accuracy vs inference throughput')
+                                                 'Top-1 accuracy vs inference throughput', error_bars=error_bars)
     text = [f'# {title}', '', markdown_table(table, columns), '']
     text += [f'![{p.stem}]({p.name})' for key, p in paths.items() if key.startswith('plot')]
     text += ['', *extra_sections] if extra_sections else []
