@@ -109,7 +109,8 @@ def _train_memory(args: argparse.Namespace, model: UniversalModel, name: str, de
         path = Path(args.results_file)
         written = write_results(rows, path.parent, path.stem, results_format(path, args.results_format))
         logger.info(f'training memory -> {written}')
-    logger.info(format_table(rows))
+    else:
+        logger.info(format_table(rows))
     return 0
 
 
