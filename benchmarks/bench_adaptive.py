@@ -46,7 +46,7 @@ def accuracy_table(args: argparse.Namespace, checkpoint, ks) -> tuple:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False)
     p.add_argument('--model', default='hydravit_fmnist_patch7_28')
     p.add_argument('--checkpoint')
     p.add_argument('--results', help='per-k accuracy file (results.csv / eval file)')

@@ -34,7 +34,7 @@ def median_ms(fn, iters: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False)
     p.add_argument('--model', default='hydravit_fmnist_patch7_28')
     p.add_argument('--k', nargs='+', default=['all'])
     p.add_argument('-b', '--batch-size', type=int, default=1)

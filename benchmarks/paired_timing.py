@@ -22,7 +22,7 @@ def timing_parser(doc: str, batch_size: int) -> argparse.ArgumentParser:
     """The flags both benchmarks share; re-executes with steady malloc settings unless told not to."""
     if '--system-malloc' not in sys.argv:
         reexec_with_malloc_env(sys.argv)  # glibc's page-fault noise otherwise dominates CPU timings
-    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p = argparse.ArgumentParser(description=doc.splitlines()[0], allow_abbrev=False)
     p.add_argument('--model', default='hydravit_fmnist_patch7_28')
     p.add_argument('--batch-size', type=int, default=batch_size)
     p.add_argument('--k', nargs='+', type=int)

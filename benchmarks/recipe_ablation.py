@@ -83,7 +83,7 @@ VARIANTS: Dict[str, tuple] = {  # name -> (label, settings on top of the built-i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument('--compare-dir', type=Path, default=Path('output/compare'),
                         help='a finished `hydravit compare` output folder (its hydravit and separate runs)')
     parser.add_argument('-o', '--output', type=Path, default=Path('output/ablation'))

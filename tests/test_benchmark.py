@@ -14,7 +14,7 @@ from helpers import reference_cost
 
 SCHEMA = ['k', 'mode', 'infer_samples_per_sec', 'infer_batch_size', 'infer_latency_ms', 'infer_latency_ms_p10',
           'infer_latency_ms_p90', 'train_samples_per_sec', 'peak_mem_mb', 'param_count', 'gmacs',
-          'flop_counter_gmacs', 'device']
+          'flop_counter_gmacs', 'device', 'compiled']
 QUICK = dict(rounds=1, min_seconds=0.005, warmup=1, latency_iters=5)
 
 

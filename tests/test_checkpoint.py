@@ -75,7 +75,8 @@ def test_other_architecture_is_a_clear_error(tmp_path):
     resnet_like = {'conv1.weight': torch.zeros(8, 3, 3, 3), 'fc.weight': torch.zeros(10, 8)}
     path = tmp_path / 'resnet.safetensors'
     save_file(resnet_like, str(path))
-    with pytest.raises(CheckpointError, match=r"has no 'hydravit_config' metadata: it is not a HydraViT checkpoint"):
+    message = r'resnet\.safetensors is not a HydraViT checkpoint nor a timm ViT state dict \(no patch_embed\.proj'
+    with pytest.raises(CheckpointError, match=message):
         load_model(path)
 
 

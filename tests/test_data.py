@@ -282,3 +282,31 @@ def test_small_images_are_evaluated_uncropped_and_normalised():
 def test_transform_rejects_mismatched_normalisation():
     with pytest.raises(DataError, match='one value per channel'):
         build_transform({**GRAY_CONFIG, 'mean': (0.5, 0.5, 0.5)}, is_training=False)
+
+
+def test_deit_randaugment_survives_posterize_with_zero_bits():
+    """rand-m9-mstd0.5-inc1 draws magnitude 10 (0 bits kept) now and then; Pillow >= 13 rejects 0 bits."""
+    import numpy as np
+    import PIL
+    from PIL import Image
+    from timm.data import create_transform
+    from timm.data.auto_augment import AugmentOp, posterize
+
+    from hydravit.data.transforms import build_transform, pillow_safe_posterize
+
+    img = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
+    op = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)  # 4 - int(10 / 10 * 4) = 0 bits
+    if int(PIL.__version__.split('.')[0]) >= 13:
+        with pytest.raises(ValueError, match='bits'):
+            op(img)  # timm's op as it is
+    transform = create_transform(224, is_training=True, auto_augment='rand-m9-mstd0.5-inc1')
+    rand_augment = next(t for t in transform.transforms if hasattr(t, 'ops'))
+    rand_augment.ops = [op]
+    pillow_safe_posterize(transform)
+    assert op.aug_fn is not posterize  # the op was rewired
+    assert np.asarray(op(img)).max() == 0  # 0 bits kept: black, as Pillow < 13 gave
+    assert np.asarray(AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=5)(img)).max() == 192  # 2 bits: timm's
+    data_config = dict(input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, interpolation='bicubic')
+    built = build_transform(data_config, is_training=True, auto_augment='rand-m9-mstd0.5-inc1')
+    ops = [o for t in built.transforms[1].transforms if hasattr(t, 'ops') for o in t.ops]
+    assert ops and all(o.aug_fn is not posterize for o in ops if o.name.startswith('Posterize'))

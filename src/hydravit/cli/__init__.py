@@ -8,7 +8,7 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 from ..models.factory import UniversalModel
 from ..storage.run_folder import load_or_create_model
@@ -25,6 +25,7 @@ COMMANDS = {
     'export': 'hydravit.cli.export',
     'select': 'hydravit.cli.select',
     'serve-demo': 'hydravit.cli.adaptive',
+    'cascade': 'hydravit.cli.cascade',
 }
 
 
@@ -34,24 +35,45 @@ def add_model_source(parser: argparse.ArgumentParser, default_model: Optional[st
     group = parser.add_mutually_exclusive_group(required=required)
     default = ' (default: %(default)s)' if default_model else ''
     group.add_argument('--model', default=default_model, help=f'registered model name{default}')
-    group.add_argument('--checkpoint', help=f'{checkpoint_help}, instead of --model')
+    group.add_argument('--checkpoint', help=f'{checkpoint_help}, instead of --model (also a timm train.py '
+                       'checkpoint or a timm ViT state dict: .pth, .pth.tar, .bin, .safetensors)')
+    add_ema_choice(parser)
+
+
+def add_ema_choice(parser: argparse.ArgumentParser) -> None:
+    """``--use-ema`` / ``--no-use-ema``: which weights of a checkpoint (default: EMA when a file holds both)."""
+    parser.add_argument('--use-ema', action=argparse.BooleanOptionalAction, default=None,
+                        help="the EMA weights: a run's *_ema.safetensors twin, or the EMA inside a timm checkpoint; "
+                             '--no-use-ema: the raw weights (default: the file named; EMA in a file holding both)')
 
 
 def model_from_args(args: argparse.Namespace) -> Tuple[UniversalModel, Optional[Path]]:
     """The model of ``--model NAME`` or ``--checkpoint PATH`` (a file or a run folder), and the checkpoint file."""
-    return load_or_create_model(args.model, args.checkpoint)
+    return load_or_create_model(args.model, args.checkpoint, use_ema=getattr(args, 'use_ema', None))
+
+
+class StrictParser(argparse.ArgumentParser):
+    """An argument parser without prefix matching (an abbreviation is an unknown flag, never another flag)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault('allow_abbrev', False)
+        super().__init__(*args, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # no prefix matching anywhere: an abbreviation such as the official code's --drop-p must never be read as
+    # one of our flags (--drop-path)
     parser = argparse.ArgumentParser(
-        prog='hydravit', description='HydraViT: one ViT checkpoint, a working subnetwork for every k heads.')
+        prog='hydravit', description='HydraViT: one ViT checkpoint, a working subnetwork for every k heads.',
+        allow_abbrev=False)
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument('-v', '--verbose', action='store_const', dest='log_level', const='DEBUG',
                            help='also print debug messages')
     verbosity.add_argument('-q', '--quiet', action='store_const', dest='log_level', const='WARNING',
                            help='print only warnings and errors')
     verbosity.add_argument('--log-level', choices=LOG_LEVELS, help='message level (default: INFO)')
-    sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True,
+                                parser_class=StrictParser)
     for module_name in COMMANDS.values():
         module = importlib.import_module(module_name)
         module.add_parser(sub).set_defaults(_run=module.run)

@@ -17,6 +17,7 @@ from ..models.kchoices import parse_ks
 from ..storage.results import RESULT_FORMATS, format_table, results_format, write_results
 from ..training.memory import train_memory_cases, train_memory_table
 from . import add_model_source, model_from_args
+from .compile_flags import add_compile_flags, compile_options_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--no-switching', action='store_true', help='skip the switching vs loading table')
     p.add_argument('--switch-repeats', type=int, default=30, help='paired switch/steady forwards per k (median)')
     p.add_argument('--threads', type=int, help="torch CPU threads (default: torch's)")
+    add_compile_flags(p)
     p.add_argument('--system-malloc', action='store_true', help="keep glibc's default malloc thresholds on CPU")
     p.add_argument('--train-memory', action='store_true',
                    help='instead: peak memory of one training step per sampler and method vs one ViT of the largest k '
@@ -88,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
           f'{args.rounds} rounds, median')
     rows = benchmark_subnets(model, ks, modes=args.modes, batch_size=args.batch_size, device=device,
                              rounds=args.rounds, min_seconds=args.min_seconds, latency_iters=args.latency_iters,
-                             train=args.train, measure_memory=not args.no_memory)
+                             train=args.train, measure_memory=not args.no_memory,
+                             compile_options=compile_options_from_args(args))
     switching = (None if args.no_switching else
                  measure_switching(model, ks, device=device, repeats=args.switch_repeats))
     _output(args, rows, switching)

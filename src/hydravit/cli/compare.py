@@ -10,7 +10,7 @@ from typing import Any, Dict
 
 from ..training.compare import compare_methods
 from ..training.methods import METHODS, default_methods
-from .train import OPTIONS, SUPPRESS, config_from_args
+from .train import OPTIONS, SUPPRESS, add_official_flags, config_from_args
 
 # train flags that name one run: a comparison sets them per method
 PER_RUN_FLAGS = ('--method', '--experiment', '--resume', '--output', '--report')
@@ -40,6 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     for flags, kwargs, help_text in OPTIONS:
         if flags[0] not in PER_RUN_FLAGS:
             train_flags.add_argument(*flags, help=help_text, **kwargs)
+    add_official_flags(p)
     return p
 
 

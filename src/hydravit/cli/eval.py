@@ -9,6 +9,17 @@ from typing import Any, Dict, List, Optional
 import torch
 from timm.data import resolve_data_config
 
+from ..cascade import (
+    collect_logits,
+    curve_rows,
+    load_policy,
+    policy_path,
+    score_points,
+    stack_images,
+    stage_macs,
+    sweep_policies,
+    time_points,
+)
 from ..data.corruptions import CORRUPTIONS, SEVERITIES, parse_corruptions
 from ..data.datasets import load_dataset
 from ..data.transforms import build_transform
@@ -21,6 +32,8 @@ from ..models.kchoices import parse_ks
 from ..storage.checkpoint import atomic_write
 from ..storage.results import RESULT_FORMATS, format_table, markdown_table, results_format, write_results
 from ..storage.run_folder import resolve_checkpoint, training_metadata
+from . import add_ema_choice
+from .compile_flags import add_compile_flags, compile_options_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +47,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        description='Evaluate every subnetwork k of a HydraViT checkpoint on a data set. '
                                    'One command for the full table and both plots: '
                                    'hydravit eval --checkpoint RUN_FOLDER --report')
-    p.add_argument('--checkpoint', required=True, help='a .safetensors checkpoint or a run folder (model_best, last)')
+    p.add_argument('--checkpoint', required=True, help='a .safetensors checkpoint or a run folder (model_best, last), '
+                   'a timm train.py checkpoint or a timm ViT state dict')
     p.add_argument('--model', help='registered model whose preprocessing (mean/std/crop) training used, when '
-                                   'the checkpoint does not record it')
-    p.add_argument('--use-ema', action='store_true', help='use the *_ema.safetensors next to the checkpoint')
+                                   'the checkpoint does not record it (and its architecture, for a file from '
+                                   'elsewhere)')
+    add_ema_choice(p)
     p.add_argument('--k', nargs='+', default=['all'], help="'all' (the trained k) or a list of k")
     p.add_argument('--mode', choices=EVAL_MODES, default='sliced',
                    help='sliced universal model, or the extracted standalone timm ViT of each k')
@@ -51,6 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('-j', '--workers', type=int, default=2)
     p.add_argument('--device', default='cpu')
     p.add_argument('--amp-dtype', choices=sorted(AMP_DTYPES), help='autocast dtype (default: fp32)')
+    add_compile_flags(p)
     p.add_argument('--results-file', help='write one row per k here (.csv or .json)')
     p.add_argument('--results-format', choices=RESULT_FORMATS, help='default: from --results-file suffix, else csv')
     p.add_argument('--report', metavar='DIR', nargs='?', const='',
@@ -63,6 +79,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help='corruption severities, 1..5 (default: %(default)s)')
     p.add_argument('--corruption-seed', type=int, default=0,
                    help='seed of the corruptions (same seed, same corrupted images) (default: %(default)s)')
+    p.add_argument('--cascade', metavar='POLICY',
+                   help='also score this cascade policy (JSON from hydravit cascade) and its threshold sweep; with '
+                        '--report it is drawn on both plots (default with --report: the policy saved next to the '
+                        'checkpoint, if any). Scored on the whole eval split: for figures on images the policy was '
+                        'not fitted on, use hydravit cascade')
     p.add_argument('--no-benchmark', action='store_true',
                    help='with --report: skip the quick throughput run (only the accuracy-vs-GMACs plot)')
     return p
@@ -78,7 +99,7 @@ def build_eval_dataset(model: UniversalModel, args: argparse.Namespace, class_na
 
 def run(args: argparse.Namespace) -> int:
     path = resolve_checkpoint(args.checkpoint, args.use_ema)
-    model, ks = load_for_eval(path, parse_ks(args.k), args.model)
+    model, ks = load_for_eval(path, parse_ks(args.k), args.model, use_ema=args.use_ema)
     trained = training_metadata(path)
     if args.dataset is None:
         args.dataset, args.data_dir = trained['dataset'] or 'fashion-mnist', args.data_dir or trained['data_dir']
@@ -86,16 +107,41 @@ def run(args: argparse.Namespace) -> int:
     if args.corruptions:
         return _run_corruptions(args, model, dataset, ks, path)
     rows = evaluate_dataset(model, dataset, ks, batch_size=args.batch_size, workers=args.workers,
-                            device=args.device, amp_dtype=AMP_DTYPES.get(args.amp_dtype), mode=args.mode)
+                            device=args.device, amp_dtype=AMP_DTYPES.get(args.amp_dtype), mode=args.mode,
+                            compile_options=compile_options_from_args(args))
     scored = rows[0]['num_classes_scored']
     if scored < model.num_classes:
         logger.info(f'{scored} of {model.num_classes} classes present: logits restricted to them')
     rows = [{c: {**r, 'checkpoint': str(path)}[c] for c in COLUMNS} for r in rows]
-    _write(args, rows, model, ks, path)
+    curves = _cascade_curve(args, model, dataset, path)
+    _write(args, rows, model, ks, path, curves)
     return 0
 
 
-def _write(args: argparse.Namespace, rows: List[Dict[str, Any]], model, ks, path: Path) -> None:
+def _cascade_curve(args: argparse.Namespace, model: UniversalModel, dataset, path: Path) -> Dict[str, List]:
+    """The cascade policy's sweep scored (and with a benchmark, timed) on the eval data, as report curve rows."""
+    source = Path(args.cascade) if args.cascade else policy_path(path)
+    if not args.cascade and (args.report is None or not source.is_file()):
+        return {}
+    policy = load_policy(source).check_ks(model.k_choices, model.config.num_heads)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+    logits, labels = collect_logits(model, loader, policy.ks, device=args.device)
+    policies = sweep_policies(policy)
+    points = score_points(logits, labels, policies, stage_macs(model, policy.ks))
+    if args.report is not None and not args.no_benchmark:
+        images = stack_images(dataset, range(min(len(dataset), 4 * args.batch_size))).to(args.device)
+        time_points(model, policies, points, images, batch_size=args.batch_size, rounds=2, latency_images=20)
+    table = [dict(policy='fitted' if p['fitted'] else f'sweep {i}', stages='-'.join(map(str, p['ks'])),
+                  top1=p['top1'], gmacs=p['gmacs'], img_per_s=p.get('img_per_s'),
+                  exits=' '.join(f'{k}:{v:.2f}' for k, v in p['exit_fractions'].items()))
+             for i, p in enumerate(points)]
+    logger.info(f'cascade {source}: {policy.describe()}')
+    logger.info(format_table(table, [c for c in table[0] if any(r.get(c) is not None for r in table)]))
+    return {'cascade': curve_rows({'points': points})}
+
+
+def _write(args: argparse.Namespace, rows: List[Dict[str, Any]], model, ks, path: Path,
+           curves: Optional[Dict[str, List]] = None) -> None:
     if args.results_file:
         out = Path(args.results_file)
         fmt = results_format(out, args.results_format)
@@ -110,7 +156,8 @@ def _write(args: argparse.Namespace, rows: List[Dict[str, Any]], model, ks, path
             bench = {label: benchmark_subnets(model, ks, modes=('sliced',), batch_size=args.batch_size,
                                               device=args.device, rounds=2, min_seconds=0.2, latency_iters=20,
                                               measure_memory=False, flop_count=False)}
-        paths = write_report({label: rows}, bench, out_dir)
+        named = {f'{label} {name}': curve for name, curve in (curves or {}).items()}
+        paths = write_report({label: rows}, bench, out_dir, curves=named)
         logger.info('report: ' + ', '.join(str(p) for p in paths.values()))
 
 

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
-from ..deployment.export import EXPORT_FORMATS, export_subnets
+from ..cascade.policy import load_policy, policy_path
+from ..deployment.export import EXPORT_FORMATS, export_cascade, export_subnets
 from ..storage.results import format_table
+from ..storage.run_folder import resolve_checkpoint
+from . import add_ema_choice
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                    'index.csv/index.json with params, GMACs and accuracy where known.')
     p.add_argument('--checkpoint', required=True,
                    help='HydraViT .safetensors checkpoint or a training run folder (model_best, then last)')
-    p.add_argument('--use-ema', action='store_true', help='export the *_ema.safetensors twin of the checkpoint')
+    add_ema_choice(p)
     p.add_argument('--k', nargs='+', default=['all'], help="'all' (the trained k) or a list of k")
     p.add_argument('--format', nargs='+', default=['timm'], metavar='FORMAT',
                    help=f'one or more of {", ".join(EXPORT_FORMATS)} (default: timm)')
@@ -31,6 +35,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--model', help='registered model whose preprocessing was used in training, if the checkpoint '
                                    'does not record it')
     p.add_argument('--opset', type=int, default=17, help='ONNX opset (default: %(default)s)')
+    p.add_argument('--cascade', metavar='POLICY', help="also export this early-exit cascade policy ('auto': the one "
+                                                      'saved next to the checkpoint) into OUTPUT/cascade: one ONNX '
+                                                      'file per stage and cascade.json, run by '
+                                                      'hydravit.deployment.cascade_runtime.OnnxCascade')
     return p
 
 
@@ -40,4 +48,11 @@ def run(args: argparse.Namespace) -> int:
                           use_ema=args.use_ema)
     logger.info(format_table(rows, [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]))
     logger.info(f'exported {len(rows)} subnetworks to {args.output} (index.csv, index.json)')
+    if args.cascade:
+        checkpoint = resolve_checkpoint(args.checkpoint, args.use_ema)
+        policy = load_policy(policy_path(checkpoint) if args.cascade == 'auto' else args.cascade)
+        manifest = export_cascade(checkpoint, policy, Path(args.output) / 'cascade', model_name=args.model,
+                                  overwrite=args.overwrite, onnx_opset=args.opset, use_ema=args.use_ema)
+        logger.info(f'exported cascade {policy.describe()} to {Path(args.output) / "cascade"} '
+                    f'({len(manifest["stages"])} ONNX stages, cascade.json)')
     return 0

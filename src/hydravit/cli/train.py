@@ -1,18 +1,21 @@
 """``hydravit train``: timm-style training of every subnetwork k; no arguments runs the built-in recipe.
 
-Settings come from the recipe (``--config``, default ``configs/fmnist_cpu.yaml``; with ``--resume`` the
-run's own ``args.yaml``), then from the flags given on the command line. Multi-process:
+Settings come from the recipe, then from the flags given on the command line. The recipe is ``--config``
+(a YAML file, a timm train.py args file, or a named recipe: fmnist, timm, hydravit-paper); without it the
+built-in Fashion-MNIST recipe for a run of the built-in model on Fashion-MNIST, timm train.py's defaults for
+any other (``--resume``: the run's own ``args.yaml``). Multi-process:
 ``torchrun --nproc_per_node N -m hydravit train ...``.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..training.config import TrainConfig
 from ..training.methods import METHODS
-from ..training.recipe import load_train_config
+from ..training.recipe import BUILTIN_RECIPE, NAMED_CONFIGS, TIMM_DEFAULTS, is_builtin_run, load_train_config
+from ..training.timm_args import OFFICIAL_FLAGS
 from ..training.trainer import train
 
 SUPPRESS = argparse.SUPPRESS
@@ -51,9 +54,16 @@ OPTIONS: List[Tuple[Tuple[str, ...], Dict[str, Any], str]] = [
     (('--validation-batch-size',), dict(type=int), 'evaluation batch size (default: --batch-size)'),
     (('--epochs',), dict(type=int), 'number of epochs'),
     (('--lr',), dict(type=float), 'learning rate (default: --lr-base * global batch / 512)'),
-    (('--lr-base',), dict(type=float), 'learning rate at a global batch of 512'),
+    (('--lr-base',), dict(type=float), 'learning rate at a global batch of --lr-base-size'),
+    (('--lr-base-size',), dict(type=int), 'global batch size of --lr-base'),
+    (('--lr-base-scale',), dict(choices=('', 'linear', 'sqrt')),
+     "lr scaling with the batch size (timm: '' = sqrt for Adam-like and LAMB, linear otherwise)"),
     (('--opt',), {}, 'timm optimizer name (adamw, sgd, lamb, ...)'),
+    (('--opt-eps',), dict(type=float), "optimizer epsilon (default: the optimizer's)"),
+    (('--opt-betas',), dict(type=float, nargs='+'), "optimizer betas (default: the optimizer's)"),
     (('--momentum',), dict(type=float), 'SGD momentum'),
+    (('--opt-active-slice',), dict(action=BOOL),
+     "AdamW updates only the step's active slice (faster at small k; off: the paper's full-tensor update)"),
     (('--weight-decay',), dict(type=float), 'weight decay'),
     (('--sched',), {}, 'timm scheduler name (cosine, step, ...)'),
     (('--warmup-epochs',), dict(type=float), 'linear warm-up epochs (fractions allowed)'),
@@ -65,10 +75,15 @@ OPTIONS: List[Tuple[Tuple[str, ...], Dict[str, Any], str]] = [
     (('--clip-mode',), {}, 'norm | value | agc'),
     (('--amp',), dict(action=BOOL), 'mixed precision (torch.autocast)'),
     (('--amp-dtype',), dict(choices=('float16', 'bfloat16')), 'autocast dtype'),
+    (('--torchcompile',), dict(nargs='?', const='inductor'),
+     'torch.compile the model with this backend (default when given: inductor); each k compiles once'),
+    (('--torchcompile-mode',), {}, 'torch.compile mode: default, reduce-overhead, max-autotune, ...'),
     (('--model-ema',), dict(action=BOOL), 'keep an EMA of the weights (timm ModelEmaV3), evaluated too'),
     (('--model-ema-decay',), dict(type=float), 'EMA decay'),
     # regularisation and augmentation
+    (('--drop',), dict(type=float), 'dropout rate before the classifier'),
     (('--drop-path',), dict(type=float), 'stochastic depth rate'),
+    (('--grad-checkpointing',), dict(action=BOOL), 'recompute each block in backward (less memory, slower)'),
     (('--smoothing',), dict(type=float), 'label smoothing'),
     (('--mixup',), dict(type=float), 'mixup alpha (0 = off)'),
     (('--cutmix',), dict(type=float), 'cutmix alpha (0 = off)'),
@@ -83,6 +98,7 @@ OPTIONS: List[Tuple[Tuple[str, ...], Dict[str, Any], str]] = [
     (('--hflip',), dict(type=float), 'horizontal flip probability'),
     (('--vflip',), dict(type=float), 'vertical flip probability'),
     (('--color-jitter',), dict(type=float), 'colour jitter strength'),
+    (('--train-interpolation',), {}, 'training resize interpolation (timm: random, bicubic, ...)'),
     (('--aa',), {}, 'timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1'),
     (('--reprob',), dict(type=float), 'random erasing probability'),
     (('--remode',), {}, 'random erasing mode'),
@@ -100,13 +116,32 @@ OPTIONS: List[Tuple[Tuple[str, ...], Dict[str, Any], str]] = [
 ]
 
 
+class OfficialFlag(argparse.Action):
+    """A flag of the official HydraViT code: a clear error naming ours (or saying why there is none)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        target, why = OFFICIAL_FLAGS[self.dest]
+        message = (f'{option_string} is {why}: leave it out' if target is None else
+                   f'{option_string} is the official HydraViT flag; here it is --{target.replace("_", "-")} ({why})')
+        parser.exit(2, f'{parser.prog}: error: {message}\n')
+
+
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser('train', help='train a HydraViT (default: Fashion-MNIST on CPU, ~10 min)',
-                       description=__doc__.splitlines()[0], argument_default=SUPPRESS)
-    p.add_argument('-c', '--config', help='YAML recipe with timm-style keys (default: built-in fmnist_cpu.yaml)')
+                       description=__doc__.splitlines()[0], argument_default=SUPPRESS, allow_abbrev=False)
+    p.add_argument('-c', '--config', help='YAML recipe with timm-style keys or a timm train.py args.yaml, or one of '
+                   f'{", ".join(NAMED_CONFIGS)} (default: {BUILTIN_RECIPE} for the built-in model on Fashion-MNIST, '
+                   f"else {TIMM_DEFAULTS}: timm train.py's defaults)")
     for flags, kwargs, help_text in OPTIONS:
         p.add_argument(*flags, help=help_text, **kwargs)
+    add_official_flags(p)
     return p
+
+
+def add_official_flags(p: argparse.ArgumentParser) -> None:
+    for name in OFFICIAL_FLAGS:
+        p.add_argument(f'--{name.replace("_", "-")}', dest=name, nargs='*', action=OfficialFlag, help=SUPPRESS)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -118,6 +153,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         run_args = Path(overrides['resume'])
         run_args = (run_args if run_args.is_dir() else run_args.parent) / 'args.yaml'
         config_path = run_args if run_args.is_file() else None
+    if config_path is None:
+        config_path = BUILTIN_RECIPE if is_builtin_run(overrides) else TIMM_DEFAULTS
     if 'lr_base' in overrides and 'lr' not in overrides:
         overrides['lr'] = None  # --lr-base on the command line wins over a recipe's fixed lr (timm semantics)
     return load_train_config(config_path, **overrides)

@@ -1,4 +1,5 @@
-"""Data sets for training and evaluation: Fashion-MNIST, ImageFolder (the ImageNet layout) and CIFAR-10/100.
+"""Data sets for training and evaluation: Fashion-MNIST, ImageFolder (the ImageNet layout), CIFAR-10/100, and
+every map-style data set of timm's ``create_dataset`` (``folder``, ``tar``, ``hfds/...``, ``torch/...``).
 
 Every data set returned by :func:`load_dataset` yields ``(transform(img), label)`` with ``img`` a PIL image
 (mode ``'L'`` for Fashion-MNIST, ``'RGB'`` otherwise) and has ``.classes`` (class names, index = label),
@@ -20,9 +21,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 __all__ = ['DATASETS', 'FASHION_MNIST_DIR', 'FASHION_MNIST_CLASSES', 'DataError', 'FashionMNIST', 'ImageFolder',
-           'CIFAR', 'DatasetSubset', 'load_dataset', 'read_idx', 'read_class_map']
+           'CIFAR', 'DatasetSubset', 'TimmDataset', 'is_timm_dataset', 'load_dataset', 'read_idx', 'read_class_map']
 
 DATASETS = ('fashion-mnist', 'imagefolder', 'cifar10', 'cifar100')
+# timm create_dataset names: its folder/tar readers and its prefixed sources (the rest of the name is theirs)
+TIMM_READERS = ('folder', 'tar')
+TIMM_PREFIXES = ('torch', 'hfds', 'hfids', 'tfds', 'wds')
+ITERABLE_PREFIXES = ('hfids', 'tfds', 'wds')
 SPLITS = ('train', 'val', 'test')
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
@@ -262,6 +267,123 @@ class CIFAR(Dataset):
         return (self.transform(img) if self.transform else img), int(label)
 
 
+# ------------------------------------------------------------------------------------------ timm create_dataset
+def is_timm_dataset(name: str) -> bool:
+    """``folder``, ``tar`` or ``<prefix>/<name>`` with one of timm's prefixes (torch, hfds, hfids, tfds, wds)."""
+    prefix, sep, _ = name.partition('/')
+    return name in TIMM_READERS or bool(sep) and prefix.lower() in TIMM_PREFIXES
+
+
+def _timm_root(name: str, data_dir: Optional[str], split: str) -> Path:
+    """The folder or .tar of one split: ``data_dir/<split>[.tar]``, else ``data_dir`` itself (a bare set)."""
+    if not data_dir:
+        raise DataError(f'the {name} data set needs --data-dir: a folder with train/ and val/ (class folders, or '
+                        'one .tar per class) or train.tar and val.tar, or a single .tar')
+    root = Path(data_dir)
+    if not root.exists():
+        raise DataError(f'data {root} does not exist')
+    if root.is_file():
+        return root
+    for split_name in IMAGEFOLDER_SPLITS[split]:
+        for candidate in (root / split_name, root / f'{split_name}.tar'):
+            if candidate.exists():
+                return candidate
+    return root
+
+
+class _TargetMap:
+    """Reader label -> training-class index (picklable, for loader workers)."""
+
+    def __init__(self, table: Dict[int, int]) -> None:
+        self.table = table
+
+    def __call__(self, target: int) -> int:
+        return self.table[int(target)]
+
+
+def _reader_classes(dataset: Any) -> Tuple[Optional[Dict[str, int]], Optional[List[int]]]:
+    """(class name -> reader label, labels of the samples) of a timm reader or torchvision set, where known."""
+    reader = getattr(dataset, 'reader', None)
+    if reader is not None and hasattr(reader, 'class_to_idx') and hasattr(reader, 'samples'):
+        return dict(reader.class_to_idx), [int(t) for _, t in reader.samples]  # timm folder reader
+    if reader is not None and hasattr(reader, 'class_name_to_idx'):
+        return dict(reader.class_name_to_idx), [int(t) for t in reader.targets]  # timm tar reader
+    if hasattr(dataset, 'class_to_idx') and hasattr(dataset, 'targets'):
+        return dict(dataset.class_to_idx), [int(t) for t in dataset.targets]  # torchvision
+    targets = getattr(dataset, 'targets', None)
+    return None, ([int(t) for t in targets] if targets is not None else None)
+
+
+class TimmDataset(Dataset):
+    """One split of a timm ``create_dataset`` source, with this module's class attributes.
+
+    Labels are mapped to the training classes by name with the same rule as :class:`ImageFolder`
+    (``_map_folders``: by name in ``class_names``, by number for numbered folders, else sorted names), so
+    a folder, a tar of the same images and the built-in ``imagefolder`` give the same labels, and a
+    validation or robustness set holding a subset of the classes keeps the training indices.
+    """
+
+    def __init__(self, name: str, data_dir: Optional[str], split: str, transform: Optional[Callable] = None, *,
+                 num_classes: Optional[int] = None, class_names: Optional[Sequence[str]] = None) -> None:
+        from timm.data import ImageDataset, create_dataset
+
+        prefix = name.partition('/')[0].lower() if '/' in name else ''
+        if prefix in ITERABLE_PREFIXES:
+            raise DataError(f'{name}: {prefix}/ data sets stream without random access; training here needs a '
+                            'map-style data set for its exact resume and per-class scoring: use folder, tar, '
+                            'hfds/<name> or torch/<name>')
+        timm_split = 'train' if split == 'train' else ('test' if split == 'test' else 'validation')
+        try:
+            if prefix:
+                root = data_dir
+                self.dataset = create_dataset(name, root=root, split=timm_split, is_training=split == 'train',
+                                              download=False, transform=transform)
+            else:
+                root_path = _timm_root(name, data_dir, split)
+                root = str(root_path)
+                if name == 'tar' and root_path.is_dir():
+                    from timm.data.readers.reader_image_in_tar import ReaderImageInTar
+                    self.dataset = ImageDataset(root, reader=ReaderImageInTar(root), transform=transform)
+                else:
+                    self.dataset = create_dataset('', root=root, split=timm_split, search_split=False,
+                                                  transform=transform)
+        except DataError:
+            raise
+        except (AssertionError, FileNotFoundError, OSError, RuntimeError, ValueError, ImportError) as e:
+            raise DataError(f'timm cannot open data set {name!r} at {data_dir} ({type(e).__name__}: {e}); nothing '
+                            'is downloaded at run time') from None
+        self.root, self.transform = root, transform
+        reader_names, labels = _reader_classes(self.dataset)
+        if labels is None:
+            raise DataError(f'{name}: timm gives no labels for its samples up front; cannot check its classes')
+        if reader_names is not None:
+            folders = sorted(reader_names)
+            self.classes, folder_to_label = _map_folders(Path(str(root)), folders, class_names, num_classes)
+            table = {reader_names[f]: folder_to_label[f] for f in folders}
+            if any(old != new for old, new in table.items()):
+                self._set_target_map(_TargetMap(table))
+            labels = [table[t] for t in labels]
+        else:
+            count = num_classes or (len(class_names) if class_names is not None else max(labels) + 1)
+            self.classes = [str(c) for c in class_names] if class_names is not None else [str(i) for i in
+                                                                                           range(count)]
+        self.targets = labels
+        self.num_classes = len(self.classes)
+        self.class_indices = sorted(set(labels))
+
+    def _set_target_map(self, target_map: _TargetMap) -> None:
+        if not hasattr(self.dataset, 'target_transform'):
+            raise DataError(f'{type(self.dataset).__name__} takes no target transform: cannot map its classes')
+        self.dataset.target_transform = target_map
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        img, label = self.dataset[index]
+        return img, int(label)
+
+
 # ------------------------------------------------------------------------------------------ subsets
 class DatasetSubset(Dataset):
     """A seeded random subset (quick runs) that keeps the class attributes of the full data set.
@@ -291,7 +413,7 @@ class DatasetSubset(Dataset):
 
 
 # what load_dataset returns: each has .classes, .num_classes, .class_indices, .transform and a length
-LoadedDataset = Union[FashionMNIST, ImageFolder, CIFAR, DatasetSubset]
+LoadedDataset = Union[FashionMNIST, ImageFolder, CIFAR, TimmDataset, DatasetSubset]
 
 
 # ------------------------------------------------------------------------------------------ entry point
@@ -330,16 +452,20 @@ def load_dataset(name: str, data_dir: Optional[str] = None, split: str = 'train'
     numbered folders also map so without class names).
     ``max_samples``: a random subset of that size, the same for the same ``seed``.
     """
-    if name not in DATASETS:
-        raise DataError(f'unknown dataset {name!r}: choose one of {", ".join(DATASETS)}')
+    if name not in DATASETS and not is_timm_dataset(name):
+        raise DataError(f'unknown dataset {name!r}: choose one of {", ".join(DATASETS)}, or a timm create_dataset '
+                        f'name: {", ".join(TIMM_READERS)}, ' + ', '.join(f'{p}/<name>' for p in TIMM_PREFIXES))
     if split not in SPLITS:
         raise DataError(f'unknown split {split!r}: choose one of {", ".join(SPLITS)}')
     if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
                                     or max_samples < 1):
         raise DataError(f'max_samples must be a positive integer or None, got {max_samples!r}')
-    if name == 'imagefolder':
+    if is_timm_dataset(name):
+        dataset: LoadedDataset = TimmDataset(name, data_dir, split, transform, num_classes=num_classes,
+                                             class_names=_training_classes(class_names, class_map))
+    elif name == 'imagefolder':
         names = _training_classes(class_names, class_map)
-        dataset: LoadedDataset = ImageFolder(str(_imagefolder_root(data_dir, split)), transform,
+        dataset = ImageFolder(str(_imagefolder_root(data_dir, split)), transform,
                                              skip_bad_images=skip_bad_images, num_classes=num_classes,
                                              class_names=names)
     else:

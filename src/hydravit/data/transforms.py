@@ -7,7 +7,7 @@ from PIL import Image
 
 from .datasets import DataError
 
-__all__ = ['ConvertMode', 'build_transform']
+__all__ = ['ConvertMode', 'build_transform', 'pillow_safe_posterize']
 
 
 class ConvertMode:
@@ -45,5 +45,38 @@ def build_transform(data_config: Mapping[str, Any], is_training: bool, **aug: An
                   interpolation=data_config.get('interpolation', 'bilinear'), crop_pct=crop_pct,
                   crop_mode=data_config.get('crop_mode'))
     kwargs.update({k: v for k, v in aug.items() if v is not None})
-    timm_transform = create_transform(**kwargs)
+    timm_transform = pillow_safe_posterize(create_transform(**kwargs))
     return transforms.Compose([ConvertMode('L' if channels == 1 else 'RGB'), timm_transform])
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize, with 0 bits kept meaning a black image (what Pillow < 13 returned) instead of an error."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def pillow_safe_posterize(transform: Callable) -> Callable:
+    """Make the posterize ops of timm RandAugment/AutoAugment inside ``transform`` work with Pillow >= 13.
+
+    timm's ``PosterizeIncreasing`` keeps ``4 - int(magnitude / 10 * 4)`` bits, 0 at magnitude 10, which DeiT's
+    rand-m9-mstd0.5 draws for about 2 % of its ops; Pillow 13 rejects 0 bits with a ValueError, which would stop
+    a run after a few thousand images. Only this transform's op objects change (timm itself is untouched).
+    """
+    from timm.data.auto_augment import posterize as timm_posterize
+
+    stack = [transform]
+    while stack:
+        node = stack.pop()
+        stack.extend(getattr(node, 'transforms', None) or [])  # Compose
+        ops = list(getattr(node, 'ops', None) or [])  # RandAugment
+        for sub_policy in getattr(node, 'policy', None) or []:  # AutoAugment
+            ops.extend(sub_policy)
+        for op in ops:
+            if getattr(op, 'aug_fn', None) is timm_posterize:
+                op.aug_fn = _posterize
+    return transform

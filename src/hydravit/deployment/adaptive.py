@@ -5,7 +5,9 @@ refined slowly) times one shared load factor estimated from the latest observati
 k costs *now*. It drops k as soon as the current one is predicted to miss, climbs only with a margin
 and after a few agreeing batches (hysteresis), and now and then probes the next larger k when that is
 predicted to fit, to correct a stale estimate. :class:`AdaptivePredictor` wraps a HydraViT with it and
-times each batch with an injectable clock, so tests run on simulated time.
+times each batch with an injectable clock, so tests run on simulated time. :class:`AdaptiveCascadePredictor`
+serves an early-exit cascade instead: under load it first lowers the cascade's thresholds (more images leave
+at the first stage), and only once they are at zero lowers k below the first stage.
 """
 from __future__ import annotations
 
@@ -21,13 +23,16 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 
+from ..cascade.policy import CascadePolicy
+from ..cascade.runner import Cascade
 from ..models.factory import UniversalModel
 from ..models.kchoices import check_k_choices
 
 __all__ = [
     'LatencyController', 'AdaptivePredictor', 'AdaptiveOutput', 'LoadPhase', 'applied_load', 'DEFAULT_PHASES',
     'fixed_k_policy', 'adaptive_policy', 'run_under_load', 'summarize', 'calibrate_latencies',
-    'reexec_with_passive_omp',
+    'reexec_with_passive_omp', 'ServingLevel', 'cascade_levels', 'AdaptiveCascadePredictor', 'AdaptiveCascadeOutput',
+    'THRESHOLD_FACTORS',
 ]
 
 
@@ -182,6 +187,103 @@ class AdaptivePredictor:
         logits, latency = self._run(x, k)
         controller.observe(k, latency)
         return AdaptiveOutput(logits=logits, k=k, latency_ms=latency)
+
+
+# ------------------------------------------------------------------------------------------ cascades under load
+THRESHOLD_FACTORS = (1.0, 0.75, 0.5, 0.25, 0.0)  # the policy's thresholds times these, before any k is lowered
+
+
+@dataclass(frozen=True)
+class ServingLevel:
+    """One way to serve a batch, cheaper the lower it stands: a scaled cascade, or one static k."""
+    name: str
+    policy: Optional[CascadePolicy] = None  # None: the static ``k``
+    k: Optional[int] = None
+    threshold_factor: Optional[float] = None
+
+
+def cascade_levels(model: UniversalModel, policy: CascadePolicy,
+                   factors: Sequence[float] = THRESHOLD_FACTORS) -> List[ServingLevel]:
+    """Serving levels from cheapest to most accurate: each trained k below the cascade's first stage, then the
+    cascade with its thresholds times each factor (0 = its first stage alone) up to the policy itself."""
+    policy.check_ks(model.k_choices, model.config.num_heads)
+    bad = [f for f in factors if not (math.isfinite(f) and 0 <= f <= 1)]
+    if bad or not factors:
+        raise ValueError(f'threshold factors must be numbers in [0, 1], got {list(factors)}')
+    levels = [ServingLevel(f'k={k}', k=k) for k in model.k_choices if k < policy.ks[0]]
+    for f in sorted(set(float(f) for f in factors)):
+        levels.append(ServingLevel(f'cascade x{f:g}', policy=policy.scaled(f), threshold_factor=f))
+    return levels
+
+
+@dataclass
+class AdaptiveCascadeOutput:
+    logits: torch.Tensor
+    exit_k: torch.Tensor  # (N,): the k that answered each image
+    level: ServingLevel
+    latency_ms: float
+
+
+class AdaptiveCascadePredictor:
+    """A cascade policy served under a latency target per batch: thresholds drop before k does.
+
+    The levels of :func:`cascade_levels` are controlled like the k of :class:`AdaptivePredictor` (one
+    :class:`LatencyController` over level numbers 1..L, cheapest first), so the controller's hysteresis and
+    probing apply unchanged. A cascade's latency depends on how many images of the batch exit early; the
+    controller's load factor absorbs that variation like any other.
+    """
+
+    def __init__(self, model: UniversalModel, policy: CascadePolicy, target_ms: float, *,
+                 factors: Sequence[float] = THRESHOLD_FACTORS, base_latency_ms: Optional[Mapping[int, float]] = None,
+                 clock: Callable[[], float] = time.perf_counter, **controller_kwargs) -> None:
+        self.model = model.eval()
+        self.levels = cascade_levels(model, policy, factors)
+        self.target_ms = target_ms
+        self.clock = clock
+        self._cascades = {i: Cascade.from_model(model, lvl.policy) for i, lvl in enumerate(self.levels, 1)
+                          if lvl.policy is not None}
+        self._controller_kwargs = controller_kwargs
+        self.controller: Optional[LatencyController] = None
+        if base_latency_ms is not None:
+            self.controller = LatencyController(self.level_ids, target_ms, base_latency_ms, **controller_kwargs)
+
+    @property
+    def level_ids(self) -> List[int]:
+        return list(range(1, len(self.levels) + 1))
+
+    def _run(self, x: torch.Tensor, level: int) -> tuple:
+        start = self.clock()
+        with torch.inference_mode():
+            if level in self._cascades:
+                out = self._cascades[level](x)
+                logits, exit_k = out.logits, out.exit_k
+            else:
+                k = self.levels[level - 1].k
+                assert k is not None
+                logits = self.model(x, k=k)
+                exit_k = torch.full((x.shape[0],), k, dtype=torch.long, device=x.device)
+        if x.device.type == 'cuda':
+            torch.cuda.synchronize(x.device)
+        return logits, exit_k, (self.clock() - start) * 1e3
+
+    def calibrate(self, x: torch.Tensor, repeats: int = 3) -> Dict[int, float]:
+        """Median latency (ms) of every level on batch ``x``; (re)starts the controller from them."""
+        base = {}
+        for level in self.level_ids:
+            self._run(x, level)
+            base[level] = statistics.median(self._run(x, level)[2] for _ in range(max(1, repeats)))
+        self.controller = LatencyController(self.level_ids, self.target_ms, base, **self._controller_kwargs)
+        return base
+
+    def __call__(self, x: torch.Tensor) -> AdaptiveCascadeOutput:
+        if self.controller is None:
+            self.calibrate(x)
+        controller = self.controller
+        assert controller is not None  # calibrate() starts it
+        level = controller.choose()
+        logits, exit_k, latency = self._run(x, level)
+        controller.observe(level, latency)
+        return AdaptiveCascadeOutput(logits=logits, exit_k=exit_k, level=self.levels[level - 1], latency_ms=latency)
 
 
 # ------------------------------------------------------------------------------------------ load

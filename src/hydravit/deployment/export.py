@@ -7,6 +7,10 @@
   its metadata.
 * ``onnx``: ``k3.onnx`` with a dynamic batch axis, checked against PyTorch with onnxruntime.
 
+An early-exit cascade (:mod:`hydravit.cascade`) exports as ``cascade.json`` (the policy, and per stage its k,
+ONNX file, MACs and checksum) beside one ONNX file per stage (:func:`export_cascade`); the runtime in
+:mod:`hydravit.deployment.cascade_runtime` executes it with onnxruntime alone.
+
 Every export also writes ``index.csv`` / ``index.json``: one row per k with params, GMACs and the
 accuracy measured for the parent checkpoint where a results file is known.
 """
@@ -28,7 +32,8 @@ import torch
 from safetensors.torch import save_file
 from timm.models import save_for_hf
 
-from ..models.costs import cost_row
+from ..cascade.policy import CascadePolicy
+from ..models.costs import cost_row, subnet_cost
 from ..models.factory import UniversalModel
 from ..models.kchoices import parse_ks
 from ..models.subnet import extract_subnet, model_subnet_state_dict, subnet_vit_kwargs
@@ -44,12 +49,15 @@ from ..storage.run_folder import (
 )
 
 __all__ = ['EXPORT_FORMATS', 'TIMM_ARCHITECTURE', 'ExportError', 'file_sha256', 'export_timm', 'export_safetensors',
-           'export_onnx', 'export_subnets']
+           'export_onnx', 'export_subnets', 'export_cascade', 'CASCADE_MANIFEST', 'CASCADE_ARTEFACTS']
 
 EXPORT_FORMATS = ('timm', 'safetensors', 'onnx')
 # timm architecture written to config.json; model_args override every shape argument of its factory
 TIMM_ARCHITECTURE = 'vit_base_patch16_224'
 ONNX_ATOL = 1e-4
+CASCADE_MANIFEST = 'cascade.json'
+# how a cascade's stages are stored; the runtime has one loader per artefact kind
+CASCADE_ARTEFACTS = ('per-stage-onnx',)
 
 
 class ExportError(ValueError):
@@ -177,7 +185,7 @@ def export_subnets(
         model_name: Optional[str] = None,
         overwrite: bool = False,
         onnx_opset: int = 17,
-        use_ema: bool = False,
+        use_ema: Optional[bool] = None,
 ) -> List[Dict[str, Any]]:
     """Export subnetworks ``ks`` of ``checkpoint`` (a file or a run folder) in ``formats``; returns the index.
 
@@ -186,7 +194,7 @@ def export_subnets(
     """
     formats = _check_formats(formats)
     checkpoint = resolve_checkpoint(checkpoint, use_ema)
-    model = load_model(checkpoint).eval()
+    model = load_model(checkpoint, model_name=model_name, use_ema=use_ema).eval()
     chosen = parse_ks(ks, model.k_choices, model.config.num_heads) or list(model.k_choices)
     output = Path(output)
     preprocessing = preprocessing_config(checkpoint, model, model_name)
@@ -216,3 +224,30 @@ def export_subnets(
     write_results(index, output, 'index', 'csv', verbose=False)
     write_results(index, output, 'index', 'json', verbose=False)
     return index
+
+
+def export_cascade(checkpoint: str | os.PathLike, policy: CascadePolicy, output: str | os.PathLike, *,
+                   model_name: Optional[str] = None, overwrite: bool = False, onnx_opset: int = 17,
+                   use_ema: Optional[bool] = None) -> Dict[str, Any]:
+    """``output/cascade.json`` and one checked ONNX file per stage (``k3.onnx``, ...): a deployable cascade.
+
+    The manifest holds the policy, the preprocessing, and per stage its k, file, MACs and SHA-256, so
+    :class:`hydravit.deployment.cascade_runtime.OnnxCascade` needs no checkpoint and no torch model.
+    """
+    checkpoint = resolve_checkpoint(checkpoint, use_ema)
+    model = load_model(checkpoint, model_name=model_name, use_ema=use_ema).eval()
+    policy.check_ks(model.k_choices, model.config.num_heads)
+    preprocessing = preprocessing_config(checkpoint, model, model_name)
+    output = Path(output)
+    _prepare_output(output, overwrite)
+    stages = []
+    for k in policy.ks:
+        path = output / f'k{k}.onnx'
+        checked = export_onnx(model, k, path, opset=onnx_opset)
+        stages.append(dict(k=k, onnx=path.name, macs=subnet_cost(model.config, k).macs, sha256=file_sha256(path),
+                           **checked))
+    manifest = dict(artefact=CASCADE_ARTEFACTS[0], policy=policy.to_dict(), stages=stages,
+                    pretrained_cfg=preprocessing, parent_checkpoint=str(checkpoint.resolve()),
+                    parent_sha256=file_sha256(checkpoint))
+    _write_json(output / CASCADE_MANIFEST, manifest)
+    return manifest

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..models.compiled import CompileOptions, compile_module, compile_universal
 from ..models.config import HydraViTConfig
 from ..models.costs import subnet_cost
 from ..models.factory import UniversalModel, model_from_config
@@ -54,12 +55,16 @@ def reexec_with_malloc_env(argv: Sequence[str]) -> None:
         os.execve(sys.executable, [sys.executable, *argv], {**os.environ, **MALLOC_ENV})
 
 
-def build_runner(model: UniversalModel, k: int, mode: str) -> nn.Module | Runner:
-    """The callable that runs subnetwork ``k`` in ``mode`` (eval mode)."""
+def build_runner(model: UniversalModel, k: int, mode: str,
+                 compile_options: Optional[CompileOptions] = None) -> nn.Module | Runner:
+    """The callable that runs subnetwork ``k`` in ``mode`` (eval mode), compiled with ``compile_options``."""
     if mode == 'sliced':
         model.eval()
+        if compile_options is not None:
+            return compile_universal(model, compile_options).bind(k)
         return lambda x: model(x, k=k)
-    return _standalone_vit(model, k, mode)
+    vit = _standalone_vit(model, k, mode)
+    return compile_module(vit, compile_options) if compile_options is not None else vit
 
 
 def _standalone_vit(model: UniversalModel, k: int, mode: str) -> VisionTransformer:
@@ -222,12 +227,15 @@ def benchmark_subnets(
         train_iters: int = 5,
         measure_memory: bool = True,
         flop_count: bool = True,
+        compile_options: Optional[CompileOptions] = None,
 ) -> List[Dict]:
     """One row per (k, mode) with timm ``benchmark.py`` column names (see the module docstring).
 
     ``infer_samples_per_sec`` at ``batch_size`` (median of interleaved rounds), ``infer_latency_ms`` at
     batch 1 (median, p10, p90), optional ``train_samples_per_sec``, ``peak_mem_mb``, ``param_count``
     (M, counted), analytic ``gmacs`` and ``flop_counter_gmacs`` (misses the attention matmuls).
+    ``compile_options`` times the ``torch.compile``d runners (compilation happens in the warm-up; memory and
+    FLOP counts stay eager; the training figure is eager).
     """
     bad = [m for m in modes if m not in BENCH_MODES]
     if bad or not modes:
@@ -238,22 +246,24 @@ def benchmark_subnets(
     cfg, device = model.config, x.device
     rows = []
     for k in ks:
-        runners = {mode: build_runner(model, k, mode) for mode in modes}
+        runners = {mode: build_runner(model, k, mode, compile_options) for mode in modes}
         speed = _throughputs(runners, x, rounds, min_seconds, warmup)
         cost = subnet_cost(cfg, k)
         for mode, fn in runners.items():
             # the sliced runner is the universal model at k: its parameters are the subnetwork's share
             params = sum(p.numel() for p in fn.parameters()) if isinstance(fn, nn.Module) else cost.params
+            eager = fn if compile_options is None else build_runner(model, k, mode)
             row = dict(k=k, mode=mode, infer_samples_per_sec=speed[mode], infer_batch_size=batch_size,
                        **_latencies(fn, x[:1], latency_iters, warmup))
             row['train_samples_per_sec'] = _train_throughput(model, k, mode, x, train_iters, 1) if train else None
             if measure_memory:
-                row['peak_mem_mb'] = (_cuda_peak_mb(fn, x) if device.type == 'cuda'
+                row['peak_mem_mb'] = (_cuda_peak_mb(eager, x) if device.type == 'cuda'
                                       else peak_memory_mb(cfg, k, mode, batch_size, torch.get_num_threads()))
             else:
                 row['peak_mem_mb'] = None
             row.update(param_count=params / 1e6, gmacs=cost.gmacs,
-                       flop_counter_gmacs=flop_counter_gmacs(fn, x) if flop_count else None, device=str(device))
+                       flop_counter_gmacs=flop_counter_gmacs(eager, x) if flop_count else None, device=str(device),
+                       compiled=compile_options is not None)
             rows.append(row)
     return rows
 

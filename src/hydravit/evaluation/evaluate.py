@@ -9,11 +9,12 @@ import contextlib
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Literal, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Literal, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from ..models.compiled import CompileOptions, compile_module, compile_universal
 from ..models.costs import add_costs
 from ..models.factory import UniversalModel
 from ..models.kchoices import check_k_choices
@@ -99,13 +100,17 @@ def evaluate_subnets(
         amp_dtype: Optional[torch.dtype] = None,
         class_indices: Optional[Sequence[int]] = None,
         mode: Mode = 'sliced',
+        forward: Optional[Callable[..., torch.Tensor]] = None,
+        compile_options: Optional[CompileOptions] = None,
 ) -> List[Dict[str, float]]:
     """One row per k: ``k, top1, top1_err, top5, top5_err, loss, num_samples`` (percentages).
 
     ``mode='extracted'`` scores the standalone timm ViT of each k instead of the sliced model (they
     agree; this is the check). ``class_indices`` restricts the logits to those classes (ImageNet-R/-A
     style test sets); labels stay indices into the full class list. With fewer than 5 classes "top5"
-    is top-C. Sliced mode reads the loader once for all k.
+    is top-C. Sliced mode reads the loader once for all k. ``forward(images, k=k)`` replaces
+    ``model(images, k=k)`` in sliced mode (a :class:`hydravit.models.compiled.PerKCompiled` of ``model``);
+    ``compile_options`` compiles the sliced model (one graph per k) or each extracted subnet.
     """
     if mode not in EVAL_MODES:
         raise ValueError(f'mode must be one of {EVAL_MODES}, got {mode!r}')
@@ -125,12 +130,16 @@ def evaluate_subnets(
         with torch.inference_mode(), autocast:
             if mode == 'sliced':
                 tallies = {k: _Tally() for k in ks}
+                run = forward or model
+                if forward is None and compile_options is not None:
+                    run = compile_universal(model, compile_options, pad_batches=True)
                 for images, target in _batches(loader, device, mapping, model.num_classes):
                     for k in ks:
-                        tallies[k].update(_restrict(model(images, k=k), columns), target)
+                        tallies[k].update(_restrict(run(images, k=k), columns), target)
                 return [tallies[k].row(k) for k in ks]
             rows = []
             for k, net in _subnet_fns(model, ks, mode):
+                net = compile_module(net, compile_options) if compile_options else net
                 tally = _Tally()
                 for images, target in _batches(loader, device, mapping, model.num_classes):
                     tally.update(_restrict(net(images), columns), target)
@@ -145,22 +154,23 @@ def _restrict(logits: torch.Tensor, columns: Optional[torch.Tensor]) -> torch.Te
     return logits if columns is None else logits.index_select(1, columns)
 
 
-def load_for_eval(path: str | os.PathLike, ks: Optional[Sequence[int]] = None,
-                  model_name: Optional[str] = None) -> Tuple[UniversalModel, List[int]]:
+def load_for_eval(path: str | os.PathLike, ks: Optional[Sequence[int]] = None, model_name: Optional[str] = None,
+                  use_ema: Optional[bool] = None) -> Tuple[UniversalModel, List[int]]:
     """Model of a checkpoint, with its training preprocessing as ``pretrained_cfg``, and the k to evaluate.
 
     ks default to the trained ones. A k outside the trained set but within 1..H is evaluated with a
     warning (the model is rebuilt with every k allowed); beyond H it is an error. The preprocessing
     comes from :func:`hydravit.storage.run_folder.preprocessing_config` (``model_name`` settles ambiguous cases).
     """
-    model, ks = _load_with_ks(path, ks)
+    model, ks = _load_with_ks(path, ks, model_name, use_ema)
     # a plain dict attribute, as timm's builder sets it; torch's stubs type Module attributes as Tensor | Module
     model.pretrained_cfg = preprocessing_config(path, model, model_name)  # type: ignore[assignment]
     return model, ks
 
 
-def _load_with_ks(path: str | os.PathLike, ks: Optional[Sequence[int]]) -> Tuple[UniversalModel, List[int]]:
-    model = load_model(path)
+def _load_with_ks(path: str | os.PathLike, ks: Optional[Sequence[int]], model_name: Optional[str],
+                  use_ema: Optional[bool]) -> Tuple[UniversalModel, List[int]]:
+    model = load_model(path, model_name=model_name, use_ema=use_ema)
     h = model.config.num_heads
     ks = list(model.k_choices) if not ks else list(check_k_choices(ks, h, what=f'k (trained: {list(model.k_choices)})'))
     untrained = [k for k in ks if k not in model.k_choices]
@@ -169,13 +179,13 @@ def _load_with_ks(path: str | os.PathLike, ks: Optional[Sequence[int]]) -> Tuple
             raise ValueError(f'k {untrained} has no weights of its own: this model has a classifier (or a whole '
                              f'ViT) per trained k {list(model.k_choices)}')
         warnings.warn(f'k {untrained} not in the trained set {list(model.k_choices)}: evaluating anyway', stacklevel=3)
-        model = load_model(path, k_choices=tuple(range(1, h + 1)))
+        model = load_model(path, model_name=model_name, use_ema=use_ema, k_choices=tuple(range(1, h + 1)))
     return model, ks
 
 
 def evaluate_dataset(model: UniversalModel, dataset, ks: Optional[Sequence[int]] = None, *, batch_size: int = 256,
                      workers: int = 0, device: str | torch.device = 'cpu', amp_dtype: Optional[torch.dtype] = None,
-                     mode: Mode = 'sliced') -> List[Dict]:
+                     mode: Mode = 'sliced', compile_options: Optional[CompileOptions] = None) -> List[Dict]:
     """:func:`evaluate_subnets` on a data set, with timm's validate.py columns and per-k costs.
 
     A data set whose ``class_indices`` (labels present) are a strict subset of the model's classes
@@ -192,7 +202,7 @@ def evaluate_dataset(model: UniversalModel, dataset, ks: Optional[Sequence[int]]
     class_indices = present if len(present) < model.num_classes else None
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     rows = evaluate_subnets(model.to(device), loader, ks, device=device, amp_dtype=amp_dtype,
-                            class_indices=class_indices, mode=mode)
+                            class_indices=class_indices, mode=mode, compile_options=compile_options)
     data_config = resolve_data_config({}, model=model)
     return add_costs(rows, model.config, img_size=data_config['input_size'][-1], crop_pct=data_config['crop_pct'],
                      interpolation=data_config['interpolation'], mode=mode, num_classes_scored=len(present))

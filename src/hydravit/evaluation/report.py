@@ -44,11 +44,14 @@ def join_results(eval_rows: Sequence[Row], bench_rows: Sequence[Row] = (), bench
 
 
 def plot_accuracy(series: Mapping[str, Sequence[Row]], x: str, path: PathLike, title: Optional[str] = None,
-                  *, y: str = 'top1', error_bars: Optional[str] = None) -> Path:
+                  *, y: str = 'top1', curves: Optional[Mapping[str, Sequence[Row]]] = None,
+                  error_bars: Optional[str] = None) -> Path:
     """Accuracy against cost, one line per method and each point labelled with its k; a PNG file.
 
-    ``x`` is ``'gmacs'`` or ``'infer_samples_per_sec'`` (or ``param_count``/``infer_latency_ms``).
-    ``error_bars`` names a column of half widths (e.g. a 95 % interval over seeds) drawn around ``y``.
+    ``x`` is ``'gmacs'`` or ``'infer_samples_per_sec'`` (or ``param_count``/``infer_latency_ms``). ``curves``
+    are further lines whose points have no k (e.g. an early-exit cascade's threshold sweep); a point with a
+    ``label`` is annotated with it. ``error_bars`` names a column of half widths (e.g. a 95 % interval over
+    seeds) drawn around ``y``.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -71,6 +74,17 @@ def plot_accuracy(series: Mapping[str, Sequence[Row]], x: str, path: PathLike, t
             ax.plot(xs, ys, marker='o', label=label)
         for px, py, k, _ in points:
             ax.annotate(f'k={k}', (px, py), textcoords='offset points', xytext=(4, -10), fontsize=7)
+        plotted += 1
+    for label, rows in (curves or {}).items():
+        curve = sorted((float(r[x]), float(r[y]), str(r.get('label') or '')) for r in rows
+                       if r.get(x) is not None and r.get(y) is not None)
+        if not curve:
+            continue
+        xs, ys, names = zip(*curve, strict=True)
+        ax.plot(xs, ys, marker='s', linestyle='--', label=label)
+        for px, py, name in curve:
+            if name:
+                ax.annotate(name, (px, py), textcoords='offset points', xytext=(4, 4), fontsize=7)
         plotted += 1
     if not plotted:
         raise ValueError(f'no rows with both {x!r} and {y!r}: nothing to plot')
@@ -116,8 +130,13 @@ def write_report(eval_rows_by_label: Mapping[str, Sequence[Row]],
                  bench_rows_by_label: Optional[Mapping[str, Sequence[Row]]] = None,
                  out_dir: PathLike = '.', *, config: Optional[HydraViTConfig] = None,
                  title: str = 'HydraViT accuracy-cost report',
-                 extra_sections: Sequence[str] = (), error_bars: Optional[str] = None) -> Dict[str, Path]:
+                 extra_sections: Sequence[str] = (),
+                 curves: Optional[Mapping[str, Sequence[Row]]] = None,
+                 error_bars: Optional[str] = None) -> Dict[str, Path]:
     """Markdown table, joined CSV and the two Pareto plots of one or several methods.
+
+    ``curves`` (label -> rows with ``top1``, ``gmacs``, optionally ``infer_samples_per_sec``, no k) are drawn
+    on both plots beside the per-k lines and listed in a table of their own, e.g. an early-exit cascade's sweep.
 
     ``config`` (a :class:`HydraViTConfig`) fills ``param_count``/``gmacs`` for rows that lack them
     (e.g. the trainer's per-epoch rows). The throughput plot is written when a benchmark is given.
@@ -142,15 +161,22 @@ def write_report(eval_rows_by_label: Mapping[str, Sequence[Row]],
     out_dir = Path(out_dir)
     table = [{'method': label, **r} for label, rows in series.items() for r in rows]
     columns = [c for c in REPORT_COLUMNS if any(r.get(c) is not None for r in table)]
+    curves = {label: list(rows) for label, rows in (curves or {}).items() if rows}
     paths = {'csv': write_results(table, out_dir, 'report', 'csv', verbose=False)}
     if any('gmacs' in r for r in table):
         paths['plot_gmacs'] = plot_accuracy(series, 'gmacs', out_dir / 'accuracy_vs_gmacs.png',
-                                            'Top-1 accuracy vs GMACs', error_bars=error_bars)
+                                            'Top-1 accuracy vs GMACs', curves=curves, error_bars=error_bars)
     if any('infer_samples_per_sec' in r for r in table):
         paths['plot_throughput'] = plot_accuracy(series, 'infer_samples_per_sec',
                                                  out_dir / 'accuracy_vs_throughput.png',
-                                                 'Top-1 accuracy vs inference throughput', error_bars=error_bars)
+                                                 'Top-1 accuracy vs inference throughput', curves=curves,
+                                                 error_bars=error_bars)
     text = [f'# {title}', '', markdown_table(table, columns), '']
+    if curves:
+        curve_table = [{'curve': label, **r} for label, rows in curves.items() for r in rows]
+        curve_columns = [c for c in ('curve', 'label', 'stages', 'top1', 'gmacs', 'infer_samples_per_sec',
+                                     'infer_latency_ms') if any(r.get(c) is not None for r in curve_table)]
+        text += [markdown_table(curve_table, curve_columns), '']
     text += [f'![{p.stem}]({p.name})' for key, p in paths.items() if key.startswith('plot')]
     text += ['', *extra_sections] if extra_sections else []
     paths['markdown'] = atomic_write(out_dir / 'report.md', lambda tmp: Path(tmp).write_text('\n'.join(text) + '\n'))

@@ -1,33 +1,47 @@
-"""Safe, atomic checkpoint files.
+"""Safe, atomic checkpoint files, and checkpoints from elsewhere.
 
 Weights live in safetensors files whose metadata carries the model's :class:`HydraViTConfig`, so a
-checkpoint rebuilds its model without any code object. Legacy ``.pth`` files are read with
-``torch.load(weights_only=True)`` only: nothing is ever unpickled beyond tensors and plain types.
+checkpoint rebuilds its model without any code object. Files from elsewhere load too: timm ``train.py``
+``CheckpointSaver`` files (``state_dict``, ``state_dict_ema``, ``args``, ... as the paper's released
+checkpoints are) and plain timm ViT state dicts (``.pth``, ``.bin``, ``.safetensors``); their HydraViT config
+is read off the tensor shapes (or a registered model name). ``.pth``-style files are read with
+``torch.load(weights_only=True)``: nothing is unpickled beyond tensors, plain types and
+``argparse.Namespace`` (the ``args`` of timm train.py checkpoints).
 """
 from __future__ import annotations
 
+import argparse
 import json
+import logging
+import math
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
-from timm.models import load_state_dict as timm_load_state_dict
+from timm.models import clean_state_dict
 
 from ..models.config import HydraViTConfig
-from ..models.factory import UniversalModel, model_from_config
+from ..models.factory import UniversalModel, create_model, model_from_config
 
 __all__ = [
     'CheckpointError', 'atomic_write', 'save_model', 'load_model', 'load_state_dict_file', 'read_metadata',
-    'load_config_and_state',
+    'load_config_and_state', 'read_checkpoint', 'infer_config', 'is_hydravit_file', 'SAFE_GLOBALS',
 ]
 
+logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 CONFIG_KEY = 'hydravit_config'
+SAFE_GLOBALS: List[Any] = [argparse.Namespace]  # the one class weights_only loading allows: timm train.py's saved args
+RAW_KEYS = ('state_dict', 'model')  # where timm and others keep the trained weights in a checkpoint dict
+EMA_KEYS = ('state_dict_ema', 'model_ema')
+HEAD_DIM = 64  # ViT/DeiT's head size: the only one the tensor shapes cannot tell
+OFFICIAL_MODELS = {'hydravit_dyn_patch16_224': 'hydravit_base_patch16_224'}  # the official code's ViT-B/16
 
 
 class CheckpointError(ValueError):
@@ -66,7 +80,9 @@ def save_model(path: PathLike, model: UniversalModel, metadata: Optional[Mapping
 
 
 def read_metadata(path: PathLike) -> Dict[str, str]:
-    """The string metadata of a safetensors file ({} if it has none)."""
+    """The string metadata of a safetensors file ({} if it has none, or for a ``.pth``-style file)."""
+    if Path(path).suffix != '.safetensors':
+        return {}
     try:
         with safe_open(str(path), framework='pt') as f:
             return dict(f.metadata() or {})
@@ -74,64 +90,168 @@ def read_metadata(path: PathLike) -> Dict[str, str]:
         raise CheckpointError(f'{path}: not a readable safetensors file ({e})') from e
 
 
-def load_state_dict_file(path: PathLike, map_location: str = 'cpu', use_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file, or of a ``.pth``/``.pt``/``.bin`` file loaded weights-only.
+def is_hydravit_file(path: PathLike) -> bool:
+    """A safetensors file written by :func:`save_model` (model config in its metadata)."""
+    return Path(path).suffix == '.safetensors' and Path(path).is_file() and CONFIG_KEY in read_metadata(path)
 
-    timm's ``load_state_dict`` unwraps a checkpoint dict (``state_dict`` or ``model``; with ``use_ema`` the
-    EMA weights first) and drops DDP's ``module.`` prefix. Its ``weights_only`` load allows exactly one
-    class besides tensors and plain containers, ``argparse.Namespace`` (the ``args`` of timm train.py
-    checkpoints); anything else is refused with a clear error.
+
+def _torch_load(path: Path, map_location: str) -> Any:
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'Unsupported global' in str(e) or 'global' in str(e).lower():
+            raise CheckpointError(
+                f'{path} holds Python objects other than tensors, plain containers and argparse.Namespace; '
+                'refusing to unpickle it. Re-save it as a state dict of tensors or as .safetensors') from None
+        raise CheckpointError(f'{path}: not a readable torch checkpoint (UnpicklingError: {e})') from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f'{path}: not a readable torch checkpoint ({type(e).__name__}: {e})') from None
+
+
+def read_checkpoint(path: PathLike, map_location: str = 'cpu',
+                    use_ema: Optional[bool] = None) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], str]:
+    """(tensors, training args, which weights) of any supported checkpoint file.
+
+    A checkpoint dict (timm ``CheckpointSaver``: ``state_dict`` + ``state_dict_ema`` + ``args`` ...) gives its
+    EMA weights when it has them and ``use_ema`` is None or True, else its raw weights; ``use_ema=True``
+    without EMA weights is an error. The choice is logged. DDP's ``module.`` and torch.compile's
+    ``_orig_mod.`` prefixes are removed (timm ``clean_state_dict``).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'checkpoint {path} does not exist')
-    try:
-        obj = timm_load_state_dict(str(path), use_ema=use_ema, device=map_location, weights_only=True)
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f'{path}: not a readable safetensors file ({e})') from e
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        cause = e if isinstance(e, pickle.UnpicklingError) else e.__cause__  # timm re-raises torch's refusals
-        if isinstance(cause, pickle.UnpicklingError) and 'Unsupported global' in str(cause):
-            raise CheckpointError(
-                f'{path} holds Python objects other than tensors, plain containers and argparse.Namespace; '
-                'refusing to unpickle it. Re-save it as a state dict of tensors or as .safetensors') from e
-        raise CheckpointError(f'{path}: not a readable torch checkpoint ({type(cause or e).__name__})') from e
-    except AttributeError as e:  # timm's unwrapping met something that is not a mapping
-        raise CheckpointError(f'{path} is not a state dict: expected a mapping of parameter names to tensors') from e
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if path.suffix == '.safetensors':
+        try:
+            with safe_open(str(path), framework='pt', device=map_location) as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, {}, 'weights'
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f'{path}: not a readable safetensors file ({e})') from e
+    obj = _torch_load(path, map_location)
+    args: Dict[str, Any] = {}
+    which = 'weights'
+    if isinstance(obj, Mapping) and any(k in obj for k in RAW_KEYS + EMA_KEYS):
+        raw = next((k for k in RAW_KEYS if isinstance(obj.get(k), Mapping)), None)
+        ema = next((k for k in EMA_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if use_ema and ema is None:
+            raise CheckpointError(f'--use-ema: {path} holds no EMA weights (keys: {sorted(obj)[:8]})')
+        which = ema if ema is not None and use_ema is not False else raw or ''
+        if not which:
+            raise CheckpointError(f'{path} holds no raw weights (keys: {sorted(obj)[:8]}); its EMA weights '
+                                  'need --use-ema')
+        saved_args = obj.get('args')
+        args = vars(saved_args) if isinstance(saved_args, argparse.Namespace) else dict(saved_args or {})
+        if ema is not None and raw is not None:
+            logger.info('%s: using the %s weights (%s)%s', path.name, 'EMA' if which == ema else 'raw', which,
+                        '; --no-use-ema for the raw ones' if which == ema else '')
+        obj = obj[which]
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f'{path} is not a state dict: expected a mapping of parameter names to tensors')
-    return {str(k): v for k, v in obj.items()}
+    return {str(k): v for k, v in clean_state_dict(dict(obj)).items()}, args, which
 
 
-def load_model(path: PathLike, map_location: str = 'cpu', **overrides: Any) -> UniversalModel:
-    """Rebuild a universal model from a checkpoint written by :func:`save_model` (config in its metadata).
+def load_state_dict_file(path: PathLike, map_location: str = 'cpu', use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file, or of a ``.pth``/``.pt``/``.bin`` file loaded weights-only.
+
+    A checkpoint dict is unwrapped (its raw weights; with ``use_ema`` its EMA weights): see
+    :func:`read_checkpoint`.
+    """
+    return read_checkpoint(path, map_location, use_ema=use_ema)[0]
+
+
+def load_model(path: PathLike, map_location: str = 'cpu', *, model_name: Optional[str] = None,
+               use_ema: Optional[bool] = None, **overrides: Any) -> UniversalModel:
+    """Rebuild a universal model from any checkpoint :func:`load_config_and_state` reads.
 
     ``overrides`` change non-architectural settings, e.g. ``drop_path_rate`` or a wider ``k_choices``.
     """
-    config, state = load_config_and_state(path, map_location)
+    config, state = load_config_and_state(path, map_location, model_name=model_name, use_ema=use_ema)
     model = model_from_config(config, **overrides)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f'{path}: weights do not match the config stored with them ({e})') from e
+        origin = 'stored with' if is_hydravit_file(path) else 'given or inferred for'
+        raise CheckpointError(f'{path}: weights do not match the config {origin} them ({_short(e)})') from None
     return model
 
 
-def load_config_and_state(path: PathLike, map_location: str = 'cpu') -> Tuple[HydraViTConfig, Dict[str, torch.Tensor]]:
-    """The :class:`HydraViTConfig` and tensors stored in a HydraViT checkpoint file."""
-    path = Path(path)
-    if path.suffix != '.safetensors':
-        raise CheckpointError(
-            f'{path}: HydraViT checkpoints are .safetensors files with the model config in their metadata; '
-            'to start from a timm ViT/DeiT state dict use hydravit.models.init_from_vit')
-    meta = read_metadata(path)
-    if CONFIG_KEY not in meta:
-        raise CheckpointError(
-            f'{path} has no {CONFIG_KEY!r} metadata: it is not a HydraViT checkpoint '
-            '(a timm ViT/DeiT state dict can initialise one through hydravit.models.init_from_vit)')
-    try:
-        config = HydraViTConfig(**json.loads(meta[CONFIG_KEY]))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f'{path}: invalid model config in metadata ({e})') from e
-    return config, load_state_dict_file(path, map_location)
+def _short(e: Exception, limit: int = 600) -> str:
+    text = ' '.join(str(e).split())
+    return text if len(text) <= limit else text[:limit] + ' ...'
 
+
+def load_config_and_state(path: PathLike, map_location: str = 'cpu', *, model_name: Optional[str] = None,
+                          use_ema: Optional[bool] = None) -> Tuple[HydraViTConfig, Dict[str, torch.Tensor]]:
+    """The :class:`HydraViTConfig` and tensors of a checkpoint file.
+
+    A HydraViT file carries its config. For any other (timm ``CheckpointSaver`` file, timm ViT state dict)
+    the config is that of ``model_name`` (or of the registered HydraViT model named in the file's training
+    args), with the file's class count, else it is inferred from the tensor shapes (:func:`infer_config`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'checkpoint {path} does not exist')
+    meta = read_metadata(path)
+    if CONFIG_KEY in meta:
+        try:
+            config = HydraViTConfig(**json.loads(meta[CONFIG_KEY]))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f'{path}: invalid model config in metadata ({e})') from e
+        return config, read_checkpoint(path, map_location)[0]
+    state, args, _ = read_checkpoint(path, map_location, use_ema=use_ema)
+    return infer_config(state, args, model_name, source=str(path)), state
+
+
+def _registered(name: Optional[str]) -> Optional[str]:
+    name = OFFICIAL_MODELS.get(name or '', name)
+    import timm
+    return name if name and name in timm.list_models('hydravit_*') else None
+
+
+def infer_config(state: Mapping[str, torch.Tensor], args: Optional[Mapping[str, Any]] = None,
+                 model_name: Optional[str] = None, source: str = 'checkpoint') -> HydraViTConfig:
+    """The HydraViT config of a timm-layout ViT state dict.
+
+    ``model_name`` (or ``args['model']``, the official code's name included) picks a registered HydraViT whose
+    config is used with the file's class count. Otherwise every size is read off the shapes: width and
+    patch from ``patch_embed.proj``, depth from the blocks, MLP ratio from ``fc1``, input size from
+    ``pos_embed``, classes from ``head``; heads are ViT's 64 channels each, and the k choices those of
+    ``args['heads']`` (the official code's) when the file has them.
+    """
+    args = dict(args or {})
+    if 'patch_embed.proj.weight' not in state:
+        raise CheckpointError(f'{source} is not a HydraViT checkpoint nor a timm ViT state dict (no '
+                              f'patch_embed.proj.weight; tensors {sorted(state)[:5]}...)')
+    head = state.get('head.weight')
+    num_classes = int(head.shape[0]) if head is not None else 0
+    heads = args.get('heads')
+    k_choices = tuple(int(k) for k in heads) if isinstance(heads, (list, tuple)) and heads else ()
+    name = model_name or args.get('model')
+    registered = _registered(name)
+    if model_name and registered is None:
+        raise CheckpointError(f'--model {model_name} is not a registered HydraViT model (choose one of '
+                              'hydravit_*: see `hydravit info`)')
+    if registered:
+        config = create_model(registered, num_classes=num_classes).config
+        return HydraViTConfig(**{**config.to_dict(), 'num_classes': num_classes,
+                                 **({'k_choices': k_choices} if k_choices else {})})
+    dim, in_chans, patch, _ = state['patch_embed.proj.weight'].shape
+    depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(r'blocks\.(\d+)\.', k))), default=-1)
+    if depth < 1 or dim % HEAD_DIM:
+        raise CheckpointError(f'{source}: cannot infer a HydraViT from its shapes (width {dim}, {depth} blocks): '
+                              f'expected a ViT with heads of {HEAD_DIM} channels; pass the model name (--model)')
+    class_token = 'cls_token' in state
+    tokens = int(state['pos_embed'].shape[1]) - int(class_token) if 'pos_embed' in state else 0
+    grid = math.isqrt(tokens)
+    if grid * grid != tokens or tokens == 0:
+        raise CheckpointError(f'{source}: pos_embed of {tokens} patch tokens is not a square grid; pass --model')
+    hidden = int(state['blocks.0.mlp.fc1.weight'].shape[0])
+    config = HydraViTConfig(img_size=grid * int(patch), patch_size=int(patch), in_chans=int(in_chans),
+                            num_classes=num_classes, num_heads=int(dim) // HEAD_DIM, head_dim=HEAD_DIM, depth=depth,
+                            mlp_ratio=hidden / int(dim), qkv_bias='blocks.0.attn.qkv.bias' in state,
+                            class_token=class_token, global_pool='token' if class_token else 'avg',
+                            k_choices=k_choices)
+    logger.info('%s: no HydraViT config stored; inferred from the tensor shapes: %d heads of %d, depth %d, '
+                '%dx%d input, patch %d, %d classes, k %s', source, config.num_heads, HEAD_DIM, depth,
+                config.img_size, config.img_size, patch, num_classes, list(config.k_choices))
+    return config

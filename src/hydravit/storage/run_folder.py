@@ -21,7 +21,7 @@ import yaml
 from timm.models import get_pretrained_cfg
 
 from ..models.factory import UniversalModel, create_model
-from .checkpoint import atomic_write, load_model, read_metadata
+from .checkpoint import OFFICIAL_MODELS, atomic_write, is_hydravit_file, load_model, read_metadata
 from .results import read_results, table_columns
 
 __all__ = [
@@ -101,8 +101,12 @@ class RunFolder:
         return data
 
 
-def resolve_checkpoint(path: PathLike, use_ema: bool = False) -> Path:
-    """A checkpoint file from a file or a run folder (``model_best`` then ``last``); ``_ema`` twin if asked."""
+def resolve_checkpoint(path: PathLike, use_ema: Optional[bool] = False) -> Path:
+    """A checkpoint file from a file or a run folder (``model_best`` then ``last``); ``_ema`` twin if asked.
+
+    A file from elsewhere (timm ``CheckpointSaver`` ``.pth.tar``, a state dict) is returned as it is: its EMA
+    weights, if any, are inside it and chosen when it is loaded.
+    """
     path = Path(path)
     if path.is_dir():
         run = RunFolder(path)
@@ -113,7 +117,7 @@ def resolve_checkpoint(path: PathLike, use_ema: bool = False) -> Path:
         path = found
     elif not path.is_file():
         raise FileNotFoundError(f'checkpoint {path} does not exist')
-    if use_ema and not path.stem.endswith('_ema'):
+    if use_ema and not path.stem.endswith('_ema') and is_hydravit_file(path):
         ema = path.with_name(f'{path.stem}_ema{path.suffix}')
         if not ema.is_file():
             raise FileNotFoundError(f'--use-ema: no EMA checkpoint {ema.name} next to {path} (train with EMA)')
@@ -122,14 +126,17 @@ def resolve_checkpoint(path: PathLike, use_ema: bool = False) -> Path:
 
 
 def load_or_create_model(model_name: Optional[str] = None, checkpoint: Optional[PathLike] = None,
-                         **kwargs: Any) -> Tuple[UniversalModel, Optional[Path]]:
+                         use_ema: Optional[bool] = None, **kwargs: Any) -> Tuple[UniversalModel, Optional[Path]]:
     """A registered model (``--model``), or the model of a checkpoint file or run folder (``--checkpoint``).
 
+    Any checkpoint :func:`hydravit.storage.load_model` reads (timm ``CheckpointSaver`` files, timm ViT state
+    dicts) works; ``use_ema``: True for the EMA weights (a run's ``_ema`` twin, or inside the file), False
+    for the raw ones, None for the file's own choice (EMA inside a file holding both).
     Returns the model and the checkpoint file it came from (None for a registered model).
     """
     if checkpoint:
-        path = resolve_checkpoint(checkpoint)
-        return load_model(path, **kwargs), path
+        path = resolve_checkpoint(checkpoint, use_ema)
+        return load_model(path, use_ema=use_ema, **kwargs), path
     if not model_name:
         raise ValueError('give a model name (--model) or a checkpoint (--checkpoint)')
     return create_model(model_name, **kwargs), None
@@ -145,7 +152,7 @@ def training_metadata(path: PathLike) -> Dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ preprocessing
 def _registered_cfg(name: str) -> Dict[str, Any]:
-    cfg = get_pretrained_cfg(name)
+    cfg = get_pretrained_cfg(OFFICIAL_MODELS.get(name, name))
     if cfg is None:
         raise ValueError(f'unknown model {name!r}: cannot read its default preprocessing')
     return cfg.to_dict()

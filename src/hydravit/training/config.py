@@ -6,17 +6,20 @@ checked by its plug-in (:mod:`hydravit.training.methods`), and recipes are read 
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..models.compiled import CompileOptions
 from ..models.kchoices import check_k_choices
 
 __all__ = ['TrainConfig', 'AMP_DTYPES', 'effective_lr']
 
 AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
+LR_BASE_SCALES = ('', 'linear', 'sqrt')  # '': timm's choice by optimizer (sqrt for Adam-like and LAMB)
 EVAL_METRIC = re.compile(r'top[15]_(mean|k(\d+))')
 
 
@@ -33,7 +36,11 @@ class TrainConfig:
     epochs: int = 300
     lr: Optional[float] = None
     lr_base: float = 5e-4
+    lr_base_size: int = 512
+    lr_base_scale: str = 'linear'
     opt: str = 'adamw'
+    opt_eps: Optional[float] = None
+    opt_betas: Optional[List[float]] = None
     momentum: float = 0.9
     weight_decay: float = 0.05
     sched: str = 'cosine'
@@ -41,6 +48,7 @@ class TrainConfig:
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
     cooldown_epochs: int = 0
+    drop: float = 0.0
     drop_path: float = 0.0
     smoothing: float = 0.1
     mixup: float = 0.0
@@ -54,6 +62,7 @@ class TrainConfig:
     hflip: float = 0.5
     vflip: float = 0.0
     color_jitter: float = 0.0
+    train_interpolation: Optional[str] = None
     aa: Optional[str] = None
     reprob: float = 0.0
     remode: str = 'pixel'
@@ -62,6 +71,7 @@ class TrainConfig:
     amp: bool = False
     amp_dtype: str = 'float16'
     grad_accum_steps: int = 1
+    grad_checkpointing: bool = False
     clip_grad: Optional[float] = None
     clip_mode: str = 'norm'
     initial_checkpoint: Optional[str] = None
@@ -90,11 +100,18 @@ class TrainConfig:
     eval_metric: str = 'top1_mean'
     checkpoint_interval_steps: int = 0
     report: bool = True
+    torchcompile: Optional[str] = None  # a torch.compile backend (timm's flag): one graph per k
+    torchcompile_mode: Optional[str] = None
+    opt_active_slice: bool = False  # AdamW over the step's active slice only (training.slice_optimizer)
 
     def __post_init__(self) -> None:
         for name in ('batch_size', 'epochs', 'grad_accum_steps', 'val_interval', 'log_interval', 'importance_samples'):
             if getattr(self, name) < 1:
                 raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
+        if self.lr_base_size < 1:
+            raise ValueError(f'lr_base_size must be >= 1, got {self.lr_base_size}')
+        if self.lr_base_scale not in LR_BASE_SCALES:
+            raise ValueError(f'lr_base_scale must be one of {list(LR_BASE_SCALES)}, got {self.lr_base_scale!r}')
         for name in ('workers', 'checkpoint_interval_steps', 'num_random'):
             if getattr(self, name) < 0:
                 raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
@@ -114,17 +131,32 @@ class TrainConfig:
                 # the model sorts its k choices: keep each weight with its k
                 pairs = sorted(zip(self.heads, self.head_weights, strict=True))
                 self.heads, self.head_weights = [k for k, _ in pairs], [w for _, w in pairs]
+        if self.torchcompile_mode is not None and self.torchcompile is None:
+            raise ValueError('--torchcompile-mode needs --torchcompile (the backend, e.g. inductor)')
+        self.compile_options()  # validates backend and mode
+        if self.opt_active_slice and self.opt.lower() != 'adamw':
+            raise ValueError(f'--opt-active-slice is an AdamW step over the active slice: it needs --opt adamw, '
+                             f'got --opt {self.opt}')
         for name in ('scale', 'ratio'):
             value = getattr(self, name)
             if value is not None and len(value) != 2:
                 raise ValueError(f'{name} takes two numbers (min max), got {value!r}')
+
+    def compile_options(self) -> Optional[CompileOptions]:
+        """The torch.compile settings, or None when the run is eager."""
+        if self.torchcompile is None:
+            return None
+        return CompileOptions(self.torchcompile, self.torchcompile_mode)
 
     def to_dict(self) -> Dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 def effective_lr(cfg: TrainConfig, world_size: int = 1) -> float:
-    """``lr``, or timm's linear rule ``lr_base * global batch / 512`` when ``lr`` is not given."""
+    """``lr``, or timm train.py's rule when ``lr`` is not given: ``lr_base * (global batch / lr_base_size)``,
+    linearly or by its square root (``lr_base_scale``; empty: sqrt for Adam-like and LAMB optimizers)."""
     if cfg.lr is not None:
         return cfg.lr
-    return cfg.lr_base * cfg.batch_size * world_size * cfg.grad_accum_steps / 512
+    ratio = cfg.batch_size * world_size * cfg.grad_accum_steps / cfg.lr_base_size
+    scale = cfg.lr_base_scale or ('sqrt' if any(o in cfg.opt.lower() for o in ('ada', 'lamb')) else 'linear')
+    return cfg.lr_base * (math.sqrt(ratio) if scale == 'sqrt' else ratio)

@@ -91,7 +91,8 @@ def run_data_config(cfg: TrainConfig) -> Dict[str, Any]:
 def build_datasets(cfg: TrainConfig, data_config: Mapping[str, Any]) -> Tuple[LoadedDataset, LoadedDataset]:
     aug = dict(no_aug=cfg.no_aug, scale=tuple(cfg.scale) if cfg.scale else None,
                ratio=tuple(cfg.ratio) if cfg.ratio else None, hflip=cfg.hflip, vflip=cfg.vflip,
-               color_jitter=cfg.color_jitter, auto_augment=cfg.aa, re_prob=cfg.reprob, re_mode=cfg.remode)
+               color_jitter=cfg.color_jitter, auto_augment=cfg.aa, re_prob=cfg.reprob, re_mode=cfg.remode,
+               interpolation=cfg.train_interpolation)
     common: Dict[str, Any] = dict(seed=cfg.seed, skip_bad_images=cfg.skip_bad_images, num_classes=cfg.num_classes)
     train_set = load_dataset(cfg.dataset, cfg.data_dir, split='train', max_samples=cfg.max_train_samples,
                              transform=build_transform(data_config, is_training=True, **aug), **common)

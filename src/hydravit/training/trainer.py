@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ContextManager, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from ..evaluation.evaluate import evaluate_subnets
+from ..models.compiled import PerKCompiled, compile_universal
 from ..models.factory import UniversalModel
 from ..storage.checkpoint import save_model
 from ..storage.run_folder import (
@@ -50,6 +51,7 @@ from .model_setup import build_model
 from .outputs import PerK, metric_value, results_table, summary_row, write_run_results
 from .per_k import PerKTrainingStats
 from .samplers import create_sampler
+from .slice_optimizer import ActiveSliceAdamW
 from .state import capture_rng, load_training_checkpoint, resolve_resume, restore_rng, save_training_checkpoint
 
 __all__ = ['Trainer', 'TrainResult', 'train']
@@ -147,8 +149,15 @@ class Trainer:
         # fused Adam(W): the sliced model updates its full tensors every step (the paper's behaviour), and one
         # fused pass over them is what keeps a small-k step as fast as a standalone ViT's (bench_train_step.py)
         fused: Dict[str, Any] = {'fused': True} if cfg.opt.lower() in FUSED_OPTIMIZERS else {}
+        if cfg.opt_eps is not None:
+            fused['eps'] = cfg.opt_eps
+        if cfg.opt_betas is not None:
+            fused['betas'] = tuple(cfg.opt_betas)
         self.optimizer = create_optimizer_v2(self.model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay,
                                              momentum=cfg.momentum, **fused)
+        if cfg.opt_active_slice:  # timm's param groups (no decay on norms, biases, pos_embed), stepped slice-wise
+            self.optimizer = ActiveSliceAdamW(self.optimizer.param_groups, self.model, lr=self.lr,
+                                              weight_decay=cfg.weight_decay)
         updates_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum_steps)
         self.scheduler, self.num_epochs = create_scheduler_v2(
             self.optimizer, sched=cfg.sched, num_epochs=cfg.epochs,
@@ -169,6 +178,12 @@ class Trainer:
         # every parameter is used at every k (sliced views), except the other k's classifiers with separate heads
         self.ddp = (DistributedDataParallel(self.model, device_ids=[env.device] if env.device.type == 'cuda' else None,
                                             find_unused_parameters=cfg.separate_heads) if env.distributed else None)
+        # torch.compile: one graph per k (models.compiled); the EMA copy is evaluated through its own
+        compile_options = cfg.compile_options()
+        self.train_forward: Callable[..., torch.Tensor] = (
+            compile_universal(self.model, compile_options, self.ddp or self.model) if compile_options
+            else (self.ddp or self.model))
+        self.eval_forwards: Dict[int, Optional[PerKCompiled]] = {}
 
     def _check_eval_metric(self) -> None:
         m = EVAL_METRIC.fullmatch(self.cfg.eval_metric)
@@ -299,6 +314,8 @@ class Trainer:
             soft_target = self.method.distill_target(self, images)
             for j, k in enumerate(ks):
                 last = i == len(window) - 1 and j == len(ks) - 1
+                if isinstance(self.optimizer, ActiveSliceAdamW):  # the largest k of the step, before its update
+                    self.optimizer.active_k = k if i == j == 0 else max(k, self.optimizer.active_k or k)
                 loss, logits = self._backward(images, target, soft_target, k, len(window), last)
                 self.per_k.add(k, loss, logits, target)
                 if self.cfg.inplace_distill and soft_target is None and len(ks) > 1:
@@ -319,7 +336,7 @@ class Trainer:
         no_sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
         with no_sync:
             with self.autocast():
-                logits = (self.ddp or self.model)(images, k=k)
+                logits = self.train_forward(images, k=k)
                 loss = (self.criterion(logits, target) if soft_target is None
                         else self.distill_loss(logits, soft_target))
             self.loss_scaler(loss / micro_batches, self.optimizer, clip_grad=self.cfg.clip_grad,
@@ -347,8 +364,11 @@ class Trainer:
         return out
 
     def _evaluate(self, model: UniversalModel) -> List[Dict[str, Any]]:
+        compile_options = self.cfg.compile_options()
+        if compile_options and id(model) not in self.eval_forwards:
+            self.eval_forwards[id(model)] = compile_universal(model, compile_options, pad_batches=True)
         rows = evaluate_subnets(model, self.val_loader, self.eval_ks, device=self.env.device,
-                                amp_dtype=self.amp_dtype)
+                                amp_dtype=self.amp_dtype, forward=self.eval_forwards.get(id(model)))
         sums: List[float] = []
         for r in rows:
             n = r['num_samples']
