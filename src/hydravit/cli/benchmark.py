@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         model = _with_ks(model, ks)
     name = checkpoint or args.model
     if args.train_memory:
-        return _train_memory(args, model, name, device)
+        return _train_memory(args, model, str(name), device)
     logger.info(f'{name}: batch {args.batch_size}, {device}, fp32, {torch.get_num_threads()} threads, '
           f'{args.rounds} rounds, median')
     rows = benchmark_subnets(model, ks, modes=args.modes, batch_size=args.batch_size, device=device,

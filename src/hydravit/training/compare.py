@@ -232,13 +232,14 @@ def seed_statistics(results_per_seed: Sequence[Sequence[Row]], metric: str = 'to
     """
     by_seed = [{int(r['k']): r for r in rows} for rows in results_per_seed]
     common = sorted(set.intersection(*(set(rows) for rows in by_seed)))
-    out = []
+    out: List[Row] = []
     for k in common:
         interval = mean_interval([float(rows[k][metric]) for rows in by_seed])
         first = by_seed[0][k]
-        costs = {c: first[c] for c in ('embed_dim', 'num_heads', 'mlp_hidden', 'param_count', 'gmacs') if c in first}
-        out.append({'k': k, **costs, metric: interval.mean, f'{metric}_ci': interval.half_width,
-                    **interval.columns(metric)})
+        costs: Row = {c: first[c] for c in ('embed_dim', 'num_heads', 'mlp_hidden', 'param_count', 'gmacs')
+                      if c in first}
+        row: Row = {'k': k, **costs, metric: interval.mean, f'{metric}_ci': interval.half_width}
+        out.append({**row, **interval.columns(metric)})
     return out
 
 
