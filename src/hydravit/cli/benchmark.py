@@ -14,6 +14,7 @@ from ..evaluation.benchmark import BENCH_MODES, MALLOC_ENV, NOISY_SPREAD_PCT, be
 from ..models.factory import UniversalModel, model_from_config
 from ..models.kchoices import parse_ks
 from ..storage.results import RESULT_FORMATS, format_table, results_format, write_results
+from ..training.memory import train_memory_cases, train_memory_table
 from . import add_model_source, model_from_args
 from .common import add_threads, apply_threads, check_writable, progress
 from .compile_flags import add_compile_flags, compile_options_from_args
@@ -41,6 +42,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_threads(p)
     add_compile_flags(p)
     p.add_argument('--system-malloc', action='store_true', help="keep glibc's default malloc thresholds on CPU")
+    p.add_argument('--train-memory', action='store_true',
+                   help='instead: peak memory of one training step per sampler and method vs one ViT of the largest k '
+                        'and vs the separate ViTs (CPU: a fresh child process each; CUDA: max allocated)')
+    p.add_argument('--train-batch-size', type=int, default=128, help='batch of --train-memory (default: %(default)s)')
+    p.add_argument('--train-num-random', type=int, default=2,
+                   help="random k per step of the 'random' and 'sandwich' samplers in --train-memory "
+                        '(default: %(default)s)')
     p.add_argument('--results-file', help='write rows here (.csv/.json); switching goes to <stem>_switching.<ext>')
     p.add_argument('--results-format', choices=RESULT_FORMATS, help='default: from --results-file suffix, else csv')
     p.set_defaults(_process_env=process_env)
@@ -83,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     if ks:
         model = _with_ks(model, ks)
     name = checkpoint or args.model
+    if args.train_memory:
+        return _train_memory(args, model, str(name), device)
     logger.info(f'{name}: modes {" ".join(args.modes)}, batch {args.batch_size} (latency: batch 1), {device}, fp32, '
                 f'{threads} threads, {args.rounds} interleaved rounds of {args.min_seconds} s, median; '
                 'param_count in M, gmacs in GMACs per image, img/s, ms, MB; '
@@ -96,6 +106,25 @@ def run(args: argparse.Namespace) -> int:
     switching = (None if args.no_switching else
                  measure_switching(model, ks, device=device, repeats=args.switch_repeats))
     _output(args, rows, switching)
+    return 0
+
+
+def _train_memory(args: argparse.Namespace, model: UniversalModel, name: str, device: torch.device) -> int:
+    if args.train_batch_size < 1 or args.train_num_random < 1:
+        raise ValueError('--train-batch-size and --train-num-random must be >= 1')
+    config = model.config
+    if config.nesting != 'hydravit':
+        config = model_from_config(config, nesting='hydravit', separate_heads=False).config
+    cases = train_memory_cases(config, num_random=min(args.train_num_random, len(config.k_choices)))
+    logger.info(f'{name}: one training step at batch {args.train_batch_size}, {device}, fp32, AdamW')
+    rows = train_memory_table(config, cases, batch_size=args.train_batch_size, device=device,
+                              threads=args.threads or 1)
+    if args.results_file:
+        path = Path(args.results_file)
+        written = write_results(rows, path.parent, path.stem, results_format(path, args.results_format))
+        logger.info(f'training memory -> {written}')
+    else:
+        logger.info(format_table(rows))
     return 0
 
 

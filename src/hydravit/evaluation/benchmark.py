@@ -36,7 +36,7 @@ from ..models.compiled import CompileOptions, compile_module, compile_universal
 from ..models.config import HydraViTConfig
 from ..models.costs import subnet_cost
 from ..models.factory import UniversalModel, model_from_config
-from ..models.subnet import extract_subnet, subnet_vit_kwargs
+from ..models.subnet import extract_subnet, subnet_vit, subnet_vit_kwargs
 
 __all__ = [
     'BENCH_MODES', 'MALLOC_ENV', 'benchmark_subnets', 'measure_switching', 'build_runner', 'flop_counter_gmacs',
@@ -74,7 +74,7 @@ def _standalone_vit(model: UniversalModel, k: int, mode: str) -> VisionTransform
         return extract_subnet(model, k)
     if mode == 'timm':
         device = next(model.parameters()).device
-        return VisionTransformer(**subnet_vit_kwargs(model.config, k)).to(device).eval()
+        return subnet_vit(model.config, k).to(device).eval()
     raise ValueError(f'mode must be one of {BENCH_MODES}, got {mode!r}')
 
 
@@ -174,7 +174,7 @@ def _memory_child(config: dict, k: int, mode: str, batch_size: int, threads: int
         if mode == 'sliced':
             fn = build_runner(model_from_config(cfg), k, mode)
         else:  # a deployed subnet never holds the universal model; extracted and timm have the same tensors
-            fn = VisionTransformer(**subnet_vit_kwargs(cfg, k)).eval()
+            fn = subnet_vit(cfg, k).eval()
         with torch.inference_mode():
             fn(torch.randn(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size))
         queue.put((_rss_kb('VmHWM') - start) / 1024)

@@ -29,7 +29,7 @@ __all__ = ['HydraViT', 'KChoices', 'POOLINGS']
 # global_pool values of reset_classifier: '' keeps every token (dense features), as in timm
 POOLINGS = ('token', 'avg', '')
 # (k, embed_dim, num_heads, mlp_hidden): a subnetwork's widths as plain ints (TorchScript and traced graphs)
-Widths = Tuple[int, int, int, int]
+Widths = Tuple[int, int, int, int, int]  # k, embed_dim, num_heads, mlp_hidden, head_dim
 
 
 def check_traced_k(x: torch.Tensor, k: Optional[int], traced_k: int) -> torch.Tensor:
@@ -173,7 +173,7 @@ class HydraViT(KChoices, nn.Module):
     def _widths_table(self) -> Dict[int, Widths]:
         """Widths of every trained k as ints, for the scripted forward (which cannot read the config)."""
         shapes = [self.config.subnet_shape(k) for k in self.config.k_choices]
-        return {s.k: (s.k, s.embed_dim, s.num_heads, s.mlp_hidden) for s in shapes}
+        return {s.k: (s.k, s.embed_dim, s.num_heads, s.mlp_hidden, s.head_dim) for s in shapes}
 
     # ----------------------------------------------------------------------------------- timm API
     def _build_classifier(self, num_classes: int) -> None:
@@ -274,7 +274,7 @@ class HydraViT(KChoices, nn.Module):
             x = check_traced_k(x, k, self._active_k)
             k = None
         shape = self.subnet_shape(k)
-        return x, (shape.k, shape.embed_dim, shape.num_heads, shape.mlp_hidden)
+        return x, (shape.k, shape.embed_dim, shape.num_heads, shape.mlp_hidden, shape.head_dim)
 
     # ----------------------------------------------------------------------------------- forward
     def _pos_embed(self, x: torch.Tensor, dim: int, grid: Tuple[int, int]) -> torch.Tensor:
@@ -289,19 +289,19 @@ class HydraViT(KChoices, nn.Module):
         return self.pos_drop(x + pos_embed)
 
     def forward_features(self, x: torch.Tensor, k: Optional[int] = None) -> torch.Tensor:
-        x, (_, dim, num_heads, mlp_hidden) = self._subnet(x, k)
-        return self._features(x, dim, num_heads, mlp_hidden)
+        x, (_, dim, num_heads, mlp_hidden, head_dim) = self._subnet(x, k)
+        return self._features(x, dim, num_heads, mlp_hidden, head_dim)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False, k: Optional[int] = None) -> torch.Tensor:
-        x, (kk, dim, _, _) = self._subnet(x, k)
+        x, (kk, dim, _, _, _) = self._subnet(x, k)
         if x.shape[-1] != dim:
             raise ValueError(f'features have width {x.shape[-1]} but subnetwork k={kk} has '
                              f'width {dim}: pass the same k to forward_features and forward_head')
         return self._head(x, kk, dim, pre_logits)
 
     def forward(self, x: torch.Tensor, k: Optional[int] = None) -> torch.Tensor:
-        x, (kk, dim, num_heads, mlp_hidden) = self._subnet(x, k)  # validated once; both halves use the same k
-        return self._head(self._features(x, dim, num_heads, mlp_hidden), kk, dim, False)
+        x, (kk, dim, num_heads, mlp_hidden, head_dim) = self._subnet(x, k)  # validated once; both halves use one k
+        return self._head(self._features(x, dim, num_heads, mlp_hidden, head_dim), kk, dim, False)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         if self.global_pool == 'token':
@@ -314,19 +314,19 @@ class HydraViT(KChoices, nn.Module):
         grid = self.patch_embed.dynamic_feat_size((x.shape[-2], x.shape[-1]))
         return self._pos_embed(self.patch_embed(x, dim), dim, grid)
 
-    def _run_block(self, block: nn.Module, x: torch.Tensor, dim: int, num_heads: int, mlp_hidden: int
+    def _run_block(self, block: nn.Module, x: torch.Tensor, dim: int, num_heads: int, mlp_hidden: int, head_dim: int
                    ) -> torch.Tensor:
         if not torch.jit.is_scripting() and self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, num_heads, mlp_hidden, dim, use_reentrant=False)
-        return block(x, num_heads, mlp_hidden, dim)
+            return checkpoint(block, x, num_heads, mlp_hidden, dim, head_dim, use_reentrant=False)
+        return block(x, num_heads, mlp_hidden, dim, head_dim)
 
-    def _features(self, x: torch.Tensor, dim: int, num_heads: int, mlp_hidden: int) -> torch.Tensor:
+    def _features(self, x: torch.Tensor, dim: int, num_heads: int, mlp_hidden: int, head_dim: int) -> torch.Tensor:
         x = self._embed(x, dim)
         for block in self.blocks:
             if torch.jit.is_scripting():
-                x = block(x, num_heads, mlp_hidden, dim)
+                x = block(x, num_heads, mlp_hidden, dim, head_dim)
             else:
-                x = self._run_block(block, x, dim, num_heads, mlp_hidden)
+                x = self._run_block(block, x, dim, num_heads, mlp_hidden, head_dim)
         return self.norm(x, dim)
 
     def _head(self, x: torch.Tensor, k: int, dim: int, pre_logits: bool) -> torch.Tensor:
@@ -363,14 +363,14 @@ class HydraViT(KChoices, nn.Module):
         ``k * head_dim`` channels, as (B, C, H, W) maps (``'NCHW'``) or token sequences (``'NLC'``)."""
         if output_fmt not in ('NCHW', 'NLC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        x, (_, dim, num_heads, mlp_hidden) = self._subnet(x, k)
+        x, (_, dim, num_heads, mlp_hidden, head_dim) = self._subnet(x, k)
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         batch, height, width = x.shape[0], x.shape[-2], x.shape[-1]
         x = self._embed(x, dim)
         blocks = list(self.blocks)[:max_index + 1] if stop_early else list(self.blocks)
         intermediates = []
         for i, block in enumerate(blocks):
-            x = self._run_block(block, x, dim, num_heads, mlp_hidden)
+            x = self._run_block(block, x, dim, num_heads, mlp_hidden, head_dim)
             if i in take_indices:
                 intermediates.append(self.norm(x, dim) if norm else x)
         prefix_tokens = [y[:, :self.num_prefix_tokens] for y in intermediates] if self.num_prefix_tokens else None

@@ -134,7 +134,12 @@ def _exporting_onnx() -> bool:
 
 
 class SlicedAttention(nn.Module):
-    """Multi-head attention over the first ``num_heads`` heads, q/k/v read as a (3, D, D) view."""
+    """Multi-head attention over the first ``num_heads`` heads and the first ``head_dim`` channels of each.
+
+    q/k/v are read as a (3, H, head_dim, D) view; with whole heads (HydraViT) the slice stays a view, with
+    narrower heads (the ``'width'`` ablation) it is gathered into one copy per forward. The scale is
+    ``head_dim ** -0.5`` of the active head width, as in a standalone ViT of that shape.
+    """
 
     def __init__(self, dim: int, head_dim: int, qkv_bias: bool, attn_drop: float, proj_drop: float) -> None:
         super().__init__()
@@ -146,35 +151,43 @@ class SlicedAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.fused_attn = use_fused_attn()  # timm's switch: off under set_layer_config(exportable=True)
 
-    def _qkv(self, x: torch.Tensor, num_heads: int, d: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v of the first ``num_heads`` heads, each (B, heads, N, head_dim)."""
+    def _qkv(self, x: torch.Tensor, num_heads: int, d: int, head_dim: int
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of the first ``head_dim`` channels of the first ``num_heads`` heads, each (B, heads, N, head_dim)."""
         B, N = x.shape[0], x.shape[1]
-        inner = num_heads * self.head_dim
-        weight = self.qkv.weight.view(3, self.dim, self.dim)[:, :inner, :d]
+        inner = num_heads * head_dim
+        heads = self.dim // self.head_dim
+        weight = self.qkv.weight.view(3, heads, self.head_dim, self.dim)[:, :num_heads, :head_dim, :d]
+        weight = weight.reshape(3, inner, d)
         qkv_bias = self.qkv.bias
-        bias = qkv_bias.view(3, self.dim)[:, :inner] if qkv_bias is not None else None
+        bias = qkv_bias.view(3, heads, self.head_dim)[:, :num_heads, :head_dim].reshape(3, inner) \
+            if qkv_bias is not None else None
         if _exporting_onnx():
             # one matmul over the (copied) q/k/v slices: the exported graph folds the copy into a constant weight
             qkv = F.linear(x, weight.reshape(3 * inner, d), bias.reshape(3 * inner) if bias is not None else None)
-            q, k, v = qkv.view(B, N, 3, num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = qkv.view(B, N, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             return q, k, v
         q, k, v = [F.linear(x, weight[i], bias[i] if bias is not None else None)
-                   .view(B, N, num_heads, self.head_dim).transpose(1, 2) for i in range(3)]
+                   .view(B, N, num_heads, head_dim).transpose(1, 2) for i in range(3)]
         return q, k, v
 
-    def forward(self, x: torch.Tensor, num_heads: int, dim: Optional[int] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_heads: int, dim: Optional[int] = None,
+                head_dim: Optional[int] = None) -> torch.Tensor:
         B, N = x.shape[0], x.shape[1]
         d = x.shape[-1] if dim is None else dim
-        inner = num_heads * self.head_dim
-        q, k, v = self._qkv(x, num_heads, d)
+        hd = self.head_dim if head_dim is None else head_dim
+        inner = num_heads * hd
+        q, k, v = self._qkv(x, num_heads, d, hd)
         drop = self.attn_drop if self.training else 0.0
         if self.fused_attn:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
         else:  # timm Attention's explicit path, for exporters without a fused kernel
-            attn = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
+            attn = (q * hd ** -0.5) @ k.transpose(-2, -1)
             x = F.dropout(attn.softmax(dim=-1), drop) @ v
         x = x.transpose(1, 2).reshape(B, N, inner)
-        x = F.linear(x, self.proj.weight[:d, :inner], self.proj.bias[:d])
+        heads = self.dim // self.head_dim
+        proj = self.proj.weight.view(self.dim, heads, self.head_dim)[:d, :num_heads, :hd].reshape(d, inner)
+        x = F.linear(x, proj, self.proj.bias[:d])
         return self.proj_drop(x)
 
 
@@ -208,7 +221,8 @@ class SlicedBlock(nn.Module):
         self.mlp = SlicedMlp(dim, mlp_hidden_dim(dim, cfg.mlp_ratio), cfg.proj_drop_rate)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, num_heads: int, mlp_hidden: int, dim: Optional[int] = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x, dim), num_heads, dim))
+    def forward(self, x: torch.Tensor, num_heads: int, mlp_hidden: int, dim: Optional[int] = None,
+                head_dim: Optional[int] = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x, dim), num_heads, dim, head_dim))
         return x + self.drop_path2(self.mlp(self.norm2(x, dim), mlp_hidden, dim))
 

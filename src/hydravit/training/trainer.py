@@ -49,6 +49,7 @@ from .loaders import EpochSeededDataset, build_datasets, rng_preserving, run_dat
 from .methods import create_method
 from .model_setup import build_model
 from .outputs import PerK, metric_value, results_table, summary_row, write_run_results
+from .per_k import PerKTrainingStats
 from .preflight import check_eval_metric
 from .samplers import create_sampler
 from .slice_optimizer import ActiveSliceAdamW
@@ -110,6 +111,7 @@ class Trainer:
         self._setup_optimisation()
         self.epoch, self.step, self.num_updates = 0, 0, 0
         self.loss_sum, self.loss_count = 0.0, 0
+        self.per_k = PerKTrainingStats(self.model.k_choices)
         self.best_metric: Optional[float] = None
         self.best_epoch: Optional[int] = None
         self.summary: List[Dict[str, Any]] = []
@@ -201,6 +203,7 @@ class Trainer:
         self.loss_scaler.load_state_dict(state['scaler'])
         self.epoch, self.step, self.num_updates = state['epoch'], state['step'], state['num_updates']
         self.loss_sum, self.loss_count = state['loss_sum'], state['loss_count']
+        self.per_k.load_state_dict(state.get('per_k'))
         self.best_metric, self.best_epoch = state['best_metric'], state['best_epoch']
         rngs = state['rng']
         if self.step and (state['world_size'] != self.env.world_size or state.get('batch_size') != self.cfg.batch_size):
@@ -222,7 +225,8 @@ class Trainer:
         return dict(epoch=self.epoch, step=self.step, num_updates=self.num_updates,
                     optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                     scaler=self.loss_scaler.state_dict(), rng=all_gather(capture_rng(), self.env),
-                    loss_sum=self.loss_sum, loss_count=self.loss_count, best_metric=self.best_metric,
+                    loss_sum=self.loss_sum, loss_count=self.loss_count, per_k=self.per_k.state_dict(),
+                    best_metric=self.best_metric,
                     best_epoch=self.best_epoch, world_size=self.env.world_size, batch_size=self.cfg.batch_size)
 
     def metadata(self) -> Dict[str, str]:
@@ -261,7 +265,8 @@ class Trainer:
         results = results_table(self.model, last_rows)
         if self.env.is_main:
             write_run_results(self.run, results, self.model, label=self.method.label, device=self.env.device,
-                              title=f'{self.cfg.model} on {self.cfg.dataset}', report=self.cfg.report)
+                              title=f'{self.cfg.model} on {self.cfg.dataset}', report=self.cfg.report,
+                              summary=self.summary)
         return TrainResult(self.out_dir, results, self.summary, self.best_metric, self.best_epoch)
 
     def train_epoch(self) -> float:
@@ -313,6 +318,7 @@ class Trainer:
                 if isinstance(self.optimizer, ActiveSliceAdamW):  # the largest k of the step, before its update
                     self.optimizer.active_k = k if i == j == 0 else max(k, self.optimizer.active_k or k)
                 loss, logits = self._backward(images, target, soft_target, k, len(window), last)
+                self.per_k.add(k, loss, logits, target)
                 if self.cfg.inplace_distill and soft_target is None and len(ks) > 1:
                     soft_target = torch.softmax(logits.detach().float(), dim=-1)
                 step_losses.append(loss)
@@ -376,7 +382,9 @@ class Trainer:
         return reduced
 
     def _end_epoch(self, train_loss: float, rows: Optional[PerK]) -> None:
-        row = summary_row(self.epoch, train_loss, self.optimizer.param_groups[0]['lr'], rows)
+        row = summary_row(self.epoch, train_loss, self.optimizer.param_groups[0]['lr'], rows,
+                          per_k_train=self.per_k.columns(self.env))
+        self.per_k.reset()
         improved = False
         if rows:
             value = metric_value(row, self.cfg.eval_metric, use_ema=self.ema is not None)
