@@ -12,11 +12,10 @@ from typing import Tuple
 
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
 from hydravit.data import FASHION_MNIST_DIR
-from hydravit.models.subnet import subnet_vit_kwargs
+from hydravit.models.subnet import subnet_vit
 
 __all__ = ['CONFIGS', 'FMNIST', 'needs_fmnist', 'randomize_', 'reference_cost']
 
@@ -51,7 +50,7 @@ needs_fmnist = pytest.mark.skipif(not (FMNIST / 'train-images-idx3-ubyte.gz').is
 def _reference_cost(config_json: str, k: int) -> Tuple[int, int]:
     from hydravit.models.config import HydraViTConfig
     cfg = HydraViTConfig(**json.loads(config_json))
-    vit = VisionTransformer(**subnet_vit_kwargs(cfg, k)).eval()
+    vit = subnet_vit(cfg, k).eval()
     for block in vit.blocks:
         block.attn.fused_attn = False  # explicit q @ k^T and attn @ v matmuls, which the counter sees
     params = sum(p.numel() for p in vit.parameters())

@@ -24,7 +24,7 @@ from hydravit.training.samplers import create_sampler
 
 PACKAGE = Path(hydravit.__file__).parent
 # lowest first: a module may import from its own layer's modules and from layers before it, never after
-LAYERS = ('models', 'storage', 'data', 'evaluation', 'cascade', 'training', 'deployment', 'cli')
+LAYERS = ('models', 'storage', 'data', 'evaluation', 'cascade', 'training', 'deployment', 'serving', 'cli')
 
 
 def _module_name(path: Path) -> str:

@@ -12,7 +12,8 @@ from hydravit.models.costs import subnet_cost
 
 from helpers import reference_cost
 
-SCHEMA = ['k', 'mode', 'infer_samples_per_sec', 'infer_batch_size', 'infer_latency_ms', 'infer_latency_ms_p10',
+SCHEMA = ['k', 'mode', 'infer_samples_per_sec', 'infer_samples_per_sec_min', 'infer_samples_per_sec_max',
+          'infer_spread_pct', 'infer_rounds', 'infer_batch_size', 'threads', 'infer_latency_ms', 'infer_latency_ms_p10',
           'infer_latency_ms_p90', 'train_samples_per_sec', 'peak_mem_mb', 'param_count', 'gmacs',
           'flop_counter_gmacs', 'device', 'compiled']
 QUICK = dict(rounds=1, min_seconds=0.005, warmup=1, latency_iters=5)

@@ -13,7 +13,7 @@ from hydravit.models.subnet import extract_subnet
 from hydravit.storage.checkpoint import load_model
 from hydravit.training.compare import compare_methods, gaps_at_equal_cost, gaps_at_equal_k, method_config
 from hydravit.training.distributed import DistEnv
-from hydravit.training.methods import METHODS, CompareOptions, DynaBERT
+from hydravit.training.methods import METHODS, CompareOptions, DynaBERT, default_methods
 from hydravit.training.recipe import load_train_config
 from hydravit.training.trainer import Trainer, train
 
@@ -79,12 +79,14 @@ def test_sortednet_in_a_comparison_draws_as_many_subnets_per_step_as_the_recipe(
 @pytest.mark.parametrize('method', METHODS)
 def test_every_method_trains_and_its_checkpoint_extracts_exactly(tmp_path, method):
     scheme = dict(sampler='random', num_random=2) if method == 'sortednet' else \
-        dict(sampler='all') if method == 'separate' else {}
-    result = train(quick(tmp_path, method=method, **scheme))
+        dict(sampler='all') if method == 'separate' else \
+        dict(teacher_epochs=0) if method == 'dynabert' else {}  # one epoch: no room for a teacher phase
+    ks = [3, 6] if method == 'width' else [2, 4]  # 16-channel heads over 12: width has k in 3, 6, 9, 12 only
+    result = train(quick(tmp_path, method=method, heads=ks, **scheme))
     model = load_model(result.out_dir / 'last.safetensors').eval()
     assert model.config.nesting == METHODS[method].nesting
     assert isinstance(model, SeparateViTs) == (method == 'separate')
-    assert [r['k'] for r in result.results] == [2, 4]
+    assert [r['k'] for r in result.results] == ks
     for row in result.results:  # each method's own widths, counted on an equivalent timm ViT
         params, macs = reference_cost(model.config, row['k'])
         assert row['param_count'] * 1e6 == pytest.approx(params) and row['gmacs'] * 1e9 == pytest.approx(macs), row
@@ -92,7 +94,7 @@ def test_every_method_trains_and_its_checkpoint_extracts_exactly(tmp_path, metho
     assert 0 < loss < 10 and torch.isfinite(torch.tensor(loss))  # 10 classes: cross-entropy starts near 2.3
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
-        for k in (2, 4):
+        for k in ks:
             torch.testing.assert_close(extract_subnet(model, k)(x), model(x, k=k), rtol=1e-5, atol=1e-5)
     assert (result.out_dir / TEACHER_FILE).is_file() == (method == 'dynabert')
 
@@ -167,14 +169,14 @@ def test_gaps_at_equal_cost_interpolate_the_reference_and_never_extrapolate():
 def test_compare_trains_every_method_alike_and_reports_them_on_one_plot(tmp_path, caplog):
     base = quick(tmp_path, max_train_samples=128, max_val_samples=64, heads=[2, 12])
     out = tmp_path / 'compare'
-    runs = compare_methods(base, list(METHODS), out, bench_batch_size=8, bench_seconds=0.01)
-    assert set(runs) == set(METHODS)
+    runs = compare_methods(base, None, out, bench_batch_size=8, bench_seconds=0.01, teacher_epochs=0)
+    assert set(runs) == set(default_methods()) == set(METHODS) - {'heads', 'width'}  # ablations on request
     report = out / 'report'
     for name in ('report.md', 'report.csv', 'accuracy_vs_gmacs.png', 'accuracy_vs_throughput.png'):
         assert (report / name).stat().st_size > 0, name
     with open(report / 'report.csv', newline='') as f:
         rows = list(csv.DictReader(f))
-    labels = {m.label for m in METHODS.values()}
+    labels = {METHODS[m].label for m in default_methods()}
     assert {r['method'] for r in rows} == labels and len(rows) == 2 * len(labels)
     assert all(float(r['infer_samples_per_sec']) > 0 for r in rows)
     gmacs = {(r['method'], int(r['k'])): float(r['gmacs']) for r in rows}

@@ -49,5 +49,5 @@ def test_info_nesting_applies_to_a_model_name_only(tmp_path, capsys):
         cli_main(['info', '--model', 'hydravit_test_patch4_16', '--nesting', 'slimmable'])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert re.search(r"invalid choice: 'slimmable' \(choose from 'hydravit', 'matformer', 'dynabert', 'separate'\)",
-                     err), err
+    assert re.search(r"invalid choice: 'slimmable' \(choose from 'hydravit', 'matformer', 'dynabert', 'separate', "
+                     r"'heads', 'width'\)", err), err

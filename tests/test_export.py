@@ -126,7 +126,7 @@ def test_unknown_preprocessing_is_an_error_unless_named(tmp_path):
 
 @pytest.mark.parametrize('args,match', [
     (['--format', 'tflite'], r"unknown export format \['tflite'\]: choose one or more of \['timm', 'safetensors', "
-                             r"'onnx'\]"),
+                             r"'onnx', 'onnx-switchable'\]"),
     (['--format', 'timm', 'tflite'], r"unknown export format \['tflite'\]: choose"),
     (['--k', '5'], r'k=5 is not a valid subnetwork: allowed values are \[1, 2, 3, 4\]'),
     (['--k', 'big'], r"--k takes 'all' or integers, got \['big'\]"),

@@ -47,7 +47,8 @@ def quick_config(tmp_path: Path, **overrides):
 
 
 def run_cli(*args: str, env_extra=None, **kwargs) -> subprocess.CompletedProcess | subprocess.Popen:
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', **(env_extra or {})}
+    # the policy set already: the command starts once, without its passive-OpenMP restart
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'OMP_WAIT_POLICY': 'PASSIVE', **(env_extra or {})}
     return subprocess.Popen([sys.executable, '-m', 'hydravit', 'train', *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 

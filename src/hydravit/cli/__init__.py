@@ -12,6 +12,7 @@ from typing import Any, Iterator, List, Optional, Tuple
 
 from ..models.factory import UniversalModel
 from ..storage.run_folder import load_or_create_model
+from .common import describe_os_error, process_env, reexec_with_env, safe_message
 
 LOG_LEVELS = ('DEBUG', 'INFO', 'WARNING', 'ERROR')
 # subcommand -> module defining ``add_parser(subparsers)`` and ``run(args) -> int``
@@ -25,7 +26,10 @@ COMMANDS = {
     'export': 'hydravit.cli.export',
     'select': 'hydravit.cli.select',
     'serve-demo': 'hydravit.cli.adaptive',
+    'predict': 'hydravit.cli.predict',
     'cascade': 'hydravit.cli.cascade',
+    'serve': 'hydravit.cli.serve',
+    'loadtest': 'hydravit.cli.loadtest',
 }
 
 
@@ -113,10 +117,17 @@ def console_logging(level: str) -> Iterator[None]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    if argv is None:  # launched as a program: restart once with what the command needs from process start
+        with console_logging('ERROR'):
+            reexec_with_env(process_env(parser.parse_args(argv)), sys.argv[1:])
+    with console_logging('WARNING'):  # an old flag spelling warns while parsing, once
+        args = parser.parse_args(argv)
     with console_logging(args.log_level or 'INFO'):
         try:
             return int(args._run(args) or 0)
         except (ValueError, FileNotFoundError) as e:
-            logging.getLogger('hydravit').error('hydravit %s: error: %s', args.command, e)
+            logging.getLogger('hydravit').error('hydravit %s: error: %s', args.command, safe_message(e))
+            return 2
+        except OSError as e:  # a full disk, a read-only or vanished output folder: the reason, not a traceback
+            logging.getLogger('hydravit').error('hydravit %s: error: %s', args.command, describe_os_error(e))
             return 2

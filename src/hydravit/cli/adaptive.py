@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 import torch
@@ -15,13 +14,13 @@ from ..deployment.adaptive import (
     adaptive_policy,
     calibrate_latencies,
     fixed_k_policy,
-    reexec_with_passive_omp,
     run_under_load,
     summarize,
 )
 from ..storage.results import format_table
 from ..storage.run_folder import read_accuracy
 from . import add_model_source, model_from_args
+from .common import add_alias, add_threads, apply_threads
 
 logger = logging.getLogger(__name__)
 
@@ -39,21 +38,17 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('-b', '--batch-size', type=int, default=32)
     p.add_argument('--batches', type=int, default=30, help='batches per load phase (default: %(default)s)')
     p.add_argument('--busy', type=int, default=2, help='busy-loop processes in the loaded phase (default: %(default)s)')
-    p.add_argument('--threads', type=int, help="torch CPU threads outside the 1-thread phase (default: torch's)")
+    add_threads(p)
     p.add_argument('--compare', action='store_true', help='also serve always-largest and always-smallest k')
-    p.add_argument('--results', help='per-k accuracy file, to report the mean accuracy served')
-    p.add_argument('--omp-active', action='store_true',
-                   help="keep OpenMP's spin-waiting (default: restart with OMP_WAIT_POLICY=PASSIVE, see adaptive.py)")
+    p.add_argument('--results-file', dest='results', help='per-k accuracy file, to report the mean accuracy served')
+    add_alias(p, '--results', '--results-file', 'results')
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.batches < 1 or args.busy < 0:
         raise ValueError('--batch-size and --batches must be >= 1, --busy >= 0')
-    if not args.omp_active and sys.argv[1:2] == ['serve-demo']:  # launched as a command, not main(argv)
-        reexec_with_passive_omp(['-c', 'import sys; from hydravit.cli import main; sys.exit(main())', *sys.argv[1:]])
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)  # hydravit.cli.main restarted the program with OMP_WAIT_POLICY=PASSIVE
     model, checkpoint = model_from_args(args)
     model.eval()
     c = model.config

@@ -4,19 +4,20 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import DefaultDict, Dict
 
 import torch
 
-from ..evaluation.benchmark import BENCH_MODES, benchmark_subnets, measure_switching, reexec_with_malloc_env
+from ..evaluation.benchmark import BENCH_MODES, MALLOC_ENV, NOISY_SPREAD_PCT, benchmark_subnets, measure_switching
 from ..models.factory import UniversalModel, model_from_config
 from ..models.kchoices import parse_ks
 from ..storage.provenance import IDENTITY_COLUMNS, with_identity
 from ..storage.results import RESULT_FORMATS, format_table, results_format, table_columns, write_results
+from ..training.memory import train_memory_cases, train_memory_table
 from . import add_model_source, model_from_args
+from .common import add_threads, apply_threads, check_writable, progress
 from .compile_flags import add_compile_flags, compile_options_from_args
 
 logger = logging.getLogger(__name__)
@@ -39,12 +40,25 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--no-memory', action='store_true', help='skip the peak-memory child processes')
     p.add_argument('--no-switching', action='store_true', help='skip the switching vs loading table')
     p.add_argument('--switch-repeats', type=int, default=30, help='paired switch/steady forwards per k (median)')
-    p.add_argument('--threads', type=int, help="torch CPU threads (default: torch's)")
+    add_threads(p)
     add_compile_flags(p)
     p.add_argument('--system-malloc', action='store_true', help="keep glibc's default malloc thresholds on CPU")
+    p.add_argument('--train-memory', action='store_true',
+                   help='instead: peak memory of one training step per sampler and method vs one ViT of the largest k '
+                        'and vs the separate ViTs (CPU: a fresh child process each; CUDA: max allocated)')
+    p.add_argument('--train-batch-size', type=int, default=128, help='batch of --train-memory (default: %(default)s)')
+    p.add_argument('--train-num-random', type=int, default=2,
+                   help="random k per step of the 'random' and 'sandwich' samplers in --train-memory "
+                        '(default: %(default)s)')
     p.add_argument('--results-file', help='write rows here (.csv/.json); switching goes to <stem>_switching.<ext>')
     p.add_argument('--results-format', choices=RESULT_FORMATS, help='default: from --results-file suffix, else csv')
+    p.set_defaults(_process_env=process_env)
     return p
+
+
+def process_env(args: argparse.Namespace) -> Dict[str, str]:
+    """On CPU, fixed malloc thresholds from process start (see evaluation.benchmark), unless --system-malloc."""
+    return {} if args.system_malloc or torch.device(args.device).type != 'cpu' else dict(MALLOC_ENV)
 
 
 def print_ratios(rows: list) -> None:
@@ -64,29 +78,55 @@ def print_ratios(rows: list) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = torch.device(args.device)
-    if device.type == 'cpu' and not args.system_malloc and sys.argv[1:2] == ['benchmark']:
-        # launched as `hydravit benchmark ...` (not main(argv) from Python): restart with fixed malloc thresholds
-        reexec_with_malloc_env(['-c', 'import sys; from hydravit.cli import main; sys.exit(main())', *sys.argv[1:]])
+    device = torch.device(args.device)  # hydravit.cli.main restarted the program with process_env(args) set
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError('--device cuda requested but CUDA is not available')
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = apply_threads(args.threads)
+    for setting in ('batch_size', 'rounds', 'latency_iters', 'switch_repeats'):
+        if getattr(args, setting) < 1:
+            raise ValueError(f'--{setting.replace("_", "-")} must be >= 1, got {getattr(args, setting)}')
+    if args.results_file:
+        check_writable(Path(args.results_file).parent, '--results-file')
     model, checkpoint = model_from_args(args)
     ks = parse_ks(args.k, num_heads=model.config.num_heads)
     if ks:
         model = _with_ks(model, ks)
     name = checkpoint or args.model
-    logger.info(f'{name}: batch {args.batch_size}, {device}, fp32, {torch.get_num_threads()} threads, '
-          f'{args.rounds} rounds, median')
+    if args.train_memory:
+        return _train_memory(args, model, str(name), device)
+    logger.info(f'{name}: modes {" ".join(args.modes)}, batch {args.batch_size} (latency: batch 1), {device}, fp32, '
+                f'{threads} threads, {args.rounds} interleaved rounds of {args.min_seconds} s, median; '
+                'param_count in M, gmacs in GMACs per image, img/s, ms, MB; '
+                f'noisy = rounds more than {NOISY_SPREAD_PCT:.0f} % apart')
     rows = benchmark_subnets(model, ks, modes=args.modes, batch_size=args.batch_size, device=device,
                              rounds=args.rounds, min_seconds=args.min_seconds, latency_iters=args.latency_iters,
-                             train=args.train, measure_memory=not args.no_memory,
+                             train=args.train, measure_memory=not args.no_memory, progress=progress,
                              compile_options=compile_options_from_args(args))
+    for row in rows:
+        row['noisy'] = '*' if row['infer_spread_pct'] > NOISY_SPREAD_PCT else ''
     rows = with_identity(rows, model, checkpoint)  # which model these speeds belong to (select checks it)
     switching = (None if args.no_switching else
                  measure_switching(model, ks, device=device, repeats=args.switch_repeats))
     _output(args, rows, switching)
+    return 0
+
+
+def _train_memory(args: argparse.Namespace, model: UniversalModel, name: str, device: torch.device) -> int:
+    if args.train_batch_size < 1 or args.train_num_random < 1:
+        raise ValueError('--train-batch-size and --train-num-random must be >= 1')
+    config = model.config
+    if config.nesting != 'hydravit':
+        config = model_from_config(config, nesting='hydravit', separate_heads=False).config
+    cases = train_memory_cases(config, num_random=min(args.train_num_random, len(config.k_choices)))
+    logger.info(f'{name}: one training step at batch {args.train_batch_size}, {device}, fp32, AdamW')
+    rows = train_memory_table(config, cases, batch_size=args.train_batch_size, device=device,
+                              threads=args.threads or 1)
+    if args.results_file:
+        path = Path(args.results_file)
+        written = write_results(rows, path.parent, path.stem, results_format(path, args.results_format))
+        logger.info(f'training memory -> {written}')
+    else:
+        logger.info(format_table(rows))
     return 0
 
 

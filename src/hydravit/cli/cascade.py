@@ -20,6 +20,7 @@ from ..storage.checkpoint import atomic_write
 from ..storage.results import format_table
 from ..storage.run_folder import resolve_checkpoint, training_metadata
 from . import add_ema_choice
+from .common import add_alias, add_threads, apply_threads
 
 logger = logging.getLogger(__name__)
 CALIBRATIONS = ('split-half', 'train')
@@ -60,13 +61,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--dataset', help='data set (default: the one the checkpoint was trained on)')
     p.add_argument('--data-dir', help='data root (default: the training one when --dataset is not given)')
     p.add_argument('--split', default='val', help='test split the cascade is reported on (default: %(default)s)')
-    p.add_argument('--max-samples', type=int, help='use the first N test images only (quick checks)')
+    p.add_argument('--max-val-samples', type=int, dest='max_val_samples',
+                   help='use the first N test images only (quick checks)')
+    add_alias(p, '--max-samples', '--max-val-samples', 'max_val_samples', type=int)
     p.add_argument('-b', '--batch-size', type=int, default=256, help='batch size of the throughput measurement')
     p.add_argument('--timing-images', type=int, default=1024, help='reported images timed per contender and round')
     p.add_argument('--latency-images', type=int, default=64, help='images timed one by one per contender and round')
     p.add_argument('--rounds', type=int, default=3, help='interleaved timing rounds (medians reported)')
     p.add_argument('--no-timing', action='store_true', help='skip the speed measurement (accuracy and GMACs only)')
-    p.add_argument('--threads', type=int, help="torch intra-op threads while timing (default: torch's)")
+    add_threads(p)
     p.add_argument('-j', '--workers', type=int, default=0)
     p.add_argument('--device', default='cpu')
     p.add_argument('--policy-file', help='where to save the fitted policy (default: <checkpoint>.cascade.json next '
@@ -111,14 +114,13 @@ def run(args: argparse.Namespace) -> int:
         loader = torch.utils.data.DataLoader(data, batch_size=256, shuffle=False, num_workers=args.workers)
         return collect_logits(model, loader, ks, device=args.device)
 
-    test = dataset(args.split, args.max_samples)
+    test = dataset(args.split, args.max_val_samples)
     logger.info('computing the logits of k %s on %d %s images', ks, len(test), args.split)
     stage_logits, labels = logits_of(test)
     calibration = None
     if args.calibration == 'train':
         calibration = logits_of(dataset('train', args.calibration_samples))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     images = None if args.no_timing else (lambda index: stack_images(test, index).to(args.device))
     results = cascade_study(model, stage_logits, labels, goal, images=images, calibration=calibration, ks=ks,
                             score=args.score, max_stages=args.max_stages, fixed_stages=args.fixed_stages,

@@ -20,17 +20,21 @@ from ..cascade import (
     sweep_policies,
     time_points,
 )
+from ..data.corruptions import CORRUPTIONS, SEVERITIES, parse_corruptions
 from ..data.datasets import load_dataset
 from ..data.transforms import build_transform
 from ..evaluation.benchmark import benchmark_subnets
 from ..evaluation.evaluate import EVAL_MODES, evaluate_dataset, load_for_eval
 from ..evaluation.report import write_report
+from ..evaluation.robustness import drop_table, evaluate_corruptions
 from ..models.factory import UniversalModel
 from ..models.kchoices import parse_ks
+from ..storage.checkpoint import atomic_write
 from ..storage.provenance import IDENTITY_COLUMNS, with_identity
-from ..storage.results import RESULT_FORMATS, format_table, results_format, write_results
+from ..storage.results import RESULT_FORMATS, format_table, markdown_table, results_format, write_results
 from ..storage.run_folder import resolve_checkpoint, training_metadata
 from . import add_ema_choice
+from .common import add_alias, add_threads, apply_threads, check_writable, positive_int, progress
 from .compile_flags import add_compile_flags, compile_options_from_args
 
 logger = logging.getLogger(__name__)
@@ -59,10 +63,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--data-dir', help='data root (default: the training one when --dataset is not given)')
     p.add_argument('--split', default='val', help='split to evaluate (default: %(default)s)')
     p.add_argument('--class-map', help='file mapping folder names to class indices (ImageNet-R/-A style subsets)')
-    p.add_argument('--max-samples', type=int, help='evaluate on the first N samples only (quick checks)')
+    p.add_argument('--max-val-samples', type=positive_int, dest='max_samples',
+                   help='evaluate on the first N samples only (quick checks)')
+    add_alias(p, '--max-samples', '--max-val-samples', 'max_samples', type=positive_int)
     p.add_argument('-b', '--batch-size', type=int, default=256)
     p.add_argument('-j', '--workers', type=int, default=2)
     p.add_argument('--device', default='cpu')
+    add_threads(p)
     p.add_argument('--amp-dtype', choices=sorted(AMP_DTYPES), help='autocast dtype (default: fp32)')
     add_compile_flags(p)
     p.add_argument('--results-file', help='write one row per k here (.csv or .json)')
@@ -70,6 +77,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--report', metavar='DIR', nargs='?', const='',
                    help='also write report.md, report.csv and the two Pareto plots into DIR '
                         '(default: a report folder next to the checkpoint)')
+    p.add_argument('--corruptions', nargs='+', metavar='NAME',
+                   help=f"also score every k under these corruptions ('all' or any of {', '.join(CORRUPTIONS)}); "
+                        'the results get corruption, severity and drop (clean minus corrupted top-1) columns')
+    p.add_argument('--severities', type=int, nargs='+', default=[1, 3, 5],
+                   help='corruption severities, 1..5 (default: %(default)s)')
+    p.add_argument('--corruption-seed', type=int, default=0,
+                   help='seed of the corruptions (same seed, same corrupted images) (default: %(default)s)')
     p.add_argument('--cascade', metavar='POLICY',
                    help='also score this cascade policy (JSON from hydravit cascade) and its threshold sweep; with '
                         '--report it is drawn on both plots (default with --report: the policy saved next to the '
@@ -89,15 +103,23 @@ def build_eval_dataset(model: UniversalModel, args: argparse.Namespace, class_na
 
 
 def run(args: argparse.Namespace) -> int:
+    threads = apply_threads(args.threads)
+    if args.results_file:
+        check_writable(Path(args.results_file).parent, '--results-file')
     path = resolve_checkpoint(args.checkpoint, args.use_ema)
     model, ks = load_for_eval(path, parse_ks(args.k), args.model, use_ema=args.use_ema)
     trained = training_metadata(path)
     if args.dataset is None:
         args.dataset, args.data_dir = trained['dataset'] or 'fashion-mnist', args.data_dir or trained['data_dir']
     dataset = build_eval_dataset(model, args, trained['class_names'])
+    if args.corruptions:
+        return _run_corruptions(args, model, dataset, ks, path)
     rows = evaluate_dataset(model, dataset, ks, batch_size=args.batch_size, workers=args.workers,
                             device=args.device, amp_dtype=AMP_DTYPES.get(args.amp_dtype), mode=args.mode,
-                            compile_options=compile_options_from_args(args))
+                            progress=progress, compile_options=compile_options_from_args(args))
+    logger.info(f'{path}: {rows[0]["num_samples"]} {args.split} samples of {args.dataset}, batch {args.batch_size}, '
+                f'{args.device}, {threads} threads, {args.amp_dtype or "fp32"}, mode {args.mode}; '
+                'param_count in M, gmacs in GMACs per image, top1/top5 in %')
     scored = rows[0]['num_classes_scored']
     if scored < model.num_classes:
         logger.info(f'{scored} of {model.num_classes} classes present: logits restricted to them')
@@ -143,8 +165,37 @@ def _write(args: argparse.Namespace, rows: List[Dict[str, Any]], model, ks, path
         bench = None
         if not args.no_benchmark:
             bench = {label: benchmark_subnets(model, ks, modes=('sliced',), batch_size=args.batch_size,
-                                              device=args.device, rounds=2, min_seconds=0.2, latency_iters=20,
-                                              measure_memory=False, flop_count=False)}
+                                              device=args.device, rounds=3, min_seconds=0.2, latency_iters=20,
+                                              measure_memory=False, flop_count=False, interleave_ks=True)}
         named = {f'{label} {name}': curve for name, curve in (curves or {}).items()}
         paths = write_report({label: rows}, bench, out_dir, curves=named)
         logger.info('report: ' + ', '.join(str(p) for p in paths.values()))
+
+
+def _run_corruptions(args: argparse.Namespace, model: UniversalModel, dataset, ks, path: Path) -> int:
+    """Every k on the clean and the corrupted test sets; the drop per k and corruption as a table."""
+    names = parse_corruptions(args.corruptions)
+    bad = [s for s in args.severities if s not in SEVERITIES]
+    if bad:
+        raise ValueError(f'--severities {bad}: severities are {list(SEVERITIES)}')
+    data_config = resolve_data_config({}, model=model)
+    rows = evaluate_corruptions(model, dataset, ks, names, args.severities, mean=data_config['mean'],
+                                std=data_config['std'], seed=args.corruption_seed, batch_size=args.batch_size,
+                                workers=args.workers, device=args.device, amp_dtype=AMP_DTYPES.get(args.amp_dtype),
+                                mode=args.mode)
+    columns = ['corruption', 'severity', 'drop', *COLUMNS]
+    rows = [{c: {**r, 'checkpoint': str(path)}[c] for c in columns} for r in rows]
+    table = drop_table(rows)
+    if args.results_file:
+        out = Path(args.results_file)
+        logger.info(f'-> {write_results(rows, out.parent, out.stem, results_format(out, args.results_format))}')
+    logger.info('top-1 drop (p.p., clean minus corrupted, mean over severities %s):\n%s', args.severities,
+                format_table(table))
+    if args.report is not None:
+        out_dir = Path(args.report) if args.report else path.parent / 'report'
+        text = ['# Robustness per k', '', f'{path}: top-1 drop in p.p. (clean minus corrupted) per corruption, mean '
+                f'over severities {args.severities}, corruption seed {args.corruption_seed}, '
+                f'{len(dataset)} test images.', '', markdown_table(table), '']
+        written = atomic_write(out_dir / 'robustness.md', lambda tmp: Path(tmp).write_text('\n'.join(text)))
+        logger.info(f'report: {written}')
+    return 0

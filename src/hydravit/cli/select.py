@@ -19,6 +19,7 @@ from ..storage.provenance import check_same_model, model_identity, rows_identity
 from ..storage.results import format_table, read_results
 from ..storage.run_folder import RunFolder, accuracy_file, read_accuracy
 from . import add_model_source, model_from_args
+from .common import add_alias, add_threads, apply_threads
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help='serve the universal model at k (sliced) or an extracted standalone ViT')
     p.add_argument('--k', nargs='+', help="candidate k (default: the model's k choices)")
     p.add_argument('--benchmark-file', help='a hydravit benchmark results file (.csv/.json) instead of measuring')
-    p.add_argument('--results', help='per-k accuracy file; default: results.csv/eval.csv next to the checkpoint')
+    p.add_argument('--results-file', dest='results',
+                   help='per-k accuracy file; default: results.csv/eval.csv next to the checkpoint')
+    add_alias(p, '--results', '--results-file', 'results')
+    add_threads(p)
     return p
 
 
@@ -61,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     budget = _budget(args)
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f'--batch-size must be >= 1, got {args.batch_size}')
+    threads = apply_threads(args.threads)
     model, checkpoint = model_from_args(args)
     ks = parse_ks(args.k, model.k_choices, model.config.num_heads) or list(model.k_choices)
     if args.benchmark_file:
@@ -73,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         batch = args.batch_size or DEFAULT_BATCH[budget.metric]
         if budget.metric != 'gmacs':
-            logger.info(f'measuring k={ks} on {args.device} (mode {args.mode}, batch {batch}) ...')
+            logger.info(f'measuring k={ks} on {args.device} (mode {args.mode}, batch {batch}, {threads} threads) ...')
         table = measure_table(model, budget, batch_size=batch, device=args.device, mode=args.mode, ks=ks)
     if checkpoint or args.results:
         _check_accuracy_source(model, checkpoint, args.results)

@@ -17,6 +17,7 @@ from ..training.methods import METHODS
 from ..training.recipe import BUILTIN_RECIPE, NAMED_CONFIGS, TIMM_DEFAULTS, is_builtin_run, load_train_config
 from ..training.timm_args import OFFICIAL_FLAGS
 from ..training.trainer import train
+from .common import add_omp_flag, check_writable, positive_int
 
 SUPPRESS = argparse.SUPPRESS
 BOOL = argparse.BooleanOptionalAction
@@ -117,6 +118,8 @@ OPTIONS: List[Tuple[Tuple[str, ...], Dict[str, Any], str]] = [
     (('--checkpoint-interval-steps',), dict(type=int), 'also checkpoint every N optimizer steps (0 = per epoch)'),
     (('--seed',), dict(type=int), 'random seed'),
     (('--device',), {}, 'cpu or cuda'),
+    (('--threads',), dict(type=positive_int),
+     "torch CPU threads, >= 1 (default: the recipe's, else torch's); recorded in args.yaml: the weights depend on it"),
 ]
 
 
@@ -140,6 +143,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     for flags, kwargs, help_text in OPTIONS:
         p.add_argument(*flags, help=help_text, **kwargs)
     add_official_flags(p)
+    add_omp_flag(p)
     return p
 
 
@@ -151,7 +155,7 @@ def add_official_flags(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Recipe (``--config``, the resumed run's ``args.yaml`` or the built-in one) + the flags given."""
     overrides = {k: v for k, v in vars(args).items()
-                 if not k.startswith('_') and k not in ('command', 'config', 'log_level')}
+                 if not k.startswith('_') and k not in ('command', 'config', 'log_level', 'omp_active')}
     config_path = getattr(args, 'config', None)
     if config_path is None and 'resume' in overrides:
         run_args = Path(overrides['resume'])
@@ -165,5 +169,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    train(config_from_args(args))
+    cfg = config_from_args(args)
+    check_writable(cfg.resume or cfg.output, '--resume' if cfg.resume else '--output')
+    train(cfg)
     return 0

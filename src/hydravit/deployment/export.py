@@ -6,6 +6,8 @@
 * ``safetensors``: ``k3.safetensors``, the subnet state dict with the ViT kwargs and preprocessing in
   its metadata.
 * ``onnx``: ``k3.onnx`` with a dynamic batch axis, checked against PyTorch with onnxruntime.
+* ``onnx-switchable``: one ``switchable.onnx`` for every exported k, inputs ``input`` and ``k`` (an int64
+  scalar), the weights stored once (:mod:`hydravit.deployment.onnx_switchable`); every k checked likewise.
 
 An early-exit cascade (:mod:`hydravit.cascade`) exports as ``cascade.json`` (the policy, and per stage its k,
 ONNX file, MACs and checksum) beside one ONNX file per stage (:func:`export_cascade`); the runtime in
@@ -47,21 +49,19 @@ from ..storage.run_folder import (
     read_accuracy,
     resolve_checkpoint,
 )
+from .onnx_switchable import ExportError, export_switchable_onnx
 
 __all__ = ['EXPORT_FORMATS', 'TIMM_ARCHITECTURE', 'ExportError', 'file_sha256', 'export_timm', 'export_safetensors',
            'export_onnx', 'export_subnets', 'export_cascade', 'CASCADE_MANIFEST', 'CASCADE_ARTEFACTS']
 
-EXPORT_FORMATS = ('timm', 'safetensors', 'onnx')
+EXPORT_FORMATS = ('timm', 'safetensors', 'onnx', 'onnx-switchable')
+SWITCHABLE_FILE = 'switchable.onnx'
 # timm architecture written to config.json; model_args override every shape argument of its factory
 TIMM_ARCHITECTURE = 'vit_base_patch16_224'
 ONNX_ATOL = 1e-4
 CASCADE_MANIFEST = 'cascade.json'
 # how a cascade's stages are stored; the runtime has one loader per artefact kind
 CASCADE_ARTEFACTS = ('per-stage-onnx',)
-
-
-class ExportError(ValueError):
-    """An export that would be wrong (output mismatch) or would overwrite something."""
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -204,11 +204,18 @@ def export_subnets(
     parent = {'parent_checkpoint': str(checkpoint.resolve()), 'parent_sha256': file_sha256(checkpoint),
               'parent_config': model.config.to_dict()}
     rows = []
+    per_k_formats = [f for f in formats if f != 'onnx-switchable']
+    switchable: Dict[str, Any] = {}
+    if 'onnx-switchable' in formats:
+        switchable = export_switchable_onnx(model, output / SWITCHABLE_FILE, chosen, opset=onnx_opset)
     for k in chosen:
         costs = cost_row(model.config, k)
         info = {**parent, 'metrics': {**costs, **accuracy.get(k, {})}, PRETRAINED_CFG_KEY: preprocessing}
         row: Dict[str, Any] = dict(**costs, **{a: accuracy.get(k, {}).get(a) for a in ('top1', 'top5')})
-        for fmt in formats:
+        if switchable:
+            row.update(onnx_switchable=switchable['onnx_switchable'],
+                       onnx_switchable_max_abs_diff=switchable['onnx_switchable_diffs'][k])
+        for fmt in per_k_formats:
             start = time.perf_counter()
             if fmt == 'timm':
                 row['timm_dir'] = str(export_timm(model, k, output / f'k{k}', preprocessing, info, label_names))

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -36,16 +36,17 @@ from ..models.compiled import CompileOptions, compile_module, compile_universal
 from ..models.config import HydraViTConfig
 from ..models.costs import subnet_cost
 from ..models.factory import UniversalModel, model_from_config
-from ..models.subnet import extract_subnet, subnet_vit_kwargs
+from ..models.subnet import extract_subnet, subnet_vit, subnet_vit_kwargs
 
 __all__ = [
     'BENCH_MODES', 'MALLOC_ENV', 'benchmark_subnets', 'measure_switching', 'build_runner', 'flop_counter_gmacs',
-    'peak_memory_mb', 'reexec_with_malloc_env',
+    'peak_memory_mb', 'reexec_with_malloc_env', 'spread_pct', 'NOISY_SPREAD_PCT',
 ]
 
 BENCH_MODES = ('sliced', 'extracted', 'timm')
 MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': str(1 << 28), 'MALLOC_TRIM_THRESHOLD_': str(1 << 28)}
 Runner = Callable[[torch.Tensor], torch.Tensor]
+NOISY_SPREAD_PCT = 10.0  # rounds further apart than this: the timing is marked noisy
 
 
 def reexec_with_malloc_env(argv: Sequence[str]) -> None:
@@ -73,7 +74,7 @@ def _standalone_vit(model: UniversalModel, k: int, mode: str) -> VisionTransform
         return extract_subnet(model, k)
     if mode == 'timm':
         device = next(model.parameters()).device
-        return VisionTransformer(**subnet_vit_kwargs(model.config, k)).to(device).eval()
+        return subnet_vit(model.config, k).to(device).eval()
     raise ValueError(f'mode must be one of {BENCH_MODES}, got {mode!r}')
 
 
@@ -100,20 +101,25 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (pos - lo)
 
 
-def _throughputs(runners: Dict[str, Runner], x: torch.Tensor, rounds: int, min_seconds: float,
-                 warmup: int) -> Dict[str, float]:
-    """Median images/s per mode over interleaved rounds of about ``min_seconds`` each."""
+def _throughputs(runners: Dict[Any, Runner], x: torch.Tensor, rounds: int, min_seconds: float,
+                 warmup: int) -> Dict[Any, List[float]]:
+    """Images/s per mode in each of the interleaved rounds of about ``min_seconds``."""
     with torch.inference_mode():
         per_call = {}
         for mode, fn in runners.items():
             _timed(fn, x, warmup)
             per_call[mode] = statistics.median(_timed(fn, x, 2))
         iters = {m: max(1, round(min_seconds / max(t, 1e-6))) for m, t in per_call.items()}
-        samples: Dict[str, List[float]] = {m: [] for m in runners}
+        samples: Dict[Any, List[float]] = {m: [] for m in runners}
         for _ in range(rounds):
             for mode, fn in runners.items():
                 samples[mode].append(iters[mode] * x.shape[0] / sum(_timed(fn, x, iters[mode])))
-    return {m: statistics.median(s) for m, s in samples.items()}
+    return samples
+
+
+def spread_pct(samples: Sequence[float]) -> float:
+    """(max - min) / median of repeated timings, in percent: how far one timing could be off."""
+    return 100.0 * (max(samples) - min(samples)) / statistics.median(samples)
 
 
 def _latencies(fn: Runner, x: torch.Tensor, iters: int, warmup: int) -> Dict[str, float]:
@@ -168,7 +174,7 @@ def _memory_child(config: dict, k: int, mode: str, batch_size: int, threads: int
         if mode == 'sliced':
             fn = build_runner(model_from_config(cfg), k, mode)
         else:  # a deployed subnet never holds the universal model; extracted and timm have the same tensors
-            fn = VisionTransformer(**subnet_vit_kwargs(cfg, k)).eval()
+            fn = subnet_vit(cfg, k).eval()
         with torch.inference_mode():
             fn(torch.randn(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size))
         queue.put((_rss_kb('VmHWM') - start) / 1024)
@@ -227,13 +233,19 @@ def benchmark_subnets(
         train_iters: int = 5,
         measure_memory: bool = True,
         flop_count: bool = True,
+        progress: Optional[Callable[..., Iterable[int]]] = None,
+        interleave_ks: bool = False,
         compile_options: Optional[CompileOptions] = None,
 ) -> List[Dict]:
     """One row per (k, mode) with timm ``benchmark.py`` column names (see the module docstring).
 
     ``infer_samples_per_sec`` at ``batch_size`` (median of interleaved rounds), ``infer_latency_ms`` at
     batch 1 (median, p10, p90), optional ``train_samples_per_sec``, ``peak_mem_mb``, ``param_count``
-    (M, counted), analytic ``gmacs`` and ``flop_counter_gmacs`` (misses the attention matmuls).
+    (M, counted), analytic ``gmacs`` and ``flop_counter_gmacs`` (misses the attention matmuls). The
+    spread of the rounds: ``infer_samples_per_sec_min``/``_max`` and ``infer_spread_pct`` (see
+    :func:`spread_pct`). ``progress`` wraps the loop over k (e.g. a tqdm bar). ``interleave_ks`` times every k
+    in each round (all runners held at once: meant for the sliced mode, whose runners are views), so a slow
+    drift of a shared machine cannot bend the curve across k.
     ``compile_options`` times the ``torch.compile``d runners (compilation happens in the warm-up; memory and
     FLOP counts stay eager; the training figure is eager).
     """
@@ -245,15 +257,23 @@ def benchmark_subnets(
     ks, model, x = _prepare(model, ks, device, batch_size)
     cfg, device = model.config, x.device
     rows = []
-    for k in ks:
+    all_speeds = None
+    if interleave_ks:
+        all_speeds = _throughputs({(k, m): build_runner(model, k, m, compile_options) for k in ks for m in modes},
+                                  x, rounds, min_seconds, warmup)
+    for k in (progress(ks, total=len(ks), desc='benchmark k') if progress is not None else ks):
         runners = {mode: build_runner(model, k, mode, compile_options) for mode in modes}
-        speed = _throughputs(runners, x, rounds, min_seconds, warmup)
+        speed = ({m: all_speeds[(k, m)] for m in modes} if all_speeds is not None
+                 else _throughputs(runners, x, rounds, min_seconds, warmup))
         cost = subnet_cost(cfg, k)
         for mode, fn in runners.items():
             # the sliced runner is the universal model at k: its parameters are the subnetwork's share
             params = sum(p.numel() for p in fn.parameters()) if isinstance(fn, nn.Module) else cost.params
             eager = fn if compile_options is None else build_runner(model, k, mode)
-            row = dict(k=k, mode=mode, infer_samples_per_sec=speed[mode], infer_batch_size=batch_size,
+            row = dict(k=k, mode=mode, infer_samples_per_sec=statistics.median(speed[mode]),
+                       infer_samples_per_sec_min=min(speed[mode]), infer_samples_per_sec_max=max(speed[mode]),
+                       infer_spread_pct=spread_pct(speed[mode]), infer_rounds=len(speed[mode]),
+                       infer_batch_size=batch_size, threads=torch.get_num_threads(),
                        **_latencies(fn, x[:1], latency_iters, warmup))
             row['train_samples_per_sec'] = _train_throughput(model, k, mode, x, train_iters, 1) if train else None
             if measure_memory:

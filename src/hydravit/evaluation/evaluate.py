@@ -9,7 +9,7 @@ import contextlib
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Literal, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Literal, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,8 @@ __all__ = ['evaluate_subnets', 'label_map', 'load_for_eval', 'evaluate_dataset',
 
 EVAL_MODES = ('sliced', 'extracted')
 Mode = Literal['sliced', 'extracted']
+# wraps an iterable of batches to show progress: progress(batches, total=..., desc=...) yields them unchanged
+Progress = Callable[..., Iterable[Any]]
 
 
 @dataclass
@@ -100,6 +102,7 @@ def evaluate_subnets(
         amp_dtype: Optional[torch.dtype] = None,
         class_indices: Optional[Sequence[int]] = None,
         mode: Mode = 'sliced',
+        progress: Optional[Progress] = None,
         forward: Optional[Callable[..., torch.Tensor]] = None,
         compile_options: Optional[CompileOptions] = None,
 ) -> List[Dict[str, float]]:
@@ -108,7 +111,8 @@ def evaluate_subnets(
     ``mode='extracted'`` scores the standalone timm ViT of each k instead of the sliced model (they
     agree; this is the check). ``class_indices`` restricts the logits to those classes (ImageNet-R/-A
     style test sets); labels stay indices into the full class list. With fewer than 5 classes "top5"
-    is top-C. Sliced mode reads the loader once for all k. ``forward(images, k=k)`` replaces
+    is top-C. Sliced mode reads the loader once for all k. ``progress`` wraps each pass over the loader
+    (e.g. a tqdm bar). ``forward(images, k=k)`` replaces
     ``model(images, k=k)`` in sliced mode (a :class:`hydravit.models.compiled.PerKCompiled` of ``model``);
     ``compile_options`` compiles the sliced model (one graph per k) or each extracted subnet.
     """
@@ -126,6 +130,12 @@ def evaluate_subnets(
                 else contextlib.nullcontext())
     was_training = model.training
     model.eval()
+    total = len(loader) if hasattr(loader, '__len__') else None  # type: ignore[arg-type]
+
+    def passes(desc: str) -> Iterable[tuple]:
+        batches = _batches(loader, device, mapping, model.num_classes)
+        return progress(batches, total=total, desc=desc) if progress is not None else batches
+
     try:
         with torch.inference_mode(), autocast:
             if mode == 'sliced':
@@ -133,7 +143,7 @@ def evaluate_subnets(
                 run = forward or model
                 if forward is None and compile_options is not None:
                     run = compile_universal(model, compile_options, pad_batches=True)
-                for images, target in _batches(loader, device, mapping, model.num_classes):
+                for images, target in passes(f'eval k={ks}'):
                     for k in ks:
                         tallies[k].update(_restrict(run(images, k=k), columns), target)
                 return [tallies[k].row(k) for k in ks]
@@ -141,7 +151,7 @@ def evaluate_subnets(
             for k, net in _subnet_fns(model, ks, mode):
                 net = compile_module(net, compile_options) if compile_options else net
                 tally = _Tally()
-                for images, target in _batches(loader, device, mapping, model.num_classes):
+                for images, target in passes(f'eval k={k} (extracted)'):
                     tally.update(_restrict(net(images), columns), target)
                 rows.append(tally.row(k))
                 del net
@@ -199,7 +209,8 @@ def scored_classes(dataset: object, num_classes: int) -> List[int]:
 
 def evaluate_dataset(model: UniversalModel, dataset, ks: Optional[Sequence[int]] = None, *, batch_size: int = 256,
                      workers: int = 0, device: str | torch.device = 'cpu', amp_dtype: Optional[torch.dtype] = None,
-                     mode: Mode = 'sliced', compile_options: Optional[CompileOptions] = None) -> List[Dict]:
+                     mode: Mode = 'sliced', progress: Optional[Progress] = None,
+                     compile_options: Optional[CompileOptions] = None) -> List[Dict]:
     """:func:`evaluate_subnets` on a data set, with timm's validate.py columns and per-k costs.
 
     A data set whose ``class_indices`` (labels present) are a strict subset of the model's classes
@@ -212,7 +223,8 @@ def evaluate_dataset(model: UniversalModel, dataset, ks: Optional[Sequence[int]]
     class_indices = present if len(present) < model.num_classes else None
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     rows = evaluate_subnets(model.to(device), loader, ks, device=device, amp_dtype=amp_dtype,
-                            class_indices=class_indices, mode=mode, compile_options=compile_options)
+                            class_indices=class_indices, mode=mode, progress=progress,
+                            compile_options=compile_options)
     data_config = resolve_data_config({}, model=model)
     return add_costs(rows, model.config, img_size=data_config['input_size'][-1], crop_pct=data_config['crop_pct'],
                      interpolation=data_config['interpolation'], mode=mode, num_classes_scored=len(present))

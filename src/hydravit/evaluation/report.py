@@ -14,7 +14,7 @@ from ..models.costs import add_costs
 from ..storage.checkpoint import atomic_write
 from ..storage.results import Row, format_table, markdown_table, write_results
 
-__all__ = ['plot_accuracy', 'join_results', 'write_report', 'PLOT_AXES']
+__all__ = ['plot_accuracy', 'plot_per_k_curves', 'join_results', 'write_report', 'PLOT_AXES']
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
@@ -37,19 +37,35 @@ def join_results(eval_rows: Sequence[Row], bench_rows: Sequence[Row] = (), bench
     for row in eval_rows:
         bench = by_k.get(int(row['k']), {})
         extra: Row = {c: bench[c] for c in ('param_count', 'gmacs') if c in bench and c not in row}
-        extra.update({c: bench[c] for c in ('infer_samples_per_sec', 'infer_latency_ms', 'peak_mem_mb')
+        extra.update({c: bench[c] for c in ('infer_samples_per_sec', 'infer_samples_per_sec_min',
+                                            'infer_samples_per_sec_max', 'infer_latency_ms', 'peak_mem_mb')
                       if c in bench})
         joined.append({**row, **extra})
     return joined
 
 
+def _spread(rows: Sequence[Row], x: str, xs: Sequence[float]) -> Optional[List[List[float]]]:
+    """[below, above] distances of ``x``'s ``_min``/``_max`` from each point, when every row has them."""
+    by_x = {}
+    for r in rows:
+        lo, hi = r.get(f'{x}_min'), r.get(f'{x}_max')
+        if r.get(x) is None or lo in (None, '') or hi in (None, ''):
+            return None
+        by_x[float(r[x])] = (float(lo), float(hi))
+    if not by_x:
+        return None
+    return [[v - by_x[v][0] for v in xs], [by_x[v][1] - v for v in xs]]
+
+
 def plot_accuracy(series: Mapping[str, Sequence[Row]], x: str, path: PathLike, title: Optional[str] = None,
-                  *, y: str = 'top1', curves: Optional[Mapping[str, Sequence[Row]]] = None) -> Path:
+                  *, y: str = 'top1', curves: Optional[Mapping[str, Sequence[Row]]] = None,
+                  error_bars: Optional[str] = None) -> Path:
     """Accuracy against cost, one line per method and each point labelled with its k; a PNG file.
 
     ``x`` is ``'gmacs'`` or ``'infer_samples_per_sec'`` (or ``param_count``/``infer_latency_ms``). ``curves``
     are further lines whose points have no k (e.g. an early-exit cascade's threshold sweep); a point with a
-    ``label`` is annotated with it.
+    ``label`` is annotated with it. ``error_bars`` names a column of half widths (e.g. a 95 % interval over
+    seeds) drawn around ``y``.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -61,13 +77,19 @@ def plot_accuracy(series: Mapping[str, Sequence[Row]], x: str, path: PathLike, t
     ax = fig.add_subplot()
     plotted = 0
     for label, rows in series.items():
-        points = sorted((float(r[x]), float(r[y]), int(r['k'])) for r in rows
-                        if r.get(x) is not None and r.get(y) is not None)
+        points = sorted((float(r[x]), float(r[y]), int(r['k']), float(r.get(error_bars) or 0.0) if error_bars else 0.0)
+                        for r in rows if r.get(x) is not None and r.get(y) is not None)
         if not points:
             continue
-        xs, ys, ks = zip(*points, strict=True)
-        ax.plot(xs, ys, marker='o', label=label)
-        for px, py, k in points:
+        xs, ys, ks, errs = zip(*points, strict=True)
+        spread = _spread(rows, x, xs)
+        if spread is not None or error_bars:
+            # x: the range of the timed rounds (how far each point could move on this machine); y: across seeds
+            ax.errorbar(xs, ys, xerr=spread, yerr=errs if error_bars else None, marker='o', capsize=3,
+                        label=f'{label} (bars: range of timed rounds)' if spread is not None else label)
+        else:
+            ax.plot(xs, ys, marker='o', label=label)
+        for px, py, k, _ in points:
             ax.annotate(f'k={k}', (px, py), textcoords='offset points', xytext=(4, -10), fontsize=7)
         plotted += 1
     for label, rows in (curves or {}).items():
@@ -92,12 +114,42 @@ def plot_accuracy(series: Mapping[str, Sequence[Row]], x: str, path: PathLike, t
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format='png'))
 
 
+def plot_per_k_curves(summary: Sequence[Row], path: PathLike, title: Optional[str] = None, *,
+                      metric: str = 'train_loss') -> Path:
+    """``metric_k<N>`` columns of ``summary.csv`` rows against the epoch, one line per k; a PNG file."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    prefix = f'{metric}_k'
+    ks = sorted({int(key[len(prefix):]) for row in summary for key in row
+                 if key.startswith(prefix) and key[len(prefix):].isdigit()})
+    if not ks:
+        raise ValueError(f'no {prefix}<N> columns in the summary rows: nothing to plot')
+    fig = Figure(figsize=(6.4, 4.8), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for k in ks:
+        points = [(int(r['epoch']) + 1, float(r[f'{prefix}{k}'])) for r in summary
+                  if r.get(f'{prefix}{k}') not in (None, '')]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker='o', label=f'k={k}')
+    ax.set_xlabel('epoch')
+    ax.set_ylabel(metric.replace('_', ' '))
+    ax.set_title(title or f'{metric} per k')
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc='best', fontsize=7, ncol=2)
+    fig.tight_layout()
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format='png'))
+
+
 def write_report(eval_rows_by_label: Mapping[str, Sequence[Row]],
                  bench_rows_by_label: Optional[Mapping[str, Sequence[Row]]] = None,
                  out_dir: PathLike = '.', *, config: Optional[HydraViTConfig] = None,
                  title: str = 'HydraViT accuracy-cost report',
                  extra_sections: Sequence[str] = (),
-                 curves: Optional[Mapping[str, Sequence[Row]]] = None) -> Dict[str, Path]:
+                 curves: Optional[Mapping[str, Sequence[Row]]] = None,
+                 error_bars: Optional[str] = None) -> Dict[str, Path]:
     """Markdown table, joined CSV and the two Pareto plots of one or several methods.
 
     ``curves`` (label -> rows with ``top1``, ``gmacs``, optionally ``infer_samples_per_sec``, no k) are drawn
@@ -105,7 +157,8 @@ def write_report(eval_rows_by_label: Mapping[str, Sequence[Row]],
 
     ``config`` (a :class:`HydraViTConfig`) fills ``param_count``/``gmacs`` for rows that lack them
     (e.g. the trainer's per-epoch rows). The throughput plot is written when a benchmark is given.
-    ``extra_sections`` (Markdown lines) follow the plots in ``report.md``.
+    ``extra_sections`` (Markdown lines) follow the plots in ``report.md``; ``error_bars`` (a column of half
+    widths, e.g. ``top1_ci``) draws error bars on the plots.
     Returns ``{'markdown', 'csv', 'plot_gmacs'[, 'plot_throughput']}`` -> paths.
     """
     if not eval_rows_by_label:
@@ -129,12 +182,16 @@ def write_report(eval_rows_by_label: Mapping[str, Sequence[Row]],
     paths = {'csv': write_results(table, out_dir, 'report', 'csv', verbose=False)}
     if any('gmacs' in r for r in table):
         paths['plot_gmacs'] = plot_accuracy(series, 'gmacs', out_dir / 'accuracy_vs_gmacs.png',
-                                            'Top-1 accuracy vs GMACs', curves=curves)
+                                            'Top-1 accuracy vs GMACs', curves=curves, error_bars=error_bars)
     if any('infer_samples_per_sec' in r for r in table):
         paths['plot_throughput'] = plot_accuracy(series, 'infer_samples_per_sec',
                                                  out_dir / 'accuracy_vs_throughput.png',
-                                                 'Top-1 accuracy vs inference throughput', curves=curves)
-    text = [f'# {title}', '', markdown_table(table, columns), '']
+                                                 'Top-1 accuracy vs inference throughput', curves=curves,
+                                                 error_bars=error_bars)
+    units = ('Units: top1/top5 in %, param_count in M parameters, gmacs in GMACs per image (analytic), '
+             'infer_samples_per_sec in images/s (median of timed rounds), infer_latency_ms at batch 1, '
+             'peak_mem_mb in MB.')
+    text = [f'# {title}', '', markdown_table(table, columns), '', units, '']
     if curves:
         curve_table = [{'curve': label, **r} for label, rows in curves.items() for r in rows]
         curve_columns = [c for c in ('curve', 'label', 'stages', 'top1', 'gmacs', 'infer_samples_per_sec',

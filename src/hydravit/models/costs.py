@@ -40,32 +40,33 @@ class SubnetCost:
                     param_count=self.params_m, gmacs=self.gmacs)
 
 
-def _params(cfg: HydraViTConfig, d: int, hidden: int) -> int:
+def _params(cfg: HydraViTConfig, d: int, hidden: int, attn: int) -> int:
     patch = cfg.in_chans * cfg.patch_size ** 2 * d + d
     tokens = cfg.num_tokens * d + (d if cfg.class_token else 0)
-    qkv_bias = 3 * d if cfg.qkv_bias else 0
-    block = 4 * d + (3 * d * d + qkv_bias) + (d * d + d) + (hidden * d + hidden) + (hidden * d + d)
+    qkv_bias = 3 * attn if cfg.qkv_bias else 0
+    block = 4 * d + (3 * attn * d + qkv_bias) + (attn * d + d) + (hidden * d + hidden) + (hidden * d + d)
     final_norm = 2 * d
     head = d * cfg.num_classes + cfg.num_classes if cfg.num_classes > 0 else 0
     return patch + tokens + cfg.depth * block + final_norm + head
 
 
-def _macs(cfg: HydraViTConfig, d: int, hidden: int) -> int:
+def _macs(cfg: HydraViTConfig, d: int, hidden: int, attn: int) -> int:
     n = cfg.num_tokens
     patch = cfg.in_chans * cfg.patch_size ** 2 * d * cfg.num_patches
-    block = 4 * n * d * d + 2 * n * hidden * d + 2 * n * n * d  # qkv+proj, MLP, q@k^T and attn@v
+    block = 4 * n * attn * d + 2 * n * hidden * d + 2 * n * n * attn  # qkv+proj, MLP, q@k^T and attn@v
     return patch + cfg.depth * block + cfg.num_classes * d
 
 
 def subnet_cost(cfg: HydraViTConfig, k: int) -> SubnetCost:
     """Parameters and MACs of the standalone ViT equal to subnetwork ``k`` (1 MAC = multiply + add).
 
-    The widths follow the config's nesting; attention always spans the whole embedding (timm's ViT).
+    The widths follow the config's nesting; q/k/v span ``num_heads * head_dim`` channels, the whole embedding
+    except for the ``'heads'`` ablation (k heads inside the full width).
     """
     shape = cfg.subnet_shape(k)
-    d, hidden = shape.embed_dim, shape.mlp_hidden
+    d, hidden, attn = shape.embed_dim, shape.mlp_hidden, shape.attn_dim
     return SubnetCost(k=shape.k, embed_dim=d, num_heads=shape.num_heads, mlp_hidden=hidden,
-                      params=_params(cfg, d, hidden), macs=_macs(cfg, d, hidden))
+                      params=_params(cfg, d, hidden, attn), macs=_macs(cfg, d, hidden, attn))
 
 
 def cost_table(cfg: HydraViTConfig, ks: Optional[Iterable[int]] = None) -> List[SubnetCost]:

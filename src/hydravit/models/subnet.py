@@ -7,10 +7,13 @@ equal-width) timm ViT into the leading slices.
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from dataclasses import replace
+from typing import Any, Dict, Mapping, Optional, Tuple, Union, cast
 
+import timm
 import torch
 import torch.nn as nn
+from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
 from .config import HydraViTConfig, SubnetShape, nested_shape
@@ -19,8 +22,14 @@ from .separate import SeparateViTs
 
 __all__ = [
     'subnet_state_dict', 'model_subnet_state_dict', 'subnet_vit_kwargs', 'extract_subnet', 'inflate_state_dict',
-    'init_from_vit', 'CheckpointMismatchError', 'PARAMETER_AXES', 'parameter_axes', 'qkv_blocks',
+    'init_from_vit', 'CheckpointMismatchError', 'PARAMETER_AXES', 'parameter_axes', 'qkv_blocks', 'SUBNET_ARCHITECTURE',
+    'subnet_pretrained_cfg', 'subnet_vit',
 ]
+
+# the timm architecture a subnetwork is built as (and named in its config.json); its shape arguments are overridden
+SUBNET_ARCHITECTURE = 'vit_base_patch16_224'
+# preprocessing and metadata of the universal model that a subnetwork keeps in its pretrained_cfg
+_CFG_KEYS = ('interpolation', 'crop_pct', 'crop_mode', 'mean', 'std', 'label_names', 'license')
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -121,8 +130,12 @@ def _member_state_dict(state_dict: Mapping[str, torch.Tensor], k: int) -> StateD
     return out
 
 
-def _prefix(name: str, tensor: torch.Tensor, sizes: Mapping[str, int]) -> torch.Tensor:
-    """The leading ``sizes[unit]`` entries of every nested axis of parameter ``name`` (a view)."""
+def _prefix(name: str, tensor: torch.Tensor, sizes: Mapping[str, int], heads: Tuple[int, int, int]) -> torch.Tensor:
+    """The leading ``sizes[unit]`` entries of every nested axis of parameter ``name``.
+
+    ``heads`` is (full head_dim, active heads, active channels per head): a 'heads' axis keeps the first
+    channels of each of the first heads (a view unless heads are narrowed, as in the ``'width'`` nesting).
+    """
     axes = parameter_axes(name)
     if axes is None:
         raise CheckpointMismatchError(
@@ -130,8 +143,16 @@ def _prefix(name: str, tensor: torch.Tensor, sizes: Mapping[str, int]) -> torch.
     blocks = qkv_blocks(name, tensor)
     index = [slice(None)] * blocks.ndim
     for dim, unit in axes.items():
-        index[dim] = slice(0, sizes[unit])
+        if unit != 'heads':
+            index[dim] = slice(0, sizes[unit])
     sliced = blocks[tuple(index)]
+    head_axis = next((dim for dim, unit in axes.items() if unit == 'heads'), None)
+    if head_axis is not None:
+        full_head_dim, num_heads, head_dim = heads
+        split = sliced.unflatten(head_axis, (-1, full_head_dim))
+        index = [slice(None)] * split.ndim
+        index[head_axis], index[head_axis + 1] = slice(0, num_heads), slice(0, head_dim)
+        sliced = split[tuple(index)].flatten(head_axis, head_axis + 1)
     return sliced.flatten(0, 1) if blocks is not tensor else sliced
 
 
@@ -154,7 +175,8 @@ def subnet_state_dict(
                                           f'{type(state_dict).__name__}')
         return _member_state_dict(state_dict, k)
     shape = _shape_of(state_dict, k, head_dim, mlp_ratio, nesting)
-    sizes = {'channels': shape.embed_dim, 'heads': shape.num_heads * head_dim, 'neurons': shape.mlp_hidden}
+    sizes = {'channels': shape.embed_dim, 'neurons': shape.mlp_hidden}
+    heads = (head_dim, shape.num_heads, shape.head_dim)
     out: StateDict = {}
     for name, tensor in state_dict.items():
         separate = re.fullmatch(r'heads\.(\d+)\.(weight|bias)', name)
@@ -162,13 +184,24 @@ def subnet_state_dict(
             if int(separate.group(1)) == k:
                 out[f'head.{separate.group(2)}'] = tensor.detach().clone().contiguous()
             continue
-        out[name] = _prefix(name, tensor.detach(), sizes).clone().contiguous()
+        out[name] = _prefix(name, tensor.detach(), sizes, heads).clone().contiguous()
     return out
 
 
 def subnet_vit_kwargs(config: HydraViTConfig, k: int) -> Dict[str, Any]:
-    """Constructor arguments of the standalone timm ``VisionTransformer`` equal to subnetwork ``k``."""
+    """Constructor arguments of the standalone timm ``VisionTransformer`` equal to subnetwork ``k``.
+
+    The ``'heads'`` nesting has none: its attention is narrower than the embedding, which timm's
+    ``VisionTransformer`` constructor cannot express (its ``Attention`` can: see :func:`subnet_vit`).
+    """
     shape = config.subnet_shape(k)
+    if shape.attn_dim != shape.embed_dim:
+        raise ValueError(
+            f'subnetwork k={k} of nesting {config.nesting!r} has {shape.num_heads} heads of {shape.head_dim} '
+            f"({shape.attn_dim} channels) inside a {shape.embed_dim}-wide embedding: timm's VisionTransformer "
+            'constructor (and so timm.create_model, config.json, ONNX metadata) cannot express attention narrower '
+            'than the embedding; use hydravit.models.extract_subnet for a timm ViT with timm Attention(attn_head_dim) '
+            'layers, or the universal model itself')
     return dict(
         img_size=config.img_size, patch_size=config.patch_size, in_chans=config.in_chans,
         num_classes=config.num_classes, global_pool=config.global_pool, embed_dim=shape.embed_dim,
@@ -185,14 +218,56 @@ def model_subnet_state_dict(model: UniversalModel, k: int) -> StateDict:
                              nesting=c.nesting)
 
 
+def subnet_pretrained_cfg(model: UniversalModel) -> Dict[str, Any]:
+    """A plain ViT ``pretrained_cfg`` for a subnetwork: timm's architecture, the model's input size and classes,
+    and the preprocessing (mean/std, crop, interpolation) the universal model carries from training."""
+    c = model.config
+    source = dict(getattr(model, 'pretrained_cfg', None) or {})
+    cfg = {key: source[key] for key in _CFG_KEYS if source.get(key) is not None}
+    cfg.update(architecture=SUBNET_ARCHITECTURE, input_size=(c.in_chans, c.img_size, c.img_size),
+               num_classes=c.num_classes, fixed_input_size=not getattr(model, 'dynamic_img_size', False),
+               first_conv='patch_embed.proj', classifier='head')
+    return cfg
+
+
+def subnet_vit(config: HydraViTConfig, k: int, pretrained_cfg: Optional[Dict[str, Any]] = None,
+               **overrides: Any) -> VisionTransformer:
+    """A fresh timm ``VisionTransformer`` of subnetwork ``k``'s shape (random weights), built by timm's factory.
+
+    For the ``'heads'`` nesting (k heads inside the full width) it is a ViT of the full width whose blocks'
+    attention is timm's ``Attention(dim, num_heads=k, attn_head_dim=head_dim)``: timm modules throughout,
+    but not rebuildable from constructor arguments (see :func:`subnet_vit_kwargs`).
+    """
+    shape = config.subnet_shape(k)
+    narrow = shape.attn_dim != shape.embed_dim
+    kwargs = (subnet_vit_kwargs(replace(config, nesting='hydravit', k_choices=()), config.num_heads) if narrow
+              else subnet_vit_kwargs(config, k))
+    kwargs.update(overrides)
+    vit = cast(VisionTransformer, timm.create_model(SUBNET_ARCHITECTURE, pretrained=False,
+                                                    pretrained_cfg=pretrained_cfg, **kwargs))
+    if narrow:
+        for block in vit.blocks:
+            block.attn = Attention(shape.embed_dim, num_heads=shape.num_heads, attn_head_dim=shape.head_dim,
+                                   qkv_bias=config.qkv_bias, attn_drop=config.attn_drop_rate,
+                                   proj_drop=config.proj_drop_rate)
+    return vit
+
+
 def extract_subnet(model: UniversalModel, k: int) -> VisionTransformer:
-    """Subnetwork ``k`` of a universal model as an ordinary timm ``VisionTransformer`` in eval mode (copied)."""
+    """Subnetwork ``k`` of a universal model as an ordinary timm ``VisionTransformer`` in eval mode (copied).
+
+    Built by timm's factory as :data:`SUBNET_ARCHITECTURE` with the subnetwork's shape, so its ``pretrained_cfg``
+    describes a plain ViT (:func:`subnet_pretrained_cfg`) and ``save_for_hf`` writes a config that reloads it.
+    """
     k = model.resolve_k(k)
-    vit = VisionTransformer(**subnet_vit_kwargs(model.config, k))
+    kwargs: Dict[str, Any] = {}
+    pool = getattr(model, 'global_pool', model.config.global_pool)
+    if pool != model.config.global_pool:  # reset_classifier changed the pooling; the norm stays where it was built
+        kwargs.update(global_pool=pool, fc_norm=model.config.global_pool == 'avg')
+    if getattr(model, 'dynamic_img_size', False):
+        kwargs['dynamic_img_size'] = True
+    vit = subnet_vit(model.config, k, pretrained_cfg=subnet_pretrained_cfg(model), **kwargs)
     vit.load_state_dict(model_subnet_state_dict(model, k), strict=True)
-    if hasattr(model, 'pretrained_cfg'):
-        # a dict timm's builder sets; torch's stubs type every Module attribute as Tensor | Module
-        vit.pretrained_cfg = dict(model.pretrained_cfg)  # type: ignore[arg-type, assignment]
     return vit.to(next(model.parameters()).device).eval()
 
 
@@ -277,10 +352,10 @@ def init_from_vit(model: UniversalModel, source: Union[nn.Module, Mapping[str, t
             raise CheckpointMismatchError(
                 f"source width {src_dim} is none of the separate ViTs' widths {sorted(widths)}")
         return init_from_vit(model.subnet(widths[src_dim]), source, ignore_head=ignore_head)
-    if model.config.nesting == 'matformer' and src_dim != model.config.embed_dim:
+    if model.config.nesting in ('matformer', 'heads', 'width') and src_dim != model.config.embed_dim:
         raise CheckpointMismatchError(
-            f'a MatFormer model keeps the full width {model.config.embed_dim} at every k: it can start only from a ViT '
-            f'of that width, not {src_dim}')
+            f'no subnetwork of a {model.config.nesting!r} model is a narrower ViT written into the leading slices: it '
+            f'can start only from a ViT of the full width {model.config.embed_dim}, not {src_dim}')
     if model.config.separate_heads and not ignore_head and 'head.weight' in source:
         k_source = src_dim // model.config.head_dim
         source = {(f'heads.{k_source}.{n[5:]}' if n.startswith('head.') else n): t for n, t in source.items()}

@@ -12,25 +12,28 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Type
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Type
 
 import numpy as np
+import torch
 
 from ..evaluation.benchmark import benchmark_subnets
 from ..evaluation.report import write_report
+from ..evaluation.statistics import mean_interval, paired_interval
 from ..models.factory import create_model
-from ..models.kchoices import check_k_choices
+from ..models.kchoices import check_k_choices, is_int
 from ..storage.checkpoint import load_model
 from ..storage.provenance import with_identity
 from ..storage.results import markdown_table, read_results, write_results
 from ..storage.run_folder import RunFolder
 from .config import TrainConfig
-from .methods import METHODS, CompareOptions, NestingMethod, method_class
+from .methods import CompareOptions, NestingMethod, default_methods, method_class
+from .preflight import check_before_training
 from .run_settings import describe_differences, settings_differences
 from .trainer import train
 
 __all__ = ['Run', 'run_config', 'method_config', 'train_runs', 'compare_methods', 'write_comparison',
-           'gaps_at_equal_cost', 'gaps_at_equal_k']
+           'gaps_at_equal_cost', 'gaps_at_equal_k', 'seed_statistics', 'paired_gaps', 'write_seed_comparison']
 
 logger = logging.getLogger(__name__)
 Row = Dict[str, Any]
@@ -107,34 +110,54 @@ def _benchmark(run: Run, batch_size: int, seconds: float, measure_memory: bool) 
 def train_runs(runs: Sequence[Run], *, benchmark: bool = True, bench_batch_size: int = 256,
                bench_seconds: float = 0.2, measure_memory: bool = False) -> None:
     """Train (or reuse) each run in turn, then time its subnetworks; fills the runs' results in place."""
-    for run in runs:
+    for i, run in enumerate(runs, start=1):
+        logger.info('run %d of %d: %s -> %s', i, len(runs), run.label, run.folder)
         _train_or_reuse(run)
         if benchmark:
             _benchmark(run, bench_batch_size, bench_seconds, measure_memory)
 
 
-def compare_methods(base: TrainConfig, methods: Sequence[str] = tuple(METHODS), out_dir: str | Path = 'output/compare',
+def compare_methods(base: TrainConfig, methods: Optional[Sequence[str]] = None, out_dir: str | Path = 'output/compare',
                     *, separate_ks: Optional[Sequence[int]] = None, teacher_epochs: Optional[int] = None,
-                    **bench: Any) -> Dict[str, Run]:
+                    seeds: int = 1, **bench: Any) -> Dict[str, Run]:
     """Train, evaluate and benchmark every method; write ``out_dir/report`` (table, plots, gaps).
 
     ``separate_ks`` trains separate ViTs for these k only (one ViT per k costs the most to train);
     ``teacher_epochs`` is DynaBERT's full-width phase (default: see :meth:`DynaBERT.teacher_epochs`);
+    ``seeds`` > 1 trains every method once per seed ``base.seed``, ``base.seed + 1``, ... into
+    ``out_dir/seed<S>/<method>`` (all methods of a seed share its data order and init seed) and reports mean,
+    std and 95 % t-intervals per k, and gaps paired by seed (:func:`write_seed_comparison`); the runs of the
+    first seed are returned.
     ``bench`` goes to :func:`train_runs` (``benchmark``, ``bench_batch_size``, ``bench_seconds``, ``measure_memory``).
     """
-    classes = [method_class(m) for m in methods]
+    if not is_int(seeds) or seeds < 1:
+        raise ValueError(f'--seeds must be a positive int, got {seeds!r}')
+    classes = [method_class(m) for m in (default_methods() if methods is None else methods)]
     out_dir = Path(out_dir)
     config = create_model(base.model).config
     k_choices = list(base.heads or config.k_choices)
     if separate_ks:  # a bad k fails now, not after hours of training the other methods
         check_k_choices(separate_ks, config.num_heads, what='--separate-ks')
     options = CompareOptions(k_choices=k_choices, teacher_epochs=teacher_epochs, separate_ks=separate_ks)
-    runs = {cls.name: Run(cls.label, method_config(base, cls.name, out_dir, options)) for cls in classes}
-    train_runs(list(runs.values()), **bench)
-    baseline = next((run for run in runs.values() if run.method.is_baseline), None)
-    write_comparison(list(runs.values()), out_dir, title='Nested-width methods compared', separate=baseline,
-                     reference=runs.get('hydravit'))
-    return runs
+    per_seed: Dict[int, Dict[str, Run]] = {}
+    for seed in range(base.seed, base.seed + seeds):
+        seed_dir = out_dir / f'seed{seed}' if seeds > 1 else out_dir
+        seeded = replace(base, seed=seed)
+        per_seed[seed] = {cls.name: Run(cls.label, method_config(seeded, cls.name, seed_dir, options))
+                          for cls in classes}
+    for runs in per_seed.values():  # every run's settings, before the first one trains
+        for run in runs.values():
+            check_before_training(run.config)
+    for seed, runs in per_seed.items():
+        seed_dir = out_dir / f'seed{seed}' if seeds > 1 else out_dir
+        train_runs(list(runs.values()), **bench)
+        baseline = next((run for run in runs.values() if run.method.is_baseline), None)
+        title = 'Nested-width methods compared' + (f' (seed {seed})' if seeds > 1 else '')
+        write_comparison(list(runs.values()), seed_dir, title=title, separate=baseline,
+                         reference=runs.get('hydravit'))
+    if seeds > 1:
+        write_seed_comparison(per_seed, out_dir)
+    return per_seed[base.seed]
 
 
 # ------------------------------------------------------------------------------------------ analysis
@@ -167,8 +190,11 @@ def _runs_table(runs: Sequence[Run]) -> List[str]:
              'train_minutes': run.train_seconds / 60 if run.train_seconds else None,
              'k': ' '.join(str(r['k']) for r in run.results), 'folder': str(run.folder)} for run in runs]
     c = runs[0].config
-    return ['## Runs', '', f'{c.model} on {c.dataset}, {c.epochs} epochs, batch {c.batch_size}, seed {c.seed} '
-            '(train_minutes: empty when the run was reused)', '', markdown_table(rows), '']
+    threads = c.threads or torch.get_num_threads()
+    return ['## Runs', '', f'{c.model} on {c.dataset}, {c.epochs} epochs, batch {c.batch_size}, seed {c.seed}, '
+            f'{threads} threads, {c.max_val_samples or "all"} validation samples (train_minutes: empty when the run '
+            'was reused; benchmark: extracted subnetworks, median of 3 interleaved rounds)', '',
+            markdown_table(rows), '']
 
 
 def _separate_gap_lines(runs: Sequence[Run], separate: Run) -> List[str]:
@@ -216,4 +242,104 @@ def write_comparison(runs: Sequence[Run], out_dir: str | Path, *, title: str, se
                          Path(out_dir) / 'report', title=title, extra_sections=extra)
     logger.info('%s', '\n'.join(extra))
     logger.info('report: %s', ', '.join(str(p) for p in paths.values()))
+    return paths
+
+
+# ------------------------------------------------------------------------------------------ over seeds
+def seed_statistics(results_per_seed: Sequence[Sequence[Row]], metric: str = 'top1') -> List[Row]:
+    """Per k (those every seed has): the cost columns of the first seed and ``metric`` as mean, std, 95 % interval.
+
+    ``top1`` (the mean) and ``top1_ci`` (the interval's half width) are what the Pareto plots draw.
+    """
+    by_seed = [{int(r['k']): r for r in rows} for rows in results_per_seed]
+    common = sorted(set.intersection(*(set(rows) for rows in by_seed)))
+    out: List[Row] = []
+    for k in common:
+        interval = mean_interval([float(rows[k][metric]) for rows in by_seed])
+        first = by_seed[0][k]
+        costs: Row = {c: first[c] for c in ('embed_dim', 'num_heads', 'mlp_hidden', 'param_count', 'gmacs')
+                      if c in first}
+        row: Row = {'k': k, **costs, metric: interval.mean, f'{metric}_ci': interval.half_width}
+        out.append({**row, **interval.columns(metric)})
+    return out
+
+
+def paired_gaps(reference_per_seed: Sequence[Sequence[Row]], other_per_seed: Sequence[Sequence[Row]],
+                equal: str = 'gmacs') -> List[Row]:
+    """``reference`` minus ``other`` per seed (at ``other``'s k: equal ``'k'``, or interpolated at equal
+    ``'gmacs'``), and per point the mean, std and 95 % t-interval of those paired differences."""
+    per_point: Dict[int, List[Row]] = {}
+    for ref, other in zip(reference_per_seed, other_per_seed, strict=True):
+        gaps = gaps_at_equal_k(other, ref) if equal == 'k' else gaps_at_equal_cost(ref, other, equal)
+        for g in gaps:
+            per_point.setdefault(int(g['k']), []).append(g)
+    out = []
+    for k, gaps in sorted(per_point.items()):
+        if len(gaps) != len(reference_per_seed):
+            continue  # a point outside the reference's range for some seed: no pairing
+        interval = paired_interval([g['reference_top1'] for g in gaps], [g['top1'] for g in gaps])
+        row: Row = {'k': k}
+        if equal != 'k':
+            row[equal] = gaps[0][equal]
+        out.append({**row, **interval.columns('gap'), 'excludes_zero': interval.excludes_zero()})
+    return out
+
+
+def _interval_cell(row: Row, name: str) -> str:
+    if row[f'{name}_n'] < 2:
+        return f"{row[f'{name}_mean']:.2f}"
+    return (f"{row[f'{name}_mean']:.2f} ± {row[f'{name}_std']:.2f} "
+            f"[{row[f'{name}_ci_low']:.2f}, {row[f'{name}_ci_high']:.2f}]")
+
+
+def write_seed_comparison(per_seed: Mapping[int, Mapping[str, Run]], out_dir: str | Path) -> Dict[str, Path]:
+    """``out_dir/report``: per method and k the mean ± std [95 % t-interval] of top-1 over the seeds, Pareto
+    plots with those intervals as error bars, and every gap paired by seed with its interval.
+
+    Gaps: separate ViTs minus every run at equal k (where its k are HydraViT's shapes), HydraViT minus every
+    other run at equal GMACs (HydraViT interpolated).
+    """
+    seeds = sorted(per_seed)
+    names = list(per_seed[seeds[0]])
+    results = {name: [per_seed[s][name].results for s in seeds] for name in names}
+    label = {name: per_seed[seeds[0]][name].label for name in names}
+    stats = {name: seed_statistics(results[name]) for name in names}
+    first = per_seed[seeds[0]][names[0]].config
+    lines = ['## Over seeds', '',
+             f'{first.model} on {first.dataset}, {first.epochs} epochs, {len(seeds)} seeds '
+             f'({", ".join(map(str, seeds))}; '
+             'every method of a seed has the same data order and init seed). Cells: mean ± sample std [95 % '
+             't-interval] of top-1 (%).', '']
+    ks = sorted({r['k'] for rows in stats.values() for r in rows})
+    table = []
+    for name in names:
+        by_k = {r['k']: r for r in stats[name]}
+        table.append({'method': label[name], **{f'k{k}': _interval_cell(by_k[k], 'top1') if k in by_k else '-'
+                                                for k in ks}})
+    lines += [markdown_table(table), '']
+    baseline = next((n for n in names if per_seed[seeds[0]][n].method.is_baseline), None)
+    for ref, equal in ((baseline, 'k'), ('hydravit', 'gmacs')):
+        if ref not in results:
+            continue
+        gap_rows = []
+        for name in names:
+            if name == ref or (equal == 'gmacs' and name == baseline):
+                continue
+            if equal == 'k' and per_seed[seeds[0]][name].method.nesting not in ('hydravit', 'width'):
+                continue  # equal k is equal shape only for HydraViT's widths
+            for g in paired_gaps(results[ref], results[name], equal):
+                gap_rows.append({'run': label[name], 'k': g['k'], **({equal: g[equal]} if equal != 'k' else {}),
+                                 'gap (p.p.)': _interval_cell(g, 'gap'),
+                                 'beyond the noise': 'yes' if g['excludes_zero'] else 'no'})
+        if gap_rows:
+            what = 'at equal k' if equal == 'k' else f'at equal {equal} ({label[ref]} interpolated)'
+            lines += [f'## {label[ref]} minus each run {what}, paired by seed (p.p.)', '',
+                      markdown_table(gap_rows), '']
+    out_dir = Path(out_dir)
+    flat = [{'method': label[name], **r} for name in names for r in stats[name]]
+    write_results(flat, out_dir / 'report', 'seeds', verbose=False)
+    paths = write_report({label[name]: stats[name] for name in names}, None, out_dir / 'report',
+                         title=f'Nested-width methods compared over {len(seeds)} seeds', extra_sections=lines,
+                         error_bars='top1_ci')
+    logger.info('%s', '\n'.join(lines))
     return paths

@@ -83,6 +83,7 @@ class TrainConfig:
     log_interval: int = 50
     val_interval: int = 1
     device: str = 'cpu'
+    threads: Optional[int] = None  # torch CPU threads; recorded in args.yaml: the weights depend on it
     max_train_samples: Optional[int] = None
     max_val_samples: Optional[int] = None
     skip_bad_images: bool = False
@@ -117,6 +118,9 @@ class TrainConfig:
         for name in ('workers', 'checkpoint_interval_steps', 'num_random', 'max_nonfinite_steps'):
             if getattr(self, name) < 0:
                 raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ValueError(f'threads must be an integer >= 1, got {self.threads!r}')
         if self.amp_dtype not in AMP_DTYPES:
             raise ValueError(f'amp_dtype must be one of {list(AMP_DTYPES)}, got {self.amp_dtype!r}')
         if not EVAL_METRIC.fullmatch(self.eval_metric):

@@ -84,7 +84,8 @@ def run_data_config(cfg: TrainConfig) -> Dict[str, Any]:
     if pretrained is None:
         create_model(cfg.model)  # raises the clear "unknown model" error
     assert pretrained is not None  # every registered hydravit_* model has a default cfg
-    args = {'img_size': cfg.img_size} if cfg.img_size else {}
+    # timm's resolve_data_config assumes 3 channels when img_size is given: keep the model's own
+    args = {'img_size': cfg.img_size, 'in_chans': pretrained.input_size[0]} if cfg.img_size else {}
     return resolve_data_config(args, pretrained_cfg=pretrained.to_dict())
 
 

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from ..models.factory import UniversalModel
+from ..models.config import defined_ks
+from ..models.factory import UniversalModel, create_model
 from ..storage.checkpoint import load_model, save_model
 from ..storage.run_folder import RunFolder
 from .config import TrainConfig
@@ -30,7 +31,8 @@ from .loaders import EpochSeededDataset, rng_preserving
 from .samplers import SubnetSampler, create_sampler
 
 __all__ = ['NestingMethod', 'CompareOptions', 'TrainerView', 'METHODS', 'register_method', 'method_class',
-           'create_method', 'HydraViTMethod', 'SortedNet', 'MatFormer', 'DynaBERT', 'SeparateViTsMethod']
+           'create_method', 'default_methods', 'HydraViTMethod', 'SortedNet', 'MatFormer', 'DynaBERT',
+           'SeparateViTsMethod', 'HeadsOnly', 'WidthOnly']
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class NestingMethod:
     summary: ClassVar[str]
     sampler: ClassVar[Optional[str]] = None  # the sampler the update scheme prescribes; None: the recipe's
     is_baseline: ClassVar[bool] = False  # the reference every shared-weight method's gap is measured against
+    is_ablation: ClassVar[bool] = False  # a part of HydraViT on its own: trained by a comparison only on request
     allows_inplace_distill: ClassVar[bool] = True
     allows_separate_heads: ClassVar[bool] = True
     has_teacher_phase: ClassVar[bool] = False  # trains the full width first for --teacher-epochs
@@ -130,6 +133,11 @@ def register_method(cls: M) -> M:
     return cls
 
 
+def default_methods() -> List[str]:
+    """The methods a comparison trains when none are named: every registered one except the ablations."""
+    return [name for name, cls in METHODS.items() if not cls.is_ablation]
+
+
 def method_class(name: str) -> Type[NestingMethod]:
     """The method called ``name``, or an error listing them all."""
     if name not in METHODS:
@@ -188,6 +196,9 @@ class DynaBERT(NestingMethod):
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
         self.teacher: Optional[UniversalModel] = None  # the frozen full-width model, once reordered
+        if cfg.teacher_epochs == 0 and not cfg.initial_checkpoint:
+            logger.warning('--method dynabert --teacher-epochs 0 without --initial-checkpoint: every k distils from '
+                           'an untrained teacher')
 
     @classmethod
     def check(cls, cfg: TrainConfig) -> None:
@@ -195,13 +206,18 @@ class DynaBERT(NestingMethod):
         if cfg.teacher_epochs is not None and not 0 <= cfg.teacher_epochs < cfg.epochs:
             raise ValueError(f'--teacher-epochs must be in 0..{cfg.epochs - 1} (below --epochs), '
                              f'got {cfg.teacher_epochs}')
+        if cfg.teacher_epochs is None and not cfg.initial_checkpoint and cfg.epochs < 2:
+            raise ValueError(f'--method dynabert trains its full-width teacher for at least one epoch before the '
+                             f'width-adaptive phase: give --epochs >= 2 (got {cfg.epochs}), or --initial-checkpoint '
+                             'to distil from trained weights, or --teacher-epochs 0 to distil from the initial weights')
 
     @staticmethod
     def teacher_epochs(cfg: TrainConfig) -> int:
-        """Epochs of full-width training before reordering: as set, else 0 from a checkpoint, else a quarter."""
+        """Epochs of full-width training before reordering: as set, else 0 from a checkpoint, else a quarter
+        (at least one: a teacher trained for 0 epochs teaches nothing)."""
         if cfg.teacher_epochs is not None:
             return cfg.teacher_epochs
-        return 0 if cfg.initial_checkpoint else cfg.epochs // 4
+        return 0 if cfg.initial_checkpoint else max(1, cfg.epochs // 4)
 
     def ks_for_step(self, trainer: TrainerView, step: int) -> List[int]:
         if self.teacher is None:  # the full width trains first
@@ -274,3 +290,33 @@ class SeparateViTsMethod(NestingMethod):
         cfg = super().compare_config(base, options)
         return replace(cfg, heads=sorted(options.separate_ks)) if options.separate_ks else cfg
 
+
+
+@register_method
+class HeadsOnly(NestingMethod):
+    """Ablation: HydraViT's head stacking without its width slicing."""
+    name, label, nesting = 'heads', 'Heads only', 'heads'
+    is_ablation = True
+    summary = 'only the heads stacked: k heads of head_dim inside the full residual width and the full MLP'
+
+
+@register_method
+class WidthOnly(NestingMethod):
+    """Ablation: HydraViT's width slicing without its head stacking (Scala-style narrower heads)."""
+    name, label, nesting = 'width', 'Width only', 'width'
+    is_ablation = True
+    summary = ('no head stacking: all H heads kept, each k*head_dim/H wide, embedding k*head_dim and MLP sliced as '
+               "HydraViT's; only k with k*head_dim divisible by H exist")
+
+    @classmethod
+    def compare_config(cls, base: TrainConfig, options: CompareOptions) -> TrainConfig:
+        """The comparison's k that this nesting has (k*head_dim divisible by H), with their weights."""
+        cfg = super().compare_config(base, options)
+        config = create_model(base.model).config
+        allowed = defined_ks(cls.nesting, config.num_heads, config.head_dim)
+        keep = [i for i, k in enumerate(options.k_choices) if k in allowed]
+        if not keep:
+            raise ValueError(f'--method width has none of the k {list(options.k_choices)}: '
+                             f'it needs k in {list(allowed)}')
+        weights = [cfg.head_weights[i] for i in keep] if cfg.head_weights else None
+        return replace(cfg, heads=[options.k_choices[i] for i in keep], head_weights=weights)

@@ -7,22 +7,25 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from ..evaluation.benchmark import benchmark_subnets
-from ..evaluation.report import plot_accuracy, write_report
+from ..evaluation.report import plot_accuracy, plot_per_k_curves, write_report
 from ..models.costs import cost_row
 from ..models.factory import UniversalModel
 from ..storage.results import write_results
 from ..storage.run_folder import RunFolder
 
-__all__ = ['PerK', 'summary_row', 'metric_value', 'results_table', 'write_run_results']
+__all__ = ['PerK', 'summary_row', 'metric_value', 'results_table', 'write_run_results', 'TRAIN_CURVES_FILE']
 
 logger = logging.getLogger(__name__)
 Row = Dict[str, Any]
 PerK = Dict[str, List[Row]]  # evaluation rows per weights: '' the model, 'ema_' its EMA
+TRAIN_CURVES_FILE = 'train_loss_per_k.png'  # every k's training loss per epoch, next to results.csv
 
 
-def summary_row(epoch: int, train_loss: float, lr: float, rows: Optional[PerK]) -> Row:
-    """One line of ``summary.csv``: timm's columns plus ``eval_top1_k<N>`` ... and their means."""
-    row: Row = {'epoch': epoch, 'train_loss': train_loss, 'lr': lr}
+def summary_row(epoch: int, train_loss: float, lr: float, rows: Optional[PerK],
+                per_k_train: Optional[Mapping[str, Any]] = None) -> Row:
+    """One line of ``summary.csv``: timm's columns, ``train_loss_k<N>``/``train_top1_k<N>`` after
+    ``train_loss``, then ``eval_top1_k<N>`` ... and their means."""
+    row: Row = {'epoch': epoch, 'train_loss': train_loss, **(per_k_train or {}), 'lr': lr}
     for prefix, per_k in (rows or {}).items():
         for r in per_k:
             for metric in ('top1', 'top5', 'loss'):
@@ -50,17 +53,23 @@ def results_table(model: UniversalModel, rows: PerK) -> List[Row]:
 
 
 def write_run_results(run: RunFolder, results: Sequence[Row], model: UniversalModel, *, label: str, title: str,
-                      device: torch.device, report: bool) -> None:
-    """``results.csv``, its accuracy-vs-GMACs plot and (``report``) the accuracy-cost report of the run."""
+                      device: torch.device, report: bool, summary: Sequence[Row] = ()) -> None:
+    """``results.csv``, its accuracy-vs-GMACs plot, every k's training loss over the epochs of ``summary``
+    and (``report``) the accuracy-cost report of the run."""
     write_results(results, run.path, run.results.stem)
+    if any(key.startswith('train_loss_k') for row in summary for key in row):
+        curves = plot_per_k_curves(summary, run.path / TRAIN_CURVES_FILE, f'{title}: training loss per k')
+        logger.info('training curves: %s', curves)
     series = {label: list(results)}
     if 'ema_top1' in results[0]:
         series[f'{label} (EMA)'] = [{**r, 'top1': r['ema_top1']} for r in results]
     plot_accuracy(series, 'gmacs', run.plot, f'{title}: top-1 vs GMACs')
     logger.info('results: %s, %s', run.results, run.plot)
     if report:
-        bench = benchmark_subnets(model, [r['k'] for r in results], modes=('sliced',), device=device, rounds=1,
-                                  min_seconds=0.1, latency_iters=3, measure_memory=False, flop_count=False)
+        # as `hydravit benchmark` times: interleaved rounds (every k in each), median, the spread as error bars
+        bench = benchmark_subnets(model, [r['k'] for r in results], modes=('sliced',), device=device, rounds=5,
+                                  min_seconds=0.1, latency_iters=3, measure_memory=False, flop_count=False,
+                                  interleave_ks=True)
         paths = write_report(series, {name: bench for name in series}, run.report, config=model.config,
                              title=title)
         logger.info('report: %s', ', '.join(str(p) for p in paths.values()))

@@ -41,7 +41,7 @@ def _read(source: str | os.PathLike) -> tuple[Dict[str, Any], str]:
     try:
         recipe = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f'{name}: not valid YAML ({e})') from None
+        raise ValueError(f'{name}: not valid YAML: {_yaml_problem(e)}') from None
     if not isinstance(recipe, dict):
         raise ValueError(f'{name}: a recipe is a YAML mapping of setting: value')
     return recipe, name
@@ -51,6 +51,15 @@ def is_builtin_run(settings: Dict[str, Any]) -> bool:
     """A run on the built-in data with the built-in model (or neither named): the built-in recipe applies."""
     builtin = TrainConfig()
     return settings.get('model') in (None, builtin.model) and settings.get('dataset') in (None, builtin.dataset)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's problem and where it is, as 'line L, column C: problem' (1-based, as editors count)."""
+    mark = getattr(error, 'problem_mark', None)
+    problem = getattr(error, 'problem', None) or str(error)
+    context = getattr(error, 'context', None)
+    where = f'line {mark.line + 1}, column {mark.column + 1}: ' if mark is not None else ''
+    return f'{where}{problem}' + (f' ({context})' if context else '')
 
 
 def load_train_config(path: Optional[str | os.PathLike] = None, **overrides: Any) -> TrainConfig:

@@ -20,10 +20,10 @@ __all__ = ['FREE_SETTINGS', 'FIXED_SETTINGS', 'SCHEDULE_SETTINGS', 'OPTIMIZER_SE
 FREE_SETTINGS = frozenset({'resume', 'resume_override', 'output', 'experiment', 'workers', 'log_interval', 'device',
                            'report', 'validation_batch_size', 'checkpoint_interval_steps', 'data_dir',
                            'skip_bad_images', 'initial_checkpoint', 'max_nonfinite_steps', 'torchcompile',
-                           'torchcompile_mode'})
+                           'torchcompile_mode', 'grad_checkpointing'})
 # what the saved weights and optimizer state are: never changed by a resume
 FIXED_SETTINGS = frozenset({'model', 'method', 'heads', 'separate_heads', 'num_classes', 'img_size', 'dataset', 'opt',
-                            'model_ema'})
+                            'opt_eps', 'opt_betas', 'model_ema'})
 # rebuild the learning-rate schedule when overridden (the effective lr depends on the world size)
 WORLD_SIZE = 'world_size'
 SCHEDULE_SETTINGS = frozenset({'epochs', 'lr', 'lr_base', 'lr_base_size', 'lr_base_scale', 'sched', 'warmup_epochs',

@@ -14,7 +14,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Set, Tuple
@@ -44,13 +44,15 @@ from ..storage.run_folder import (
     read_summary,
     write_summary,
 )
-from .config import AMP_DTYPES, EVAL_METRIC, TrainConfig, effective_lr
+from .config import AMP_DTYPES, TrainConfig, effective_lr
 from .distributed import DistEnv, all_gather, all_reduce_sum, check_replicas_in_sync, init_distributed
 from .loaders import EpochSeededDataset, build_datasets, rng_preserving, run_data_config, train_loader, val_loader
 from .methods import create_method
 from .model_setup import build_model
 from .nonfinite import NonFiniteGuard
 from .outputs import PerK, metric_value, results_table, summary_row, write_run_results
+from .per_k import PerKTrainingStats
+from .preflight import check_eval_metric
 from .run_settings import OPTIMIZER_SETTINGS, SCHEDULE_SETTINGS, check_resume
 from .samplers import create_sampler
 from .slice_optimizer import ActiveSliceAdamW
@@ -117,6 +119,9 @@ class Trainer:
     """One training run; ``fit()`` returns the per-k results. Build it through :func:`train`."""
 
     def __init__(self, cfg: TrainConfig, env: DistEnv, datasets: Optional[Tuple[Dataset, Dataset]] = None) -> None:
+        if cfg.threads is not None:  # the weights depend on the thread count: args.yaml records the one used
+            torch.set_num_threads(cfg.threads)
+        cfg = replace(cfg, threads=torch.get_num_threads())
         self.cfg, self.env = cfg, env
         self.method = create_method(cfg)
         resume_dir = resolve_resume(cfg.resume) if cfg.resume else None
@@ -131,6 +136,7 @@ class Trainer:
         self._setup_optimisation()
         self.epoch, self.step, self.num_updates = 0, 0, 0
         self.loss_sum, self.loss_count = 0.0, 0
+        self.per_k = PerKTrainingStats(self.model.k_choices)
         self.best_metric: Optional[float] = None
         self.best_epoch: Optional[int] = None
         self.summary: List[Dict[str, Any]] = []
@@ -216,10 +222,7 @@ class Trainer:
         self.eval_forwards: Dict[int, Optional[PerKCompiled]] = {}
 
     def _check_eval_metric(self) -> None:
-        m = EVAL_METRIC.fullmatch(self.cfg.eval_metric)
-        if m is not None and m.group(2) and int(m.group(2)) not in self.eval_ks:
-            raise ValueError(f'--eval-metric {self.cfg.eval_metric}: k={m.group(2)} is not evaluated; '
-                             f'--eval-heads are {self.eval_ks}')
+        check_eval_metric(self.cfg.eval_metric, self.eval_ks)
 
     # -------------------------------------------------------------------------------------- resume
     def _resume(self, folder: Path, state: Dict[str, Any]) -> None:
@@ -240,6 +243,7 @@ class Trainer:
         self.loss_scaler.load_state_dict(state['scaler'])
         self.epoch, self.step, self.num_updates = state['epoch'], state['step'], state['num_updates']
         self.loss_sum, self.loss_count = state['loss_sum'], state['loss_count']
+        self.per_k.load_state_dict(state.get('per_k'))
         self.best_metric, self.best_epoch = state['best_metric'], state['best_epoch']
         self.generation = state.get(GENERATION_KEY)
         self.legacy_updates = None if GENERATION_KEY in state else self.num_updates  # a folder from before generations
@@ -260,7 +264,8 @@ class Trainer:
         return dict(epoch=self.epoch, step=self.step, num_updates=self.num_updates,
                     optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                     scaler=self.loss_scaler.state_dict(), rng=all_gather(capture_rng(), self.env),
-                    loss_sum=self.loss_sum, loss_count=self.loss_count, best_metric=self.best_metric,
+                    loss_sum=self.loss_sum, loss_count=self.loss_count, per_k=self.per_k.state_dict(),
+                    best_metric=self.best_metric,
                     best_epoch=self.best_epoch, world_size=self.env.world_size, batch_size=self.cfg.batch_size,
                     nonfinite_steps=self.guard.skipped, config=self.cfg.to_dict())
 
@@ -302,7 +307,8 @@ class Trainer:
         if self.env.is_main:  # measured on the last weights: results.csv names them
             results = with_identity(results, self.model, self.run.weights('last'))
             write_run_results(self.run, results, self.model, label=self.method.label, device=self.env.device,
-                              title=f'{self.cfg.model} on {self.cfg.dataset}', report=self.cfg.report)
+                              title=f'{self.cfg.model} on {self.cfg.dataset}', report=self.cfg.report,
+                              summary=self.summary)
         return TrainResult(self.out_dir, results, self.summary, self.best_metric, self.best_epoch)
 
     def train_epoch(self) -> float:
@@ -355,6 +361,7 @@ class Trainer:
                 if isinstance(self.optimizer, ActiveSliceAdamW):  # the largest k of the step, before its update
                     self.optimizer.active_k = k if i == j == 0 else max(k, self.optimizer.active_k or k)
                 loss, logits = self._backward(images, target, soft_target, k, len(window), last)
+                self.per_k.add(k, loss, logits, target)
                 if self.cfg.inplace_distill and soft_target is None and len(ks) > 1:
                     soft_target = torch.softmax(logits.detach().float(), dim=-1)
                 step_losses.append(loss)
@@ -432,7 +439,9 @@ class Trainer:
         return reduced
 
     def _end_epoch(self, train_loss: float, rows: Optional[PerK]) -> None:
-        row = summary_row(self.epoch, train_loss, self.optimizer.param_groups[0]['lr'], rows)
+        row = summary_row(self.epoch, train_loss, self.optimizer.param_groups[0]['lr'], rows,
+                          per_k_train=self.per_k.columns(self.env))
+        self.per_k.reset()
         improved = False
         if rows:
             value = metric_value(row, self.cfg.eval_metric, use_ema=self.ema is not None)

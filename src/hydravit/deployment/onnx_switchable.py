@@ -1,0 +1,272 @@
+"""ONNX files of the universal model: at one fixed k, and one file that runs every k, chosen per call.
+
+* :func:`export_universal_onnx` writes the universal model at a fixed k (dynamic batch axis).
+* :func:`export_switchable_onnx` writes ONE model with inputs ``input`` (image batch, dynamic batch axis) and
+  ``k`` (an int64 scalar) that holds every weight once. Construction: each trained k is exported as a graph
+  that reads *slices of the full weights* (``Slice`` on the shared initializers, bounds constant per k); a
+  tree of ``If`` nodes on ``k`` picks the graph. onnxruntime constant-folds each branch's weight slices when
+  the session is created, so at run time every branch runs on pre-sliced (and pre-packed) weights, like the
+  per-k file of that k, while the file stores the full weights once (about the size of the k = H file).
+  A k that is not trained reaches a branch that fails with a node named ``invalid_k_...`` listing the
+  allowed values; :func:`run_switchable` checks k before calling.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..models.factory import UniversalModel
+from ..storage.checkpoint import atomic_write
+
+__all__ = ['ExportError', 'SWITCHABLE_INPUTS', 'FixedK', 'export_universal_onnx', 'export_switchable_onnx',
+           'check_switchable_onnx', 'run_switchable', 'switchable_ks']
+
+SWITCHABLE_INPUTS = ('input', 'k')
+K_CHOICES_KEY = 'hydravit_k_choices'  # metadata_props entry of the switchable file: the ks it holds
+
+
+class ExportError(ValueError):
+    """An export that would be wrong (output mismatch) or would overwrite something."""
+
+
+class FixedK(nn.Module):
+    """The universal model at one k, for exporters that call ``forward(x)`` only."""
+
+    def __init__(self, model: UniversalModel, k: int) -> None:
+        super().__init__()
+        self.model = model
+        self.k = model.resolve_k(k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x, k=self.k)
+
+
+def _example(model: UniversalModel, batch: int = 2) -> torch.Tensor:
+    c = model.config
+    return torch.randn(batch, c.in_chans, c.img_size, c.img_size)
+
+
+def _export_at_k(model: UniversalModel, k: int, path: str, opset: int, fold: bool) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # tracer warnings about the input shape checks
+        torch.onnx.export(FixedK(model, k).cpu().eval(), (_example(model),), path, dynamo=False, opset_version=opset,
+                          input_names=['input'], output_names=['logits'], do_constant_folding=fold,
+                          dynamic_axes={'input': {0: 'batch'}, 'logits': {0: 'batch'}})
+
+
+def export_universal_onnx(model: UniversalModel, k: int, path: str | os.PathLike, *, opset: int = 17) -> str:
+    """The universal model at subnetwork ``k`` as ONNX (dynamic batch axis), weights folded to k's slices."""
+    model.resolve_k(k)
+    return str(atomic_write(path, lambda tmp: _export_at_k(model, k, tmp, opset, fold=True)))
+
+
+# ------------------------------------------------------------------------------------------ switchable
+class _SmallConstants:
+    """The small constants of every branch (slice bounds, shapes, axes) as shared initializers, each value once."""
+
+    def __init__(self) -> None:
+        self.names: Dict[Tuple[int, Tuple[int, ...], bytes], str] = {}
+        self.tensors: List[Any] = []
+
+    def name_of(self, array: Any) -> str:
+        from onnx import numpy_helper
+        key = (array.dtype.num, tuple(array.shape), array.tobytes())
+        if key not in self.names:
+            self.names[key] = f'c{len(self.tensors)}'
+            self.tensors.append(numpy_helper.from_array(array, self.names[key]))
+        return self.names[key]
+
+
+def _constant_value(node: Any) -> Any:
+    """The array of a ``Constant`` node with a tensor ``value`` (None for other forms)."""
+    from onnx import numpy_helper
+    attrs = {a.name: a for a in node.attribute}
+    return numpy_helper.to_array(attrs['value'].t) if set(attrs) == {'value'} else None
+
+
+def _branch(graph: Any, k: int, shared: Dict[str, str], constants: _SmallConstants) -> Any:
+    """The graph of one k as an ``If`` branch: no inputs, short value names, weights and constants from outside.
+
+    The exporter spells every slice bound as ``Unsqueeze(Constant)``: those are folded here and every small
+    constant is stored once for all branches, so the file is the weights plus little more.
+    """
+    import numpy as np
+    from onnx import helper
+
+    outer = {'input', *shared}
+    short: Dict[str, str] = {}
+    values: Dict[str, Any] = {}  # value name -> array, for values known before run time
+
+    def rename(name: str) -> str:  # short value names: the graph of every k is stored, so its size counts
+        if not name:
+            return name
+        if name in outer:
+            return shared.get(name, name)
+        if name in values:
+            return constants.name_of(values[name])
+        return short.setdefault(name, f'k{k}.{len(short)}')
+
+    nodes = []
+    for node in graph.node:
+        if node.op_type == 'Constant' and _constant_value(node) is not None:
+            values[node.output[0]] = _constant_value(node)
+            continue
+        if node.op_type == 'Unsqueeze' and len(node.input) == 2 and all(n in values for n in node.input):
+            values[node.output[0]] = np.expand_dims(values[node.input[0]], tuple(int(a) for a in values[node.input[1]]))
+            continue
+        new = helper.make_node(node.op_type, [rename(n) for n in node.input], [rename(n) for n in node.output],
+                               domain=node.domain)
+        new.attribute.extend(node.attribute)
+        nodes.append(new)
+    out = graph.output[0]
+    output = helper.make_tensor_value_info(rename(out.name), out.type.tensor_type.elem_type, ['batch', None])
+    return helper.make_graph(nodes, f'k{k}', [], [output])
+
+
+def _error_branch(ks: Sequence[int]) -> Any:
+    """A branch that fails when run, naming the allowed k (ONNX has no raise operator).
+
+    It reshapes the runtime ``k`` (one value) to (2, 2): never constant-folded, always an error.
+    """
+    from onnx import TensorProto, helper
+    name = f'invalid_k_allowed_{"_".join(str(k) for k in ks)}'
+    nodes = [
+        helper.make_node('Cast', ['k'], [f'{name}/k'], to=TensorProto.FLOAT),
+        helper.make_node('Constant', [], [f'{name}/shape'],
+                         value=helper.make_tensor('s', TensorProto.INT64, [2], [2, 2])),
+        helper.make_node('Reshape', [f'{name}/k', f'{name}/shape'], [f'{name}/logits'], name=name),
+    ]
+    output = helper.make_tensor_value_info(f'{name}/logits', TensorProto.FLOAT, ['batch', None])
+    return helper.make_graph(nodes, name, [], [output])
+
+
+def _select(ks: Sequence[int], branches: Dict[int, Any], out_name: str, prefix: str) -> List[Any]:
+    """Nodes that compute ``out_name`` from the branch of the runtime ``k``: a balanced tree of ``If`` nodes."""
+    from onnx import TensorProto, helper
+
+    def constant(name: str, value: int) -> Any:
+        return helper.make_node('Constant', [], [name], value=helper.make_tensor('v', TensorProto.INT64, [], [value]))
+
+    if len(ks) == 1:  # leaf: the branch of this k, else the error branch
+        k = ks[0]
+        return [constant(f'{prefix}/is{k}/value', k),
+                helper.make_node('Equal', ['k', f'{prefix}/is{k}/value'], [f'{prefix}/is{k}']),
+                helper.make_node('If', [f'{prefix}/is{k}'], [out_name], name=f'{prefix}/if_k{k}',
+                                 then_branch=branches[k], else_branch=_error_branch(ks=sorted(branches)))]
+    mid = (len(ks) + 1) // 2
+    low, high = ks[:mid], ks[mid:]
+
+    def subtree(part: Sequence[int], tag: str) -> Any:
+        name = f'{prefix}{tag}'
+        out = helper.make_tensor_value_info(f'{name}/logits', TensorProto.FLOAT, ['batch', None])
+        return helper.make_graph(_select(part, branches, f'{name}/logits', name), name, [], [out])
+
+    split = f'{prefix}/le{low[-1]}'
+    return [constant(f'{split}/value', low[-1]),
+            helper.make_node('LessOrEqual', ['k', f'{split}/value'], [split]),
+            helper.make_node('If', [split], [out_name], name=f'{prefix}/if_le{low[-1]}',
+                             then_branch=subtree(low, 'L'), else_branch=subtree(high, 'H'))]
+
+
+def build_switchable_model(model: UniversalModel, ks: Optional[Sequence[int]] = None, *, opset: int = 17) -> Any:
+    """The switchable ONNX model (an ``onnx.ModelProto``) of ``ks`` (default: every trained k)."""
+    import tempfile
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    chosen = model.resolve_ks(ks)
+    graphs: Dict[int, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in chosen:
+            path = os.path.join(tmp, f'k{k}.onnx')
+            _export_at_k(model, k, path, opset, fold=False)  # weight slices stay Slice nodes on the full weights
+            graphs[k] = onnx.load(path).graph
+    # the full weights, once: every k's graph reads the same parameters (same values, maybe other names)
+    shared: Dict[str, str] = {}
+    initializers: List[Any] = []
+    by_content: Dict[Tuple[str, bytes], str] = {}
+    for graph in graphs.values():
+        for init in graph.initializer:
+            key = (str(tuple(init.dims)), numpy_helper.to_array(init).tobytes())
+            if key not in by_content:
+                name = f'w{len(initializers)}'
+                by_content[key] = name
+                initializers.append(numpy_helper.from_array(numpy_helper.to_array(init), name))
+            shared[init.name] = by_content[key]
+    branches = {}
+    constants = _SmallConstants()
+    for k, graph in graphs.items():
+        local = {init.name: shared[init.name] for init in graph.initializer}
+        branches[k] = _branch(graph, k, local, constants)
+    c = model.config
+    inputs = [helper.make_tensor_value_info('input', TensorProto.FLOAT, ['batch', c.in_chans, c.img_size, c.img_size]),
+              helper.make_tensor_value_info('k', TensorProto.INT64, [])]
+    outputs = [helper.make_tensor_value_info('logits', TensorProto.FLOAT, ['batch', c.num_classes or None])]
+    graph = helper.make_graph(_select(chosen, branches, 'logits', 'select'), 'hydravit_switchable', inputs, outputs,
+                              initializer=initializers + constants.tensors)
+    opset_import = [helper.make_opsetid('', opset)]
+    proto = helper.make_model(graph, opset_imports=opset_import, producer_name='hydravit')
+    helper.set_model_props(proto, {K_CHOICES_KEY: ','.join(map(str, chosen))})
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def export_switchable_onnx(model: UniversalModel, path: str | os.PathLike, ks: Optional[Sequence[int]] = None, *,
+                           opset: int = 17, atol: float = 1e-4, check_batch_sizes: Sequence[int] = (1, 3)
+                           ) -> Dict[str, Any]:
+    """Write the switchable file and check every k against PyTorch with onnxruntime; returns the check."""
+    import onnx
+    proto = build_switchable_model(model.eval(), ks, opset=opset)
+    atomic_write(path, lambda tmp: onnx.save(proto, tmp))
+    diffs = check_switchable_onnx(model, path, check_batch_sizes, atol)
+    return {'onnx_switchable': str(path), 'onnx_switchable_max_abs_diff': max(diffs.values()),
+            'onnx_switchable_diffs': diffs}
+
+
+def switchable_ks(session: Any) -> List[int]:
+    """The ks a switchable file holds (from its metadata)."""
+    text = session.get_modelmeta().custom_metadata_map.get(K_CHOICES_KEY)
+    if not text:
+        raise ValueError(f'not a switchable HydraViT ONNX file: no {K_CHOICES_KEY!r} metadata')
+    return [int(v) for v in text.split(',')]
+
+
+def run_switchable(session: Any, x: Any, k: int) -> Any:
+    """Logits of subnetwork ``k`` from a switchable file's onnxruntime session (``k`` checked first)."""
+    import numpy as np
+
+    from ..models.kchoices import check_k
+    k = check_k(k, switchable_ks(session))
+    return session.run(None, {'input': x, 'k': np.array(k, dtype=np.int64)})[0]
+
+
+def check_switchable_onnx(model: UniversalModel, path: str | os.PathLike, batch_sizes: Sequence[int] = (1, 3),
+                          atol: float = 1e-4) -> Dict[int, float]:
+    """Max abs difference between onnxruntime and PyTorch per k of a switchable file; ExportError above ``atol``."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ExportError('ONNX export is checked with onnxruntime: pip install "hydravit[onnx]"') from e
+    session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    g = torch.Generator().manual_seed(0)
+    diffs: Dict[int, float] = {}
+    c = model.config
+    for k in switchable_ks(session):
+        worst = 0.0
+        for b in batch_sizes:
+            x = torch.randn(b, c.in_chans, c.img_size, c.img_size, generator=g)
+            with torch.inference_mode():
+                expected = model(x, k=k)
+            got = torch.from_numpy(run_switchable(session, x.numpy(), k))
+            worst = max(worst, (got - expected).abs().max().item())
+        diffs[k] = worst
+    bad = {k: d for k, d in diffs.items() if d > atol}
+    if bad:
+        raise ExportError(f'{path}: onnxruntime differs from PyTorch by more than {atol:.0e} at k={sorted(bad)} '
+                          f'(max {max(bad.values()):.2e})')
+    return diffs

@@ -1,0 +1,158 @@
+"""Dynamic batching: images from many requests collected into one forward pass.
+
+A batch closes when it holds ``max_batch`` images or ``max_wait_ms`` after its first image arrived,
+whichever is first; while the model runs, new images queue, so under load batches fill without waiting.
+The forward pass runs on one dedicated thread (the policy is used from that thread only) and the event
+loop keeps accepting requests meanwhile. :meth:`DynamicBatcher.stop` serves everything queued before it
+returns: no accepted image is dropped on shutdown.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from .inputs import InputError
+from .metrics import ServerMetrics
+from .policies import BatchOutput, ServingPolicy
+
+logger = logging.getLogger(__name__)
+
+__all__ = ['DynamicBatcher', 'Prediction']
+
+
+@dataclass
+class Prediction:
+    logits: torch.Tensor   # (classes,)
+    k: int
+    batch_size: int
+
+
+@dataclass
+class _Pending:
+    x: torch.Tensor
+    k: Optional[int]
+    arrival: float
+    future: asyncio.Future = field(repr=False)
+
+
+class DynamicBatcher:
+    def __init__(self, policy: ServingPolicy, metrics: ServerMetrics, *, max_batch: int, max_wait_ms: float,
+                 max_queue: int = 4096, clock=time.perf_counter) -> None:
+        if max_batch < 1 or max_wait_ms < 0 or max_queue < 1:
+            raise ValueError(f'need max_batch >= 1, max_wait_ms >= 0 and max_queue >= 1, got {max_batch}, '
+                             f'{max_wait_ms}, {max_queue}')
+        self.policy, self.metrics = policy, metrics
+        self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_ms / 1e3, max_queue
+        self.clock = clock
+        self._queue: Optional[asyncio.Queue] = None
+        self._task: Optional[asyncio.Task] = None
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._stopping = False
+        self._collecting = 0
+
+    @property
+    def queue_length(self) -> int:
+        """Images accepted and not yet in a forward pass (queued, or in the batch being collected)."""
+        return (self._queue.qsize() if self._queue is not None else 0) + self._collecting
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix='hydravit-infer')
+        self._stopping = False
+        self._task = asyncio.create_task(self._loop(), name='hydravit-batcher')
+        self.metrics.current_k = self.policy.current_k()
+
+    async def stop(self) -> None:
+        """Refuse new images, serve the queued ones, then end the loop and the inference thread."""
+        self._stopping = True
+        if self._queue is not None and self._task is not None:
+            await self._queue.join()
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        self._task = self._executor = None
+
+    async def submit(self, images: List[torch.Tensor], k: Optional[int] = None) -> List[Prediction]:
+        """Queue ``images`` (each (C, H, W)); ``k`` pins them to one subnetwork instead of the policy's choice."""
+        if self._queue is None or self._stopping:
+            raise InputError('the server is shutting down', status=503)
+        if self._queue.qsize() + len(images) > self.max_queue:
+            raise InputError(f'the server is overloaded: {self._queue.qsize()} images queued (limit '
+                             f'{self.max_queue}); retry later', status=503)
+        loop = asyncio.get_running_loop()
+        now = self.clock()
+        pending = [_Pending(x, k, now, loop.create_future()) for x in images]
+        for p in pending:
+            self._queue.put_nowait(p)
+        return list(await asyncio.gather(*(p.future for p in pending)))
+
+    async def _collect(self) -> List[_Pending]:
+        assert self._queue is not None
+        first = await self._queue.get()
+        batch = [first]
+        deadline = first.arrival + self.max_wait_s
+        try:
+            while len(batch) < self.max_batch:
+                self._collecting = len(batch)
+                if self._queue.qsize():
+                    batch.append(self._queue.get_nowait())
+                    continue
+                remaining = deadline - self.clock()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except TimeoutError:
+                    break
+        finally:
+            self._collecting = 0
+        return batch
+
+    def _run(self, batch: List[_Pending], queue_length: int) -> Dict[Optional[int], BatchOutput]:
+        """On the inference thread: one forward per group (the policy's images, and each pinned k)."""
+        groups: Dict[Optional[int], List[_Pending]] = {}
+        for p in batch:
+            groups.setdefault(p.k, []).append(p)
+        out = {}
+        for k, items in groups.items():
+            x = torch.stack([p.x for p in items])
+            out[k] = self.policy.run(x, queue_length) if k is None else self.policy.run_at(x, k)
+        return out
+
+    async def _loop(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            queue_length = self._queue.qsize()
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._run, batch, queue_length)
+            except Exception as e:  # a model error fails this batch's requests, not the server
+                logger.exception('inference failed for a batch of %d', len(batch))
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(RuntimeError(f'inference failed: {type(e).__name__}: {e}'))
+            else:
+                groups: Dict[Optional[int], List[_Pending]] = {}
+                for p in batch:
+                    groups.setdefault(p.k, []).append(p)
+                for k, items in groups.items():
+                    result = outputs[k]
+                    self.metrics.record_batch(len(items), result.ks, result.forward_ms)
+                    for i, p in enumerate(items):
+                        if not p.future.done():  # a client that went away cancelled its future
+                            p.future.set_result(Prediction(result.logits[i], result.ks[i], len(items)))
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+                self.metrics.current_k = self.policy.current_k()
