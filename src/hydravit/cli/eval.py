@@ -184,7 +184,7 @@ def _run_corruptions(args: argparse.Namespace, model: UniversalModel, dataset, k
                                 workers=args.workers, device=args.device, amp_dtype=AMP_DTYPES.get(args.amp_dtype),
                                 mode=args.mode)
     columns = ['corruption', 'severity', 'drop', *COLUMNS]
-    rows = [{c: {**r, 'checkpoint': str(path)}[c] for c in columns} for r in rows]
+    rows = [{c: {**r, 'checkpoint': str(path)}[c] for c in columns} for r in with_identity(rows, model, path)]
     table = drop_table(rows)
     if args.results_file:
         out = Path(args.results_file)

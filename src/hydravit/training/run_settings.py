@@ -30,6 +30,8 @@ SCHEDULE_SETTINGS = frozenset({'epochs', 'lr', 'lr_base', 'lr_base_size', 'lr_ba
                                'warmup_lr', 'min_lr',
                                'cooldown_epochs', 'grad_accum_steps', 'batch_size', WORLD_SIZE})
 OPTIMIZER_SETTINGS = frozenset({'weight_decay', 'momentum'})  # re-applied to the restored optimizer's groups
+# not given (None) means "as the machine decides": the value the run recorded is not a conflict
+DEFAULTED_SETTINGS = frozenset({'threads'})
 Differences = Dict[str, Tuple[Any, Any]]
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,8 @@ def settings_differences(saved: Mapping[str, Any], cfg: TrainConfig, *, saved_wo
             continue
         default = TrainConfig.__dataclass_fields__[f.name].default
         old = _normal(saved.get(f.name, default))
+        if f.name in DEFAULTED_SETTINGS and now[f.name] is None:
+            continue
         if old != now[f.name]:
             out[f.name] = (old, now[f.name])
     if saved_world_size is not None and world_size is not None and saved_world_size != world_size:
