@@ -210,7 +210,8 @@ def test_permuted_optimizer_state_commutes_with_a_step(randomize):
     stepped_first, opt = clone(model, optimizer)
     adamw_step(stepped_first, opt, batch)
     reorder_model(stepped_first, perm)
-    assert max_diff(snapshot(reordered_first), snapshot(stepped_first)) <= 1e-6
+    # float32 summation order differs with the thread count (1.1e-6 seen at one thread); the control below is >1e-4
+    assert max_diff(snapshot(reordered_first), snapshot(stepped_first)) <= 5e-6
 
     model_only, opt = clone(model, optimizer)  # control: stale moments give a different step
     reorder_model(model_only, perm)

@@ -158,7 +158,8 @@ def flop_counter_gmacs(model: nn.Module | Runner, x: torch.Tensor) -> Optional[f
 
 
 # ------------------------------------------------------------------------------------------ memory
-def _rss_kb(field: str) -> int:
+def rss_kb(field: str) -> int:
+    """A memory field of this process from /proc/self/status, in kB (VmRSS now, VmHWM the peak so far)."""
     with open('/proc/self/status') as f:
         for line in f:
             if line.startswith(field + ':'):
@@ -169,7 +170,7 @@ def _rss_kb(field: str) -> int:
 def _memory_child(config: dict, k: int, mode: str, batch_size: int, threads: int, queue) -> None:
     try:
         torch.set_num_threads(threads)
-        start = _rss_kb('VmRSS')
+        start = rss_kb('VmRSS')
         cfg = HydraViTConfig(**config)
         if mode == 'sliced':
             fn = build_runner(model_from_config(cfg), k, mode)
@@ -177,7 +178,7 @@ def _memory_child(config: dict, k: int, mode: str, batch_size: int, threads: int
             fn = subnet_vit(cfg, k).eval()
         with torch.inference_mode():
             fn(torch.randn(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size))
-        queue.put((_rss_kb('VmHWM') - start) / 1024)
+        queue.put((rss_kb('VmHWM') - start) / 1024)
     except Exception as e:  # reported to the parent, which raises it
         queue.put(f'{type(e).__name__}: {e}')
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..evaluation.benchmark import rss_kb
 from ..models.config import HydraViTConfig, defined_ks
 from ..models.factory import model_from_config
 from ..models.subnet import subnet_vit
@@ -97,14 +98,6 @@ def _one_step(config: HydraViTConfig, case: TrainMemoryCase, batch_size: int, de
     optimizer.zero_grad(set_to_none=True)
 
 
-def _rss_kb(field: str) -> int:
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith(field + ':'):
-                return int(line.split()[1])
-    raise RuntimeError(f'{field} missing from /proc/self/status')
-
-
 def _warm_up() -> None:
     """Run every kind of op once on tiny tensors: the libraries' lazy set-up is not charged to the step."""
     layer = nn.Linear(4, 4)
@@ -121,9 +114,9 @@ def _child(config: dict, case: TrainMemoryCase, batch_size: int, threads: int, q
     try:
         torch.set_num_threads(threads)
         _warm_up()
-        start = _rss_kb('VmRSS')
+        start = rss_kb('VmRSS')
         _one_step(HydraViTConfig(**config), case, batch_size, torch.device('cpu'))
-        queue.put((_rss_kb('VmHWM') - start) / 1024)
+        queue.put((rss_kb('VmHWM') - start) / 1024)
     except Exception as e:  # reported to the parent, which raises it
         queue.put(f'{type(e).__name__}: {e}')
 
