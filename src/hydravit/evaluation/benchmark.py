@@ -167,36 +167,52 @@ def rss_kb(field: str) -> int:
     raise RuntimeError(f'{field} missing from /proc/self/status')
 
 
-def _memory_child(config: dict, k: int, mode: str, batch_size: int, threads: int, queue) -> None:
+def _peak_child(work: Callable[..., None], args: tuple, threads: int, warm_up: Optional[Callable[[], None]],
+                queue: Any) -> None:
     try:
         torch.set_num_threads(threads)
+        if warm_up is not None:
+            warm_up()
         start = rss_kb('VmRSS')
-        cfg = HydraViTConfig(**config)
-        if mode == 'sliced':
-            fn = build_runner(model_from_config(cfg), k, mode)
-        else:  # a deployed subnet never holds the universal model; extracted and timm have the same tensors
-            fn = subnet_vit(cfg, k).eval()
-        with torch.inference_mode():
-            fn(torch.randn(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size))
+        work(*args)
         queue.put((rss_kb('VmHWM') - start) / 1024)
     except Exception as e:  # reported to the parent, which raises it
         queue.put(f'{type(e).__name__}: {e}')
+
+
+def fresh_process_peak_mb(work: Callable[..., None], args: tuple, what: str, *, threads: int = 1,
+                          warm_up: Optional[Callable[[], None]] = None) -> float:
+    """Peak resident memory (MB) of ``work(*args)`` in a fresh forkserver child, above the child's RSS after
+    ``warm_up``: each measurement gets a process of its own, so earlier peaks never mix in. ``work`` and
+    ``warm_up`` are module-level functions (they are pickled to the child)."""
+    ctx = multiprocessing.get_context('forkserver')
+    ctx.set_forkserver_preload(['torch', 'timm', 'hydravit.models'])
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_peak_child, args=(work, args, threads, warm_up, queue))
+    proc.start()
+    result = queue.get(timeout=600)
+    proc.join()
+    if isinstance(result, str):
+        raise RuntimeError(f'{what} failed: {result}')
+    return result
+
+
+def _inference_once(config: dict, k: int, mode: str, batch_size: int) -> None:
+    cfg = HydraViTConfig(**config)
+    if mode == 'sliced':
+        fn = build_runner(model_from_config(cfg), k, mode)
+    else:  # a deployed subnet never holds the universal model; extracted and timm have the same tensors
+        fn = subnet_vit(cfg, k).eval()
+    with torch.inference_mode():
+        fn(torch.randn(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size))
 
 
 def peak_memory_mb(config: HydraViTConfig, k: int, mode: str, batch_size: int, threads: int = 1) -> float:
     """Peak resident memory (MB) of one inference at ``batch_size`` in a fresh child process, above its start."""
     if not os.path.exists('/proc/self/status'):
         raise RuntimeError('CPU peak memory needs Linux /proc; run with measure_memory=False')
-    ctx = multiprocessing.get_context('forkserver')
-    ctx.set_forkserver_preload(['torch', 'timm', 'hydravit.models'])
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_memory_child, args=(config.to_dict(), k, mode, batch_size, threads, queue))
-    proc.start()
-    result = queue.get(timeout=600)
-    proc.join()
-    if isinstance(result, str):
-        raise RuntimeError(f'memory child for k={k} mode={mode} failed: {result}')
-    return result
+    return fresh_process_peak_mb(_inference_once, (config.to_dict(), k, mode, batch_size),
+                                 f'memory child for k={k} mode={mode}', threads=threads)
 
 
 def _cuda_peak_mb(fn: Runner, x: torch.Tensor) -> float:

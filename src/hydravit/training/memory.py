@@ -13,7 +13,6 @@ DynaBERT's frozen teacher and distillation targets are not included (the step me
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -22,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..evaluation.benchmark import rss_kb
+from ..evaluation.benchmark import fresh_process_peak_mb
 from ..models.config import HydraViTConfig, defined_ks
 from ..models.factory import model_from_config
 from ..models.subnet import subnet_vit
@@ -110,15 +109,8 @@ def _warm_up() -> None:
     optimizer.step()
 
 
-def _child(config: dict, case: TrainMemoryCase, batch_size: int, threads: int, queue: Any) -> None:
-    try:
-        torch.set_num_threads(threads)
-        _warm_up()
-        start = rss_kb('VmRSS')
-        _one_step(HydraViTConfig(**config), case, batch_size, torch.device('cpu'))
-        queue.put((rss_kb('VmHWM') - start) / 1024)
-    except Exception as e:  # reported to the parent, which raises it
-        queue.put(f'{type(e).__name__}: {e}')
+def _cpu_step(config: dict, case: TrainMemoryCase, batch_size: int) -> None:
+    _one_step(HydraViTConfig(**config), case, batch_size, torch.device('cpu'))
 
 
 def train_step_peak_mb(config: HydraViTConfig, case: TrainMemoryCase, batch_size: int,
@@ -134,16 +126,8 @@ def train_step_peak_mb(config: HydraViTConfig, case: TrainMemoryCase, batch_size
         return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
     if not os.path.exists('/proc/self/status'):
         raise RuntimeError('CPU peak memory needs Linux /proc')
-    ctx = multiprocessing.get_context('forkserver')
-    ctx.set_forkserver_preload(['torch', 'timm', 'hydravit.models'])
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(config.to_dict(), case, batch_size, threads, queue))
-    proc.start()
-    result = queue.get(timeout=600)
-    proc.join()
-    if isinstance(result, str):
-        raise RuntimeError(f'training-memory child for {case.label} failed: {result}')
-    return result
+    return fresh_process_peak_mb(_cpu_step, (config.to_dict(), case, batch_size),
+                                 f'training-memory child for {case.label}', threads=threads, warm_up=_warm_up)
 
 
 def train_memory_table(config: HydraViTConfig, cases: Sequence[TrainMemoryCase], *, batch_size: int = 128,
