@@ -262,9 +262,12 @@ def write_summary(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue()))
 
 
+INTEGER_SUMMARY_COLUMNS = ('epoch', 'nonfinite_skipped')  # counts: read back as written, not as 1.0
+
+
 def read_summary(path: Path) -> List[Dict[str, Any]]:
     if not path.is_file():
         return []
     with open(path, newline='') as f:
-        return [{k: (float(v) if k != 'epoch' else int(v)) if v not in ('', None) else None
+        return [{k: (int(v) if k in INTEGER_SUMMARY_COLUMNS else float(v)) if v not in ('', None) else None
                  for k, v in row.items()} for row in csv.DictReader(f)]

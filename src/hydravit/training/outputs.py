@@ -22,10 +22,13 @@ TRAIN_CURVES_FILE = 'train_loss_per_k.png'  # every k's training loss per epoch,
 
 
 def summary_row(epoch: int, train_loss: float, lr: float, rows: Optional[PerK],
-                per_k_train: Optional[Mapping[str, Any]] = None) -> Row:
+                per_k_train: Optional[Mapping[str, Any]] = None, nonfinite_skipped: Optional[int] = None) -> Row:
     """One line of ``summary.csv``: timm's columns, ``train_loss_k<N>``/``train_top1_k<N>`` after
-    ``train_loss``, then ``eval_top1_k<N>`` ... and their means."""
+    ``train_loss``, ``lr``, ``nonfinite_skipped`` (steps the non-finite guard skipped; no train column
+    counts them), then ``eval_top1_k<N>`` ... and their means."""
     row: Row = {'epoch': epoch, 'train_loss': train_loss, **(per_k_train or {}), 'lr': lr}
+    if nonfinite_skipped is not None:
+        row['nonfinite_skipped'] = nonfinite_skipped
     for prefix, per_k in (rows or {}).items():
         for r in per_k:
             for metric in ('top1', 'top5', 'loss'):

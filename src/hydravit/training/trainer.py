@@ -137,6 +137,7 @@ class Trainer:
         self.epoch, self.step, self.num_updates = 0, 0, 0
         self.loss_sum, self.loss_count = 0.0, 0
         self.per_k = PerKTrainingStats(self.model.k_choices)
+        self.epoch_nonfinite = 0  # steps of this epoch the non-finite guard skipped
         self.best_metric: Optional[float] = None
         self.best_epoch: Optional[int] = None
         self.summary: List[Dict[str, Any]] = []
@@ -248,6 +249,7 @@ class Trainer:
         self.generation = state.get(GENERATION_KEY)
         self.legacy_updates = None if GENERATION_KEY in state else self.num_updates  # a folder from before generations
         self.guard.skipped = int(state.get('nonfinite_steps', 0))
+        self.epoch_nonfinite = int(state.get('epoch_nonfinite_steps', 0))
         rngs = state['rng']
         if len(rngs) != self.env.world_size:
             logger.warning("resuming a %d-process run on %d: RNG streams restart from rank 0's", len(rngs),
@@ -267,7 +269,8 @@ class Trainer:
                     loss_sum=self.loss_sum, loss_count=self.loss_count, per_k=self.per_k.state_dict(),
                     best_metric=self.best_metric,
                     best_epoch=self.best_epoch, world_size=self.env.world_size, batch_size=self.cfg.batch_size,
-                    nonfinite_steps=self.guard.skipped, config=self.cfg.to_dict())
+                    nonfinite_steps=self.guard.skipped, epoch_nonfinite_steps=self.epoch_nonfinite,
+                    config=self.cfg.to_dict())
 
     def metadata(self) -> Dict[str, str]:
         """What every weights file of the run records besides the model config (read back by eval/export)."""
@@ -348,6 +351,7 @@ class Trainer:
     def train_update(self, window: Window, start: int) -> Tuple[List[int], float]:
         """One optimizer step over the micro-batches of ``window`` (gradient accumulation) and their k."""
         step_losses = []
+        trained: List[Tuple[int, float, torch.Tensor, torch.Tensor]] = []  # counted once the step is applied
         for i, (images, target) in enumerate(window):
             images = images.to(self.env.device, non_blocking=True)
             target = target.to(self.env.device, non_blocking=True)
@@ -361,16 +365,20 @@ class Trainer:
                 if isinstance(self.optimizer, ActiveSliceAdamW):  # the largest k of the step, before its update
                     self.optimizer.active_k = k if i == j == 0 else max(k, self.optimizer.active_k or k)
                 loss, logits = self._backward(images, target, soft_target, k, len(window), last)
-                self.per_k.add(k, loss, logits, target)
+                trained.append((k, loss, logits.detach(), target))
                 if self.cfg.inplace_distill and soft_target is None and len(ks) > 1:
                     soft_target = torch.softmax(logits.detach().float(), dim=-1)
                 step_losses.append(loss)
         finite = self.guard.finish_step(self.epoch, start, self.num_updates + 1)
         self._after_optimizer_step(applied=finite)
         loss = sum(step_losses) / len(step_losses)
-        if finite:  # a skipped step's loss is NaN/inf: it would poison the epoch's mean
+        if finite:  # a skipped step trained nothing, and its NaN/inf loss would poison the epoch's means
             self.loss_sum += loss
             self.loss_count += 1
+            for entry in trained:
+                self.per_k.add(*entry)
+        else:
+            self.epoch_nonfinite += 1
         return ks, loss
 
     def _backward(self, images: torch.Tensor, target: torch.Tensor, soft_target: Optional[torch.Tensor], k: int,
@@ -440,8 +448,10 @@ class Trainer:
 
     def _end_epoch(self, train_loss: float, rows: Optional[PerK]) -> None:
         row = summary_row(self.epoch, train_loss, self.optimizer.param_groups[0]['lr'], rows,
-                          per_k_train=self.per_k.columns(self.env))
+                          per_k_train=self.per_k.columns(self.env),
+                          nonfinite_skipped=self.epoch_nonfinite)  # every process skips the same steps
         self.per_k.reset()
+        self.epoch_nonfinite = 0
         improved = False
         if rows:
             value = metric_value(row, self.cfg.eval_metric, use_ema=self.ema is not None)
