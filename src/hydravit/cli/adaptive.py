@@ -17,8 +17,9 @@ from ..deployment.adaptive import (
     run_under_load,
     summarize,
 )
-from ..storage.results import format_table
-from ..storage.run_folder import read_accuracy
+from ..models.costs import cost_row
+from ..storage.results import format_table, table_columns, table_context
+from ..storage.run_folder import accuracy_context, read_accuracy
 from . import add_model_source, model_from_args
 from .common import add_alias, add_threads, apply_threads
 
@@ -48,7 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.batches < 1 or args.busy < 0:
         raise ValueError('--batch-size and --batches must be >= 1, --busy >= 0')
-    apply_threads(args.threads)  # hydravit.cli.main restarted the program with OMP_WAIT_POLICY=PASSIVE
+    threads = apply_threads(args.threads)  # hydravit.cli.main restarted the program with OMP_WAIT_POLICY=PASSIVE
     model, checkpoint = model_from_args(args)
     model.eval()
     c = model.config
@@ -65,5 +66,13 @@ def run(args: argparse.Namespace) -> int:
     records = run_under_load(policies, x, phases, args.batches)
     accuracy = read_accuracy(checkpoint or Path('.'), args.results) if (checkpoint or args.results) else {}
     rows = summarize(records, target, {k: v['top1'] for k, v in accuracy.items() if 'top1' in v} or None)
-    logger.info(format_table(rows))
+    columns = table_columns(rows)
+    smallest, largest = cost_row(c, ks[0]), cost_row(c, ks[-1])
+    sizes = (f'k {ks[0]}..{ks[-1]}: {smallest["param_count"]:.3g}..{largest["param_count"]:.3g} M params, '
+             f'{smallest["gmacs"] * 1e3:.3g}..{largest["gmacs"] * 1e3:.3g} MMACs per image')
+    logger.info(table_context(columns, f'{checkpoint or args.model} ({sizes})', 'mode sliced',
+                              f'batch {args.batch_size}', f'{threads} threads', f'target {target:.1f} ms per batch',
+                              f'{args.batches} batches per phase and policy',
+                              accuracy_context(checkpoint or Path('.'), args.results) if accuracy else None))
+    logger.info(format_table(rows, columns))
     return 0

@@ -14,7 +14,14 @@ from ..evaluation.benchmark import BENCH_MODES, MALLOC_ENV, NOISY_SPREAD_PCT, be
 from ..models.factory import UniversalModel, model_from_config
 from ..models.kchoices import parse_ks
 from ..storage.provenance import IDENTITY_COLUMNS, with_identity
-from ..storage.results import RESULT_FORMATS, format_table, results_format, table_columns, write_results
+from ..storage.results import (
+    RESULT_FORMATS,
+    format_table,
+    results_format,
+    table_columns,
+    table_context,
+    write_results,
+)
 from ..training.memory import train_memory_cases, train_memory_table
 from . import add_model_source, model_from_args
 from .common import add_threads, apply_threads, check_writable, progress
@@ -94,10 +101,11 @@ def run(args: argparse.Namespace) -> int:
     name = checkpoint or args.model
     if args.train_memory:
         return _train_memory(args, model, str(name), device)
-    logger.info(f'{name}: modes {" ".join(args.modes)}, batch {args.batch_size} (latency: batch 1), {device}, fp32, '
-                f'{threads} threads, {args.rounds} interleaved rounds of {args.min_seconds} s, median; '
-                'param_count in M, gmacs in GMACs per image, img/s, ms, MB; '
-                f'noisy = rounds more than {NOISY_SPREAD_PCT:.0f} % apart')
+    logger.info(f'{name}: ' + table_context(
+        ('param_count', 'gmacs', 'infer_samples_per_sec', 'infer_latency_ms', 'infer_spread_pct', 'peak_mem_mb'),
+        f'modes {" ".join(args.modes)}', f'batch {args.batch_size} (latency: batch 1)', str(device), 'fp32',
+        f'{threads} threads', f'{args.rounds} interleaved rounds of {args.min_seconds} s, median',
+        f'noisy = rounds more than {NOISY_SPREAD_PCT:.0f} % apart'))
     rows = benchmark_subnets(model, ks, modes=args.modes, batch_size=args.batch_size, device=device,
                              rounds=args.rounds, min_seconds=args.min_seconds, latency_iters=args.latency_iters,
                              train=args.train, measure_memory=not args.no_memory, progress=progress,

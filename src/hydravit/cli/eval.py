@@ -31,7 +31,14 @@ from ..models.factory import UniversalModel
 from ..models.kchoices import parse_ks
 from ..storage.checkpoint import atomic_write
 from ..storage.provenance import IDENTITY_COLUMNS, with_identity
-from ..storage.results import RESULT_FORMATS, format_table, markdown_table, results_format, write_results
+from ..storage.results import (
+    RESULT_FORMATS,
+    format_table,
+    markdown_table,
+    results_format,
+    table_context,
+    write_results,
+)
 from ..storage.run_folder import resolve_checkpoint, training_metadata
 from . import add_ema_choice
 from .common import add_alias, add_threads, apply_threads, check_writable, positive_int, progress
@@ -117,9 +124,9 @@ def run(args: argparse.Namespace) -> int:
     rows = evaluate_dataset(model, dataset, ks, batch_size=args.batch_size, workers=args.workers,
                             device=args.device, amp_dtype=AMP_DTYPES.get(args.amp_dtype), mode=args.mode,
                             progress=progress, compile_options=compile_options_from_args(args))
-    logger.info(f'{path}: {rows[0]["num_samples"]} {args.split} samples of {args.dataset}, batch {args.batch_size}, '
-                f'{args.device}, {threads} threads, {args.amp_dtype or "fp32"}, mode {args.mode}; '
-                'param_count in M, gmacs in GMACs per image, top1/top5 in %')
+    logger.info(f'{path}: ' + table_context(COLUMNS, f'{rows[0]["num_samples"]} {args.split} samples of '
+                                            f'{args.dataset} evaluated', f'batch {args.batch_size}', str(args.device),
+                                            f'{threads} threads', args.amp_dtype or 'fp32', f'mode {args.mode}'))
     scored = rows[0]['num_classes_scored']
     if scored < model.num_classes:
         logger.info(f'{scored} of {model.num_classes} classes present: logits restricted to them')

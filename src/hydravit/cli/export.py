@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..cascade.policy import load_policy, policy_path
 from ..deployment.export import EXPORT_FORMATS, export_cascade, export_subnets
-from ..storage.results import format_table
+from ..storage.results import format_table, table_context
 from ..storage.run_folder import resolve_checkpoint
 from . import add_ema_choice
 from .common import add_alias, add_threads, apply_threads, check_writable
@@ -48,13 +48,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    apply_threads(args.threads)
+    threads = apply_threads(args.threads)
     check_writable(args.output)
     rows = export_subnets(args.checkpoint, args.k, args.format, args.output, results=args.results,
                           model_name=args.model, overwrite=args.overwrite, onnx_opset=args.opset,
                           use_ema=args.use_ema)
-    logger.info(format_table(rows, [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]))
-    logger.info('param_count in M, gmacs in GMACs per image, top1 in %, *_export_s in seconds')
+    columns = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
+    logger.info(format_table(rows, columns))
+    logger.info(table_context(columns, f'{threads} threads', '*_export_s in seconds'))
     logger.info(f'exported {len(rows)} subnetworks to {args.output} (index.csv, index.json)')
     if args.cascade:
         checkpoint = resolve_checkpoint(args.checkpoint, args.use_ema)

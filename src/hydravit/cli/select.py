@@ -16,8 +16,8 @@ from ..deployment.selection import (
 )
 from ..models.kchoices import parse_ks
 from ..storage.provenance import check_same_model, model_identity, rows_identity
-from ..storage.results import format_table, read_results
-from ..storage.run_folder import RunFolder, accuracy_file, read_accuracy
+from ..storage.results import format_table, read_results, table_context
+from ..storage.run_folder import RunFolder, accuracy_context, accuracy_file, read_accuracy
 from . import add_model_source, model_from_args
 from .common import add_alias, add_threads, apply_threads
 
@@ -74,25 +74,38 @@ def run(args: argparse.Namespace) -> int:
                           (args.benchmark_file, rows_identity(bench_rows, args.benchmark_file))], weights=False,
                          hint='benchmark this model (hydravit benchmark) or measure live without --benchmark-file')
         table = benchmark_table(bench_rows, mode=args.mode, batch_size=args.batch_size, ks=ks)
-        logger.info(f'numbers from {args.benchmark_file} (mode {args.mode})')
+        measured = [f'measured by hydravit benchmark ({args.benchmark_file})', f'mode {args.mode}',
+                    f'batch {table[0]["batch_size"]}', _recorded(bench_rows, 'device', ''),
+                    _recorded(bench_rows, 'threads', ' threads')]
     else:
         batch = args.batch_size or DEFAULT_BATCH[budget.metric]
         if budget.metric != 'gmacs':
             logger.info(f'measuring k={ks} on {args.device} (mode {args.mode}, batch {batch}, {threads} threads) ...')
         table = measure_table(model, budget, batch_size=batch, device=args.device, mode=args.mode, ks=ks)
+        measured = (['analytic costs, nothing timed'] if budget.metric == 'gmacs' else
+                    ['measured now', f'mode {args.mode}', f'batch {batch}', args.device, f'{threads} threads'])
     if checkpoint or args.results:
         _check_accuracy_source(model, checkpoint, args.results)
         accuracy = read_accuracy(Path(checkpoint or '.'), args.results)
         table = merge_accuracy(table, accuracy)
+        measured.append(accuracy_context(Path(checkpoint or '.'), args.results))
+    columns = _columns(table)
+    logger.info(table_context(columns, *measured))
     try:
         choice = select_subnet(table, budget)
     except NoSubnetworkFits:
-        logger.info(format_table([{**r, 'fits': 'no'} for r in table], _columns(table)))
+        logger.info(format_table([{**r, 'fits': 'no'} for r in table], columns))
         raise
     rows = [{**r, 'fits': 'yes' if r['k'] in choice.fitting else 'no'} for r in table]
-    logger.info(format_table(rows, _columns(table)))
+    logger.info(format_table(rows, columns))
     logger.info(choice.describe())
     return 0
+
+
+def _recorded(rows, column: str, suffix: str) -> Optional[str]:
+    """The value(s) a benchmark file recorded for ``column`` (e.g. its thread count), or None if it did not."""
+    values = sorted({str(r[column]) for r in rows if r.get(column) not in (None, '')})
+    return f'{"/".join(values)}{suffix}' if values else None
 
 
 def _check_accuracy_source(model, checkpoint: Optional[Path], results: Optional[str]) -> None:

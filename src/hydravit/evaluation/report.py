@@ -12,7 +12,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 from ..models.config import HydraViTConfig
 from ..models.costs import add_costs
 from ..storage.checkpoint import atomic_write
-from ..storage.results import Row, format_table, markdown_table, write_results
+from ..storage.results import Row, format_table, markdown_table, units_of, write_results
 
 __all__ = ['plot_accuracy', 'plot_per_k_curves', 'join_results', 'write_report', 'PLOT_AXES']
 
@@ -188,9 +188,7 @@ def write_report(eval_rows_by_label: Mapping[str, Sequence[Row]],
                                                  out_dir / 'accuracy_vs_throughput.png',
                                                  'Top-1 accuracy vs inference throughput', curves=curves,
                                                  error_bars=error_bars)
-    units = ('Units: top1/top5 in %, param_count in M parameters, gmacs in GMACs per image (analytic), '
-             'infer_samples_per_sec in images/s (median of timed rounds), infer_latency_ms at batch 1, '
-             'peak_mem_mb in MB.')
+    units = f'Units: {units_of(columns)}.'
     text = [f'# {title}', '', markdown_table(table, columns), '', units, '']
     if curves:
         curve_table = [{'curve': label, **r} for label, rows in curves.items() for r in rows]

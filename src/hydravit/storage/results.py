@@ -17,13 +17,37 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 from .checkpoint import atomic_write
 from .provenance import IDENTITY_COLUMNS
 
-__all__ = ['Row', 'RESULT_FORMATS', 'write_results', 'read_results', 'format_table', 'markdown_table', 'result_label',
-           'results_format', 'table_columns']
+__all__ = ['Row', 'RESULT_FORMATS', 'COLUMN_UNITS', 'write_results', 'read_results', 'format_table', 'markdown_table',
+           'result_label', 'results_format', 'table_columns', 'table_context', 'units_of']
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 Row = Dict[str, Any]
 RESULT_FORMATS = ('csv', 'json')
+
+
+# the unit of every table column that has one; every table a command prints or writes names them through
+# table_context / units_of, so a reader never has to guess M vs units or GMACs vs MMACs
+COLUMN_UNITS: Dict[str, str] = {
+    'param_count': 'M parameters', 'gmacs': 'GMACs per image (analytic)', 'flop_gmacs': 'GMACs per image',
+    'top1': '%', 'top5': '%', 'top1_err': '%', 'top5_err': '%', 'ema_top1': '%', 'ema_top5': '%', 'mean_top1': '%',
+    'infer_samples_per_sec': 'images/s (median of interleaved rounds)', 'train_samples_per_sec': 'images/s',
+    'infer_latency_ms': 'ms at batch 1', 'latency_ms': 'ms per batch', 'p50_ms': 'ms per batch',
+    'p90_ms': 'ms per batch', 'peak_mem_mb': 'MB', 'infer_spread_pct': '% of the median',
+    'met_target': 'share of batches within the target', 'mean_k': 'heads',
+}
+
+
+def units_of(columns: Sequence[str]) -> str:
+    """``param_count in M parameters, gmacs in GMACs per image (analytic), ...`` for the columns that have a unit."""
+    return ', '.join(f'{c} in {COLUMN_UNITS[c]}' for c in dict.fromkeys(columns) if c in COLUMN_UNITS)
+
+
+def table_context(columns: Sequence[str], *settings: Optional[str]) -> str:
+    """The line that goes with a table: the settings its numbers come from (benchmark mode, batch, threads,
+    samples evaluated, ...; None entries are left out), then the unit of each of its ``columns``."""
+    parts = [', '.join(s for s in settings if s), units_of(columns)]
+    return '; '.join(p for p in parts if p)
 
 
 def table_columns(rows: Sequence[Mapping[str, Any]]) -> List[str]:

@@ -26,7 +26,8 @@ from .results import read_results, table_columns
 
 __all__ = [
     'RunFolder', 'resolve_checkpoint', 'load_or_create_model', 'preprocessing_config', 'read_accuracy',
-    'training_metadata', 'write_summary', 'read_summary', 'accuracy_file', 'PREPROCESSING_KEYS', 'PRETRAINED_CFG_KEY',
+    'accuracy_context', 'training_metadata', 'write_summary', 'read_summary', 'accuracy_file', 'PREPROCESSING_KEYS',
+    'PRETRAINED_CFG_KEY',
     'TRAIN_CONFIG_KEY', 'CLASS_NAMES_KEY', 'EPOCHS_KEY',
 ]
 
@@ -227,6 +228,16 @@ def _results_file(checkpoint: Path, results: Optional[PathLike]) -> Optional[Pat
 def accuracy_file(checkpoint: PathLike, results: Optional[PathLike] = None) -> Optional[Path]:
     """The file :func:`read_accuracy` reads: ``results``, else a results/eval file next to the checkpoint."""
     return _results_file(Path(checkpoint), results)
+
+
+def accuracy_context(checkpoint: PathLike, results: Optional[PathLike] = None) -> Optional[str]:
+    """Where the accuracy of a table comes from: ``top1 of N samples evaluated (FILE)``; None without a file."""
+    path = _results_file(Path(checkpoint), results)
+    if path is None or not path.is_file():
+        return None
+    counts = sorted({int(r['num_samples']) for r in read_results(path) if r.get('num_samples') not in (None, '')})
+    samples = '/'.join(str(n) for n in counts) if counts else 'an unrecorded number of'
+    return f'top1 of {samples} samples evaluated ({path})'
 
 
 def read_accuracy(checkpoint: PathLike, results: Optional[PathLike] = None,

@@ -47,7 +47,8 @@ def results_table(model: UniversalModel, rows: PerK) -> List[Row]:
     """``results.csv``: per k its cost columns and accuracy (``ema_*`` columns with EMA)."""
     table = []
     for i, r in enumerate(rows['']):
-        row = {**cost_row(model.config, r['k']), 'top1': r['top1'], 'top5': r['top5'], 'loss': r['loss']}
+        row = {**cost_row(model.config, r['k']), 'top1': r['top1'], 'top5': r['top5'], 'loss': r['loss'],
+               'num_samples': r['num_samples']}
         if 'ema_' in rows:
             ema = rows['ema_'][i]
             row.update(ema_top1=ema['top1'], ema_top5=ema['top5'], ema_loss=ema['loss'])
