@@ -27,8 +27,7 @@ from .results import read_results, table_columns
 __all__ = [
     'RunFolder', 'resolve_checkpoint', 'load_or_create_model', 'preprocessing_config', 'read_accuracy',
     'accuracy_context', 'training_metadata', 'write_summary', 'read_summary', 'accuracy_file', 'PREPROCESSING_KEYS',
-    'PRETRAINED_CFG_KEY',
-    'TRAIN_CONFIG_KEY', 'CLASS_NAMES_KEY', 'EPOCHS_KEY',
+    'PRETRAINED_CFG_KEY', 'TRAIN_CONFIG_KEY', 'CLASS_NAMES_KEY', 'EPOCHS_KEY',
 ]
 
 PathLike = Union[str, os.PathLike]
