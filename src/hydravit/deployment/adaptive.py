@@ -42,6 +42,11 @@ class LatencyController:
     Prediction for k: ``load * base[k]``. The current k is kept while its prediction stays within
     ``down_fraction`` of the target; a move (down at once, up after ``up_patience`` agreeing batches)
     goes to the largest k predicted within ``up_fraction`` -- the gap between the two is the hysteresis.
+
+    A server also tells :meth:`choose` what is waiting: ``queued_batches`` full batches behind this one and
+    ``waited_ms`` already spent by its oldest image. The prediction is then the later of the oldest image's
+    answer (``waited + p``) and the last queued one's (``(1 + queued) * p``), so a backlog lowers k at the
+    next batch, and k climbs (or probes) only while the queue fits in one batch: a queue is drained first.
     """
 
     def __init__(
@@ -85,30 +90,40 @@ class LatencyController:
             raise ValueError(f'latency for k={k} must be a finite number > 0 ms, got {latency_ms!r}')
         return float(latency_ms)
 
-    def predicted_ms(self, k: int) -> float:
-        return self.load * self.base[k]
+    def predicted_ms(self, k: int, queued_batches: float = 0.0, waited_ms: float = 0.0) -> float:
+        """Time until the last image now waiting is answered at ``k`` (one batch when nothing waits)."""
+        batch = self.load * self.base[k]
+        return max(waited_ms + batch, (1 + queued_batches) * batch)
 
-    def _largest_within(self, fraction: float) -> int:
-        fits = [k for k in self.ks if self.predicted_ms(k) <= fraction * self.target_ms]
+    def _largest_within(self, fraction: float, queued_batches: float = 0.0, waited_ms: float = 0.0) -> int:
+        fits = [k for k in self.ks if self.predicted_ms(k, queued_batches, waited_ms) <= fraction * self.target_ms]
         return max(fits) if fits else self.ks[0]
 
-    def choose(self) -> int:
-        """The k for the next batch (always one of :attr:`ks`)."""
+    def choose(self, queued_batches: float = 0.0, waited_ms: float = 0.0) -> int:
+        """The k for the next batch (always one of :attr:`ks`), given the backlog behind it (see the class)."""
+        if not (math.isfinite(queued_batches) and queued_batches >= 0 and math.isfinite(waited_ms)):
+            raise ValueError(f'need finite queued_batches >= 0 and waited_ms, got {queued_batches}, {waited_ms}')
         self._step += 1
-        target = self._largest_within(self.up_fraction)
-        if self.predicted_ms(self.current) > self.down_fraction * self.target_ms:
+        drained = queued_batches <= 1
+        target = self._largest_within(self.up_fraction, queued_batches, waited_ms)
+        if self.predicted_ms(self.current, queued_batches, waited_ms) > self.down_fraction * self.target_ms:
             self.current, self._streak = min(target, self.current), 0
-        elif target > self.current:
+        elif target > self.current and drained:
             self._streak += 1
             if self._streak >= self.up_patience:
                 self.current, self._streak = target, 0
         else:
             self._streak = 0
-        if self.probe_every > 0 and self._step % self.probe_every == 0 and self.current < self.ks[-1]:
+        if (drained and self.probe_every > 0 and self._step % self.probe_every == 0
+                and self.current < self.ks[-1]):
             larger = self.ks[self.ks.index(self.current) + 1]
-            if self.predicted_ms(larger) <= self.target_ms:
+            if self.predicted_ms(larger, queued_batches, waited_ms) <= self.target_ms:
                 return larger
         return self.current
+
+    def batch_ms(self, k: int) -> float:
+        """Predicted time of one batch at ``k`` now (base latency times the current load factor)."""
+        return self.load * self.base[k]
 
     def observe(self, k: int, latency_ms: float) -> None:
         """Update the load factor and k's base latency from one measured batch."""
