@@ -65,7 +65,7 @@ def live_server(checkpoint: Path, **settings) -> Iterator[tuple]:
     """A real uvicorn server on a free loopback port, in a thread of this process; stopped on exit."""
     import uvicorn
 
-    cfg = ServeConfig(checkpoint=str(checkpoint), port=0, **{'latency_ms': 200.0, **settings}).check()
+    cfg = ServeConfig(checkpoint=str(checkpoint), port=0, **{'latency_ms': 1000.0, **settings}).check()
     state = build_state(cfg)
     sock = bind_socket('127.0.0.1', 0)
     server = uvicorn.Server(uvicorn_config(create_app(state), cfg))
@@ -276,11 +276,13 @@ def test_adaptive_policy_drops_k_at_the_first_backlogged_batch_and_climbs_only_o
 
     quiet = serve(Backlog(0), 5)                        # 2 batches x 4 ms = 8 ms
     flooded = serve(Backlog(8 * 12), 3)                 # 13 batches x 4 ms = 52 ms > 45: k = 2 at once
-    draining = serve(Backlog(8 * 5), 6)                 # 6 x 4 ms would fit, but the queue is not drained yet
+    draining = serve(Backlog(8 * 5), 6) + serve(Backlog(1), 2)  # 6 x 4 ms would fit, but images still wait
     old_head = serve(Backlog(0, waited_ms=44.0), 2)     # its oldest image waited 44 ms: 44 + 4 > 45
     drained = serve(Backlog(0), 4)                      # the third agreeing batch climbs
-    assert quiet == [4] * 5 and flooded == [2] * 3 and draining == [2] * 6
+    assert quiet == [4] * 5 and flooded == [2] * 3 and draining == [2] * 8
     assert old_head == [2, 2] and drained == [2, 2, 4, 4]
+    # a cycle that costs 4 ms besides the forward: 7 x (4 + 4) ms = 56 ms > 45 with 6 batches queued; 7 x 6 fits
+    assert serve(Backlog(8 * 6, overhead_ms=4.0), 1) == [2]
 
 
 def test_a_request_predicted_to_miss_the_target_is_refused_at_once_and_counted():
@@ -293,15 +295,17 @@ def test_a_request_predicted_to_miss_the_target_is_refused_at_once_and_counted()
     metrics = ServerMetrics([2], 8, 25.0)
     batcher = DynamicBatcher(Cheapest(None, None, target_ms=25.0, max_batch=8, max_wait_ms=1.0), metrics,
                              max_batch=8, max_wait_ms=1.0, target_ms=25.0, clock=lambda: now[0])
-    batcher.refuse_if_late(64, arrival=now[0] - 1.0)           # idle: answered at once, never refused
+    batcher.refuse_if_late(64, arrival=now[0] - 0.020)         # idle: no wait of its own, 20 ms waited already
+    with pytest.raises(InputError, match='predicted answer after 26 ms'):
+        batcher.refuse_if_late(1, arrival=now[0] - 0.026)      # late before it reached the batcher
     batcher._running = True                                    # a batch in progress from here on
     batcher.refuse_if_late(8, arrival=now[0])                  # 2 batches x 10 ms = 20 ms <= 25
     with pytest.raises(InputError, match='predicted answer after 30 ms, beyond the 25 ms') as e:
         batcher.refuse_if_late(8, arrival=now[0] - 0.010)      # waited 10 ms already
     with pytest.raises(InputError, match='predicted answer after 30 ms'):
         batcher.refuse_if_late(9, arrival=now[0])              # 9 images fill 2 batches after the one running
-    assert e.value.status == 503 and metrics.shed_images == 17
-    assert 'hydravit_shed_images_total 17' in metrics.render()
+    assert e.value.status == 503 and metrics.shed_images == 18
+    assert 'hydravit_shed_images_total 18' in metrics.render()
     lenient = DynamicBatcher(Cheapest(None, None, target_ms=25.0, max_batch=8, max_wait_ms=1.0), metrics,
                              max_batch=8, max_wait_ms=1.0, target_ms=25.0, shed_late=False, clock=lambda: now[0])
     lenient._running = True
@@ -326,7 +330,8 @@ def test_schedules_and_urls_are_bounded_and_checked():
 def test_loadtest_sends_the_schedule_and_the_server_counts_it(run_folder):
     files = images(6, seed=2)
     phases = parse_schedule('rps:40x1s,80x0.5s')
-    with live_server(run_folder, policy='fixed:4', max_batch=8, max_wait_ms=2.0, latency_ms=500.0) as (url, _, __):
+    with live_server(run_folder, policy='fixed:4', max_batch=8, max_wait_ms=2.0, latency_ms=500.0,
+                     shed_late=False) as (url, _, __):  # every request counted, however busy the machine
         classes = [httpx.post(url + '/predict', content=d).json()['class'] for d in files]
         right = [(d, c) for d, c in zip(files, classes, strict=True)]     # labels the server agrees with
         wrong = [(d, (c + 1) % 10) for d, c in right]                     # labels it never gives

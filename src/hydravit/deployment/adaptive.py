@@ -46,7 +46,7 @@ class LatencyController:
     A server also tells :meth:`choose` what is waiting: ``queued_batches`` full batches behind this one and
     ``waited_ms`` already spent by its oldest image. The prediction is then the later of the oldest image's
     answer (``waited + p``) and the last queued one's (``(1 + queued) * p``), so a backlog lowers k at the
-    next batch, and k climbs (or probes) only while the queue fits in one batch: a queue is drained first.
+    next batch, and k climbs (or probes) only once the queue is drained (by default: fits in one batch).
     """
 
     def __init__(
@@ -90,23 +90,29 @@ class LatencyController:
             raise ValueError(f'latency for k={k} must be a finite number > 0 ms, got {latency_ms!r}')
         return float(latency_ms)
 
-    def predicted_ms(self, k: int, queued_batches: float = 0.0, waited_ms: float = 0.0) -> float:
-        """Time until the last image now waiting is answered at ``k`` (one batch when nothing waits)."""
+    def predicted_ms(self, k: int, queued_batches: float = 0.0, waited_ms: float = 0.0,
+                     overhead_ms: float = 0.0) -> float:
+        """Time until the last image now waiting is answered at ``k`` (one batch when nothing waits);
+        ``overhead_ms`` is what each batch cycle costs besides the forward pass."""
         batch = self.load * self.base[k]
-        return max(waited_ms + batch, (1 + queued_batches) * batch)
+        return max(waited_ms + batch, (1 + queued_batches) * (batch + overhead_ms))
 
-    def _largest_within(self, fraction: float, queued_batches: float = 0.0, waited_ms: float = 0.0) -> int:
-        fits = [k for k in self.ks if self.predicted_ms(k, queued_batches, waited_ms) <= fraction * self.target_ms]
+    def _largest_within(self, fraction: float, *backlog: float) -> int:
+        fits = [k for k in self.ks if self.predicted_ms(k, *backlog) <= fraction * self.target_ms]
         return max(fits) if fits else self.ks[0]
 
-    def choose(self, queued_batches: float = 0.0, waited_ms: float = 0.0) -> int:
-        """The k for the next batch (always one of :attr:`ks`), given the backlog behind it (see the class)."""
-        if not (math.isfinite(queued_batches) and queued_batches >= 0 and math.isfinite(waited_ms)):
-            raise ValueError(f'need finite queued_batches >= 0 and waited_ms, got {queued_batches}, {waited_ms}')
+    def choose(self, queued_batches: float = 0.0, waited_ms: float = 0.0, overhead_ms: float = 0.0,
+               drained: Optional[bool] = None) -> int:
+        """The k for the next batch (always one of :attr:`ks`), given the backlog behind it (see the class);
+        ``drained`` (default: at most one batch queued) says whether k may climb now."""
+        if not all(math.isfinite(v) and v >= 0 for v in (queued_batches, waited_ms, overhead_ms)):
+            raise ValueError(f'need finite queued_batches, waited_ms and overhead_ms >= 0, got {queued_batches}, '
+                             f'{waited_ms}, {overhead_ms}')
         self._step += 1
-        drained = queued_batches <= 1
-        target = self._largest_within(self.up_fraction, queued_batches, waited_ms)
-        if self.predicted_ms(self.current, queued_batches, waited_ms) > self.down_fraction * self.target_ms:
+        backlog = (queued_batches, waited_ms, overhead_ms)
+        drained = queued_batches <= 1 if drained is None else drained
+        target = self._largest_within(self.up_fraction, *backlog)
+        if self.predicted_ms(self.current, *backlog) > self.down_fraction * self.target_ms:
             self.current, self._streak = min(target, self.current), 0
         elif target > self.current and drained:
             self._streak += 1
@@ -117,7 +123,7 @@ class LatencyController:
         if (drained and self.probe_every > 0 and self._step % self.probe_every == 0
                 and self.current < self.ks[-1]):
             larger = self.ks[self.ks.index(self.current) + 1]
-            if self.predicted_ms(larger, queued_batches, waited_ms) <= self.target_ms:
+            if self.predicted_ms(larger, *backlog) <= self.target_ms:
                 return larger
         return self.current
 

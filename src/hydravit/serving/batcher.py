@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import statistics
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Deque, Dict, List, Optional, Tuple
 
 import torch
 
@@ -64,6 +66,10 @@ class DynamicBatcher:
         self._stopping = False
         self._collecting = 0
         self._running = False  # a forward pass is in progress
+        # time a backlogged batch cycle spends outside the model (collecting, thread hops, answering): on a
+        # busy machine the event loop's share of the CPU makes it comparable to the forward pass itself
+        self._overheads: Deque[float] = deque(maxlen=9)
+        self._previous: Optional[Tuple[float, float]] = None  # (start, forward ms) of a batch that left a queue
 
     @property
     def queue_length(self) -> int:
@@ -91,13 +97,19 @@ class DynamicBatcher:
             self._executor.shutdown(wait=True)
         self._task = self._executor = None
 
+    @property
+    def overhead_ms(self) -> float:
+        """Median time per batch outside the forward pass, measured between back-to-back batches (0 until then)."""
+        return statistics.median(self._overheads) if self._overheads else 0.0
+
     def predicted_wait_ms(self, images: int) -> Optional[float]:
         """Predicted time until ``images`` more images would be answered at the policy's cheapest batch:
         the batch in progress, then every full batch the queue and they fill (None: the policy cannot tell)."""
         batch_ms = self.policy.fastest_batch_ms()
         if batch_ms is None:
             return None
-        return (int(self._running) + math.ceil((self.queue_length + images) / self.max_batch)) * batch_ms
+        batches = int(self._running) + math.ceil((self.queue_length + images) / self.max_batch)
+        return batches * (batch_ms + self.overhead_ms)
 
     def refuse_if_late(self, images: int, arrival: float) -> None:
         """503 (InputError) for a request of ``images`` that arrived at ``arrival`` and has waited past the target
@@ -166,7 +178,7 @@ class DynamicBatcher:
         out = {}
         for k, items in groups.items():
             x = torch.stack([p.x for p in items])
-            backlog = Backlog(queued, (self.clock() - min(p.arrival for p in items)) * 1e3)
+            backlog = Backlog(queued, (self.clock() - min(p.arrival for p in items)) * 1e3, self.overhead_ms)
             out[k] = self.policy.run(x, backlog) if k is None else self.policy.run_at(x, k)
             logger.debug('batch of %d at k=%s: %d images queued behind it, oldest waited %.1f ms, forward %.1f ms',
                          len(items), sorted(set(out[k].ks)), queued, backlog.waited_ms, out[k].forward_ms)
@@ -178,9 +190,14 @@ class DynamicBatcher:
         while True:
             batch = await self._collect()
             queued = self._queue.qsize()  # images, like max_batch
-            self._running = True
+            start = self.clock()
+            if self._previous is not None:
+                self._overheads.append(max(0.0, (start - self._previous[0]) * 1e3 - self._previous[1]))
+            self._running, self._previous = True, None
+            forward_ms = 0.0
             try:
                 outputs = await loop.run_in_executor(self._executor, self._run, batch, queued)
+                forward_ms = sum(o.forward_ms for o in outputs.values())
             except Exception as e:  # a model error fails this batch's requests, not the server
                 logger.exception('inference failed for a batch of %d', len(batch))
                 for p in batch:
@@ -198,6 +215,8 @@ class DynamicBatcher:
                             p.future.set_result(Prediction(result.logits[i], result.ks[i], len(items)))
             finally:
                 self._running = False
+                if self._queue.qsize() and forward_ms > 0:
+                    self._previous = (start, forward_ms)
                 for _ in batch:
                     self._queue.task_done()
                 self.metrics.current_k = self.policy.current_k()

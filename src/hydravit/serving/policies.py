@@ -9,7 +9,7 @@ request that could not be answered within the target anyway.
 
 - ``adaptive``: the latency controller of :mod:`hydravit.deployment.adaptive`, told the backlog: k drops at
   the next batch when the queue (or the oldest image's wait) would miss the target at the current k, and
-  climbs only once the queue fits in one batch.
+  climbs only once the queue is empty.
 - ``fixed:K``: always K.
 - ``cascade:POLICY.json``: the early-exit cascade of :mod:`hydravit.cascade`, through :func:`load_cascade_runner`
   (the one place that knows that package); each image answers at the stage it exits.
@@ -45,9 +45,11 @@ class BatchOutput:
 
 @dataclass(frozen=True)
 class Backlog:
-    """What waits behind a batch when it starts: ``queued`` images (not batches) and the age of its oldest image."""
+    """What waits behind a batch when it starts: ``queued`` images (not batches), the age of its oldest image,
+    and the time a batch cycle spends outside the forward pass (measured by the batcher)."""
     queued: int = 0
     waited_ms: float = 0.0
+    overhead_ms: float = 0.0
 
 
 class BatchCost:
@@ -173,7 +175,8 @@ class AdaptivePolicy(ServingPolicy):
 
     The controller's target is the request's: it is told how many full batches wait behind this one
     (at least one: an image arriving now waits for the batch in progress, then for its own) and how long
-    this batch's oldest image has waited already (its arrival is when its request reached the server).
+    this batch's oldest image has waited already (its arrival is when its request reached the server), and
+    what a batch cycle costs besides the forward pass; k climbs only when nothing is queued behind the batch.
     """
     name = 'adaptive'
 
@@ -194,7 +197,8 @@ class AdaptivePolicy(ServingPolicy):
     def run(self, x: torch.Tensor, backlog: Backlog) -> BatchOutput:
         n = x.shape[0]
         queued_batches = max(1, math.ceil(max(0, backlog.queued) / self.max_batch))
-        k = self.controller.choose(queued_batches, max(0.0, backlog.waited_ms))
+        k = self.controller.choose(queued_batches, max(0.0, backlog.waited_ms), max(0.0, backlog.overhead_ms),
+                                   drained=backlog.queued <= 0)
         logits, ms = timed_forward(self.model, x, k, self.clock)
         self.controller.observe(k, self.cost.as_full_batch(k, n, max(ms, 1e-3)))
         self.cost.observe(k, n, ms)
