@@ -30,7 +30,7 @@ from timm.data import resolve_data_config  # noqa: E402
 from hydravit.cli import main  # noqa: E402
 from hydravit.data.transforms import build_transform  # noqa: E402
 from hydravit.evaluation.evaluate import load_for_eval  # noqa: E402
-from hydravit.serving.app import create_app  # noqa: E402
+from hydravit.serving.app import create_app, request_arrival  # noqa: E402
 from hydravit.serving.batcher import DynamicBatcher  # noqa: E402
 from hydravit.serving.inputs import InputError  # noqa: E402
 from hydravit.serving.loadtest import check_url, parse_schedule, run_load, summarize_load  # noqa: E402
@@ -310,6 +310,23 @@ def test_a_request_predicted_to_miss_the_target_is_refused_at_once_and_counted()
                              max_batch=8, max_wait_ms=1.0, target_ms=25.0, shed_late=False, clock=lambda: now[0])
     lenient._running = True
     lenient.refuse_if_late(64, arrival=now[0] - 1.0)           # shedding off: queued up to --max-queue instead
+
+
+def test_x_request_start_moves_the_arrival_back_but_never_forward():
+    from starlette.requests import Request
+
+    def arrival(value: str) -> float:
+        scope = {'type': 'http', 'method': 'POST', 'path': '/predict',
+                 'headers': [(b'x-request-start', value.encode())]}
+        return request_arrival(Request(scope), handler_start=1000.0)
+
+    now = time.time()
+    assert arrival(f't={now - 0.25:.6f}') == pytest.approx(1000.0 - 0.25, abs=0.05)   # seconds, as nginx writes it
+    assert arrival(f'{(now - 0.5) * 1e3:.0f}') == pytest.approx(1000.0 - 0.5, abs=0.05)  # milliseconds
+    assert arrival(f'{(now - 0.5) * 1e6:.0f}') == pytest.approx(1000.0 - 0.5, abs=0.05)  # microseconds
+    assert arrival(f't={now + 60:.3f}') == 1000.0                                       # from the future: ignored
+    assert arrival('t=soon') == 1000.0 and arrival('t=nan') == 1000.0
+    assert arrival('t=1') == 1000.0 - 3600.0                                            # clamped to an hour
 
 
 # ------------------------------------------------------------------------------------------ load test

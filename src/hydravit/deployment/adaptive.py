@@ -41,7 +41,8 @@ class LatencyController:
 
     Prediction for k: ``load * base[k]``. The current k is kept while its prediction stays within
     ``down_fraction`` of the target; a move (down at once, up after ``up_patience`` agreeing batches)
-    goes to the largest k predicted within ``up_fraction`` -- the gap between the two is the hysteresis.
+    goes to the largest k predicted within ``up_fraction`` -- the gap between the two is the hysteresis;
+    with ``climb_steps`` an up-move goes at most that many k up.
 
     A server also tells :meth:`choose` what is waiting: ``queued_batches`` full batches behind this one and
     ``waited_ms`` already spent by its oldest image. The prediction is then the later of the oldest image's
@@ -61,6 +62,7 @@ class LatencyController:
             probe_every: int = 50,
             load_smoothing: float = 0.5,
             base_smoothing: float = 0.1,
+            climb_steps: Optional[int] = None,
     ) -> None:
         self.ks = list(check_k_choices(ks, what='ks'))
         if not self.ks:
@@ -78,6 +80,9 @@ class LatencyController:
         self.base = {k: self._checked(k, base_latency_ms[k]) for k in self.ks}
         self.up_fraction, self.down_fraction, self.up_patience = up_fraction, down_fraction, max(1, int(up_patience))
         self.probe_every = int(probe_every)
+        if climb_steps is not None and climb_steps < 1:
+            raise ValueError(f'climb_steps must be >= 1 (or None: up to the largest k that fits), got {climb_steps}')
+        self.climb_steps = climb_steps
         self.load_smoothing, self.base_smoothing = load_smoothing, base_smoothing
         self.load = 1.0
         self.current = self._largest_within(self.up_fraction)
@@ -117,6 +122,8 @@ class LatencyController:
         elif target > self.current and drained:
             self._streak += 1
             if self._streak >= self.up_patience:
+                if self.climb_steps is not None:  # a few k at a time: a backlog shows before the largest is reached
+                    target = self.ks[min(self.ks.index(self.current) + self.climb_steps, self.ks.index(target))]
                 self.current, self._streak = target, 0
         else:
             self._streak = 0

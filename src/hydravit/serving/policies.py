@@ -192,7 +192,8 @@ class AdaptivePolicy(ServingPolicy):
         else:  # given (tests, a known machine): without one-image times a batch costs the same at any size
             self.cost = BatchCost(dict(one_image_ms or base_latency_ms), dict(base_latency_ms), self.max_batch)
         self.base_latency_ms = dict(self.cost.full)
-        self.controller = LatencyController(self.ks, self.target_ms, self.base_latency_ms)
+        # one k up at a time: jumping from the smallest to the largest k under high load only builds a queue
+        self.controller = LatencyController(self.ks, self.target_ms, self.base_latency_ms, climb_steps=1)
 
     def run(self, x: torch.Tensor, backlog: Backlog) -> BatchOutput:
         n = x.shape[0]
