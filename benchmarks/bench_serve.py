@@ -16,11 +16,12 @@ from minute to minute, so the loads are calibrated in the same run, with the loa
    table is the median over the rounds, with the spread (min..max) of the fraction within the target.
 
 All three servers shed load the same way: a request that cannot be answered within the target is answered
-503 at once (``hydravit serve`` default); such answers count as misses. Per server and phase: fraction of
+503 at once (``hydravit serve`` default; ``--no-shed`` turns it off in all three); such answers count as
+misses. A fixed server predicts with its own k, the adaptive one with its smallest. Per server and phase: fraction of
 requests within the target, p50/p99, images/s, mean k, accuracy served (labels of the Fashion-MNIST test
 images), and the CPU (cores) the server and the load generator used.
 
-    python benchmarks/bench_serve.py --checkpoint /work/runs/main --out serve_bench     # ~7 min
+    python benchmarks/bench_serve.py --checkpoint /work/runs/main --out serve_bench     # ~8 min on 2 busy cores
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ class Server:
                'OMP_NUM_THREADS': str(args.threads)}
         cmd = [sys.executable, '-m', 'hydravit', 'serve', '--checkpoint', checkpoint, '--port', '0', '--policy',
                policy, '--latency-ms', str(target_ms), '--max-batch', str(args.max_batch), '--max-wait-ms',
-               str(args.max_wait_ms)]
+               str(args.max_wait_ms)] + ([] if args.shed else ['--no-shed'])
         self.log = out / f'server-{policy.replace(":", "")}-{int(target_ms)}.log'
         with open(self.log, 'w') as f:
             self.proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
@@ -141,6 +142,8 @@ def main() -> None:
     p.add_argument('--sweep', type=int, default=2, help='high loads between the two sustained loads')
     p.add_argument('--phase-seconds', type=float, default=6.0)
     p.add_argument('--rounds', type=int, default=2)
+    p.add_argument('--no-shed', dest='shed', action='store_false',
+                   help='servers queue every request instead of answering 503 to one predicted past the target')
     p.add_argument('--samples', type=int, default=2000)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', default='serve_bench', help='folder for the results (csv, md, server logs)')
@@ -238,6 +241,7 @@ def main() -> None:
               f'{sustained[small] * per_request:.0f} img/s; low load {args.low_rps * per_request:.0f} img/s; '
               f'{args.rounds} rounds (median, within-target min..max); max batch {args.max_batch}, max wait '
               f'{args.max_wait_ms} ms, {args.threads} torch thread(s), {per_request} images per request; '
+              f'{"late requests shed (503)" if args.shed else "no shedding (--no-shed)"}; '
               f'{time.time() - started:.0f} s; load average (1 min) during the run: '
               + ', '.join(f'{la[0]:.2f}' for la in loads))
     (out / 'serve_bench.md').write_text(header + '\n\n' + markdown_table(table, COLUMNS) + '\n\n'
