@@ -357,7 +357,10 @@ class TimmDataset(Dataset):
         if labels is None:
             raise DataError(f'{name}: timm gives no labels for its samples up front; cannot check its classes')
         if reader_names is not None:
-            folders = sorted(reader_names)
+            # timm's readers number classes in natural order (a, b9, b10): sorted names, as ImageFolder does; a
+            # torchvision set's labels are its own (Fashion-MNIST: T-shirt/top is 0), so they keep their order
+            from_reader = getattr(self.dataset, 'reader', None) is not None
+            folders = sorted(reader_names) if from_reader else sorted(reader_names, key=reader_names.__getitem__)
             self.classes, folder_to_label = _map_folders(Path(str(root)), folders, class_names, num_classes)
             table = {reader_names[f]: folder_to_label[f] for f in folders}
             if any(old != new for old, new in table.items()):
