@@ -5,7 +5,6 @@ import socket
 
 import numpy as np
 import pytest
-import torch
 
 from hydravit.cli import main as cli_main
 from hydravit.data import DataError, load_dataset
@@ -98,7 +97,8 @@ def test_train_and_eval_through_the_torch_source(tmp_path, no_network):
 
 def test_hfds_source_on_a_local_folder(tmp_path, monkeypatch):
     """Skipped unless the optional ``datasets`` package is installed: it brings pyarrow (55 MB wheel) and pandas
-    (12 MB), too large for the test extras; nothing here installs it."""
+    (12 MB), too large for the test extras; nothing here installs it. Labels come from timm's hfds reader's
+    ``iter_targets`` (no images decoded)."""
     pytest.importorskip('datasets', reason='hfds/ needs the Hugging Face datasets package (not in the test extras: '
                                            'pyarrow + pandas are ~70 MB of wheels)')
     from PIL import Image
@@ -115,4 +115,6 @@ def test_hfds_source_on_a_local_folder(tmp_path, monkeypatch):
     dataset = load_dataset(f'hfds/{folder}', str(tmp_path / 'cache'), split='val')
     assert len(dataset) == 4 and sorted(dataset.classes) == ['a', 'b']
     assert sorted(dataset.targets) == [0, 0, 1, 1]
-    assert isinstance(dataset[0][0], (torch.Tensor, Image.Image))
+    for i in range(len(dataset)):  # each label names the folder its image came from (class b is bright)
+        image, label = dataset[i]
+        assert (np.asarray(image, dtype=np.float32).mean() > 100) == (dataset.classes[label] == 'b')

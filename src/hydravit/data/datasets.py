@@ -308,6 +308,8 @@ def _reader_classes(dataset: Any) -> Tuple[Optional[Dict[str, int]], Optional[Li
         return dict(reader.class_to_idx), [int(t) for _, t in reader.samples]  # timm folder reader
     if reader is not None and hasattr(reader, 'class_name_to_idx'):
         return dict(reader.class_name_to_idx), [int(t) for t in reader.targets]  # timm tar reader
+    if reader is not None and hasattr(reader, 'class_to_idx') and hasattr(reader, 'iter_targets'):
+        return dict(reader.class_to_idx), [int(t) for t in reader.iter_targets()]  # timm hfds reader
     if hasattr(dataset, 'class_to_idx') and hasattr(dataset, 'targets'):
         return dict(dataset.class_to_idx), [int(t) for t in dataset.targets]  # torchvision
     targets = getattr(dataset, 'targets', None)
