@@ -6,7 +6,7 @@
   computed from ``k`` at run time (``Slice`` ends = a multiple of k), so onnxruntime can neither fold nor
   pre-pack the weights: every call copies the slices and packs them inside ``MatMul``.
 
-(The export itself, with ``fold_shapes=False``, gives the construction used before the shape folding.)
+(``build_switchable_model(model, fold_shapes=False)`` gives the tree with the exporter's shape arithmetic kept.)
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from hydravit.deployment.onnx_switchable import (
     _branch_source,
     _k_check,
     _model_tensors,
-    _SmallConstants,
     check_switchable_onnx,
 )
 from hydravit.models.factory import UniversalModel
@@ -54,10 +53,9 @@ def build_if_chain(model: UniversalModel) -> Any:
     ks = model.resolve_ks(None)
     tensors = _model_tensors(model)
     names = {n: f'w{i}' for i, n in enumerate(tensors)}
-    constants = _SmallConstants()
     with tempfile.TemporaryDirectory() as tmp:
         branches = {k: _branch(_branch_source(model, k, tensors, os.path.join(tmp, f'{k}.onnx'), 17, True).graph, k,
-                               names, constants) for k in ks}
+                               names) for k in ks}
 
     def chain(rest: Sequence[int], out: str) -> List[Any]:
         k = rest[0]
@@ -74,8 +72,7 @@ def build_if_chain(model: UniversalModel) -> Any:
 
     check, check_tensors = _k_check(ks)
     used = {i for b in branches.values() for node in b.node for i in node.input}
-    return _finish(model, check + chain(ks, 'logits'), _weights(tensors, names, used) + constants.tensors
-                   + check_tensors, ks)
+    return _finish(model, check + chain(ks, 'logits'), _weights(tensors, names, used) + check_tensors, ks)
 
 
 def _width_factors(model: UniversalModel) -> Tuple[int, ...]:

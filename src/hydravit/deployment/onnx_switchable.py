@@ -127,9 +127,14 @@ def _branch_source(model: UniversalModel, k: int, tensors: Dict[str, torch.Tenso
 
 
 class _SmallConstants:
-    """The small constants of every branch (slice bounds, shapes, axes) as shared initializers, each value once."""
+    """The small constants of one branch (slice bounds, shapes, axes) as its own initializers, each value once.
 
-    def __init__(self) -> None:
+    Local to the branch rather than shared at the top: every outer-scope value a branch reads is passed to each
+    ``If`` on the way down at every call, and the constants are tiny (the file grows by under 1 %).
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
         self.names: Dict[Tuple[int, Tuple[int, ...], bytes], str] = {}
         self.tensors: List[Any] = []
 
@@ -137,7 +142,7 @@ class _SmallConstants:
         from onnx import numpy_helper
         key = (array.dtype.num, tuple(array.shape), array.tobytes())
         if key not in self.names:
-            self.names[key] = f'c{len(self.tensors)}'
+            self.names[key] = f'{self.prefix}c{len(self.tensors)}'
             self.tensors.append(numpy_helper.from_array(array, self.names[key]))
         return self.names[key]
 
@@ -149,14 +154,14 @@ def _constant_value(node: Any) -> Any:
     return numpy_helper.to_array(attrs['value'].t) if set(attrs) == {'value'} else None
 
 
-def _branch(graph: Any, k: int, weights: Dict[str, str], constants: _SmallConstants) -> Any:
-    """The graph of one k as an ``If`` branch: no inputs, short value names, weights and constants from outside.
+def _branch(graph: Any, k: int, weights: Dict[str, str]) -> Any:
+    """The graph of one k as an ``If`` branch: no inputs, short value names, the weights from outside.
 
-    Constants (initializers and ``Constant`` nodes) are stored once for all branches, so the file is the weights
-    plus little more.
+    Its constants (initializers and ``Constant`` nodes) become the branch's own initializers, each value once.
     """
     from onnx import helper, numpy_helper
 
+    constants = _SmallConstants(f'k{k}.')
     short: Dict[str, str] = {}
     values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
 
@@ -180,7 +185,7 @@ def _branch(graph: Any, k: int, weights: Dict[str, str], constants: _SmallConsta
         nodes.append(new)
     out = graph.output[0]
     output = helper.make_tensor_value_info(rename(out.name), out.type.tensor_type.elem_type, ['batch', None])
-    return helper.make_graph(nodes, f'k{k}', [], [output])
+    return helper.make_graph(nodes, f'k{k}', [], [output], initializer=constants.tensors)
 
 
 def _k_check(ks: Sequence[int]) -> Tuple[List[Any], List[Any]]:
@@ -249,12 +254,11 @@ def build_switchable_model(model: UniversalModel, ks: Optional[Sequence[int]] = 
     chosen = model.resolve_ks(ks)
     tensors = _model_tensors(model)
     weights = {name: f'w{i}' for i, name in enumerate(tensors)}
-    constants = _SmallConstants()
     branches = {}
     with tempfile.TemporaryDirectory() as tmp:
         for k in chosen:
             source = _branch_source(model, k, tensors, os.path.join(tmp, f'k{k}.onnx'), opset, fold_shapes)
-            branches[k] = _branch(source.graph, k, weights, constants)
+            branches[k] = _branch(source.graph, k, weights)
     used = {name for branch in branches.values() for node in branch.node for name in node.input}
     initializers = [numpy_helper.from_array(t.numpy(), weights[name]) for name, t in tensors.items()
                     if weights[name] in used]
@@ -264,7 +268,7 @@ def build_switchable_model(model: UniversalModel, ks: Optional[Sequence[int]] = 
     outputs = [helper.make_tensor_value_info('logits', TensorProto.FLOAT, ['batch', c.num_classes or None])]
     check, check_tensors = _k_check(chosen)
     graph = helper.make_graph(check + _select(chosen, branches, 'logits', 'select'), 'hydravit_switchable', inputs,
-                              outputs, initializer=initializers + constants.tensors + check_tensors)
+                              outputs, initializer=initializers + check_tensors)
     opset_import = [helper.make_opsetid('', opset)]
     proto = helper.make_model(graph, opset_imports=opset_import, producer_name='hydravit')
     helper.set_model_props(proto, {K_CHOICES_KEY: ','.join(map(str, chosen))})
