@@ -252,6 +252,12 @@ def build_switchable_model(model: UniversalModel, ks: Optional[Sequence[int]] = 
     from onnx import TensorProto, helper, numpy_helper
 
     chosen = model.resolve_ks(ks)
+    if fold_shapes:
+        try:
+            import onnxruntime  # noqa: F401  (the folding evaluates the shape arithmetic with it)
+        except ImportError as e:
+            raise ExportError('the switchable ONNX export folds shapes with onnxruntime: '
+                              'pip install "hydravit[onnx]"') from e
     tensors = _model_tensors(model)
     weights = {name: f'w{i}' for i, name in enumerate(tensors)}
     branches = {}
