@@ -16,7 +16,7 @@ from ..models.kchoices import parse_ks
 from ..storage.provenance import IDENTITY_COLUMNS, with_identity
 from ..storage.results import RESULT_FORMATS, format_table, results_format, table_columns, write_results
 from ..training.memory import train_memory_cases, train_memory_table
-from . import add_model_source, model_from_args
+from . import add_model_source, model_from_args, model_name_from_args
 from .common import add_threads, apply_threads, check_writable, progress
 from .compile_flags import add_compile_flags, compile_options_from_args
 
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     ks = parse_ks(args.k, num_heads=model.config.num_heads)
     if ks:
         model = _with_ks(model, ks)
-    name = checkpoint or args.model
+    name = checkpoint or model_name_from_args(args)
     if args.train_memory:
         return _train_memory(args, model, str(name), device)
     logger.info(f'{name}: modes {" ".join(args.modes)}, batch {args.batch_size} (latency: batch 1), {device}, fp32, '
