@@ -28,6 +28,7 @@ from timm.models import clean_state_dict
 
 from ..models.config import HydraViTConfig
 from ..models.factory import UniversalModel, create_model, model_from_config
+from ..models.layers import SlicedIdentity
 
 __all__ = [
     'CheckpointError', 'NonFiniteWeightsError', 'atomic_write', 'save_model', 'load_model', 'load_state_dict_file',
@@ -92,14 +93,36 @@ def save_model(path: PathLike, model: UniversalModel, metadata: Optional[Mapping
     """Write ``model``'s weights and config to a self-describing safetensors file, atomically.
 
     Non-finite weights are refused (:class:`NonFiniteWeightsError`): the file already at ``path`` stays.
+    A model its config no longer describes (:func:`_check_described`) is refused with a ValueError.
     """
     meta = {CONFIG_KEY: json.dumps(model.config.to_dict()), 'format': 'pt', **(metadata or {})}
     state = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
+    _check_described(path, model)
     bad = non_finite_tensors(state)
     if bad:
         raise NonFiniteWeightsError(f'refusing to write {path}: non-finite values (NaN/inf) in {len(bad)} tensor(s) '
                                     f'{bad[:5]}; the run diverged')
     return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+
+
+def _check_described(path: PathLike, model: UniversalModel) -> None:
+    """Refuse to write a file that would reload as another model.
+
+    The config records depth, widths and classes, not a pooling of ``''`` (all tokens) or a dropped final norm,
+    which ``prune_intermediate_layers`` / ``reset_classifier(0, '')`` leave: such a model is a feature
+    extractor for the session, not a checkpoint.
+    """
+    expected_pool = model.config.global_pool
+    for vit in list(getattr(model, 'subnets', {}).values()) or [model]:
+        if vit.global_pool != expected_pool:
+            problem = f'global_pool {vit.global_pool!r} where the config has {expected_pool!r}'
+        elif expected_pool == 'token' and isinstance(vit.norm, SlicedIdentity):
+            problem = 'the final norm was dropped'
+        else:
+            continue
+        raise ValueError(f'refusing to write {path}: its config does not describe this model ({problem}); a model '
+                         "after prune_intermediate_layers(prune_head=True or prune_norm=True) or reset_classifier(..., "
+                         "'') cannot be reloaded from a checkpoint: save it before pruning and prune after loading")
 
 
 def read_metadata(path: PathLike) -> Dict[str, str]:
