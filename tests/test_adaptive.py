@@ -77,6 +77,31 @@ def test_controller_reacts_down_at_once_and_up_with_hysteresis():
     assert ks[-1] > low, 'never climbed back once the load was gone'
 
 
+def test_controller_climbs_one_k_at_a_time_and_only_once_the_queue_is_drained():
+    ctrl = LatencyController(KS, TARGET, TRUE_MS, up_patience=2, probe_every=0, climb_steps=1)
+    ctrl.observe(ctrl.choose(), 1e3)                          # one very slow batch: down to k = 3 at once
+    assert ctrl.choose() == 3
+    for _ in range(6):                                        # fast again, but 5 batches still queued
+        ctrl.observe(3, TRUE_MS[3])
+        assert ctrl.choose(queued_batches=5) == 3
+    climbed = []
+    for _ in range(8):                                        # queue drained: one k every second batch
+        ctrl.observe(ctrl.current, TRUE_MS[ctrl.current])
+        climbed.append(ctrl.choose())
+    assert climbed == [3, 4, 4, 5, 5, 6, 6, 7]
+    jumping = LatencyController(KS, TARGET, TRUE_MS, up_patience=2, probe_every=0)
+    jumping.observe(jumping.choose(), 1e3)
+    for _ in range(6):
+        jumping.observe(3, TRUE_MS[3])
+        assert jumping.choose(queued_batches=5) == 3
+    for _ in range(2):
+        jumping.observe(jumping.current, TRUE_MS[jumping.current])
+        k = jumping.choose()
+    assert k >= 6  # without climb_steps: several k in one move, to the largest predicted to fit
+    with pytest.raises(ValueError, match='climb_steps must be >= 1'):
+        LatencyController(KS, TARGET, TRUE_MS, climb_steps=0)
+
+
 def test_probe_corrects_a_stale_estimate_of_a_larger_k():
     """k=9..12 calibrated 1.8x too slow: probing the next larger k (predicted to fit) walks back up."""
     base = {k: TRUE_MS[k] * (1.8 if k >= 9 else 1.0) for k in KS}

@@ -71,7 +71,8 @@ def test_weights_are_stored_once(model, switchable, tmp_path):
         export_onnx(model, k, tmp_path / f'k{k}.onnx')
         sizes[k] = (tmp_path / f'k{k}.onnx').stat().st_size
     # one copy of the full weights plus three small graphs: below the k=4 file and one more, not the sum of all three
-    assert sizes[4] < path.stat().st_size < sizes[4] + sizes[2] < sum(sizes.values())
+    weight_bytes = 4 * sum(p.numel() for p in model.parameters())
+    assert weight_bytes < path.stat().st_size < sizes[4] + sizes[2] < sum(sizes.values())
 
 
 def test_universal_model_exports_at_a_fixed_k_with_a_dynamic_batch(model, tmp_path):
@@ -99,3 +100,67 @@ def test_cli_writes_the_switchable_file(model, tmp_path):
     index = json.loads((out / 'index.json').read_text())
     assert [r['k'] for r in index] == [2, 4] and all(r['onnx_switchable_max_abs_diff'] <= 1e-4 for r in index)
     assert switchable_ks(_session(out / 'switchable.onnx')) == [2, 4]
+
+
+def _ops(graph):
+    """Operator types of a graph and of every subgraph in it."""
+    ops = []
+    for node in graph.node:
+        ops.append(node.op_type)
+        ops += [op for a in node.attribute if a.type == onnx.AttributeProto.GRAPH for op in _ops(a.g)]
+    return ops
+
+
+def test_shape_arithmetic_is_folded_and_the_graph_still_computes_the_same():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from hydravit.deployment.onnx_fold import fold_shape_arithmetic
+    one = numpy_helper.from_array(np.array(1.0, np.float32), 'one')
+    axes = numpy_helper.from_array(np.array([0], np.int64), 'axes')
+    last = numpy_helper.from_array(np.array(2, np.int64), 'last')
+    first = numpy_helper.from_array(np.array(0, np.int64), 'first')
+    flat = numpy_helper.from_array(np.array([24], np.int64), 'flat')
+    nodes = [helper.make_node('Shape', ['x'], ['shape']),
+             helper.make_node('Gather', ['shape', 'last'], ['width']),  # x / sqrt(width): a constant in disguise
+             helper.make_node('Cast', ['width'], ['width_f'], to=TensorProto.FLOAT),
+             helper.make_node('Sqrt', ['width_f'], ['root']),
+             helper.make_node('Div', ['one', 'root'], ['scale']),
+             helper.make_node('Mul', ['x', 'scale'], ['scaled']),
+             helper.make_node('Gather', ['shape', 'first'], ['batch']),  # reshape to (batch, 24): batch changes
+             helper.make_node('Unsqueeze', ['batch', 'axes'], ['batch1']),
+             helper.make_node('Concat', ['batch1', 'flat'], ['target'], axis=0),
+             helper.make_node('Reshape', ['scaled', 'target'], ['y'])]
+    graph = helper.make_graph(nodes, 'g', [helper.make_tensor_value_info('x', TensorProto.FLOAT, ['batch', 4, 6])],
+                              [helper.make_tensor_value_info('y', TensorProto.FLOAT, ['batch', 24])],
+                              initializer=[one, axes, last, first, flat])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17)])
+    rng = np.random.default_rng(0)
+    folded = fold_shape_arithmetic(model, lambda b: {'x': rng.standard_normal((b, 4, 6), dtype=np.float32)})
+    assert [n.op_type for n in folded.graph.node] == ['Mul', 'Reshape']
+    target = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}[folded.graph.node[1].input[1]]
+    assert target.tolist() == [-1, 24]
+    for batch in (1, 7):
+        x = rng.standard_normal((batch, 4, 6), dtype=np.float32)
+        got = ort.InferenceSession(folded.SerializeToString(), providers=['CPUExecutionProvider']).run(None, {'x': x})
+        assert got[0].shape == (batch, 24) and np.allclose(got[0], (x / np.sqrt(6)).reshape(batch, 24))
+
+
+def test_branches_run_folded_shape_arithmetic_and_both_forms_match_pytorch(model, switchable, tmp_path):
+    from hydravit.deployment.onnx_switchable import build_switchable_model, check_switchable_onnx
+    path, _ = switchable
+    folded = _ops(onnx.load(str(path)).graph)
+    unfolded_proto = build_switchable_model(model, fold_shapes=False)
+    unfolded = _ops(unfolded_proto.graph)
+    # the attention scale 1/sqrt(head_dim) was computed from Shape at every call; folded it is a constant
+    assert 'Sqrt' in unfolded and 'Sqrt' not in folded and len(folded) < len(unfolded) - 12
+    onnx.save(unfolded_proto, str(tmp_path / 'unfolded.onnx'))
+    diffs = check_switchable_onnx(model, tmp_path / 'unfolded.onnx', batch_sizes=(1, 6))
+    assert set(diffs) == {2, 3, 4} and max(diffs.values()) <= 1e-4
+
+
+def test_a_file_of_one_k_runs_it_and_refuses_others(model, tmp_path):
+    check = export_switchable_onnx(model, tmp_path / 'one.onnx', ks=[3], check_batch_sizes=(1, 4))
+    assert set(check['onnx_switchable_diffs']) == {3} and check['onnx_switchable_max_abs_diff'] <= 1e-4
+    session = _session(tmp_path / 'one.onnx')
+    with pytest.raises(Exception, match=r'invalid_k_allowed_3'):
+        session.run(None, {'input': np.zeros((2, 3, 16, 16), np.float32), 'k': np.array(2, dtype=np.int64)})

@@ -30,9 +30,12 @@ from timm.data import resolve_data_config  # noqa: E402
 from hydravit.cli import main  # noqa: E402
 from hydravit.data.transforms import build_transform  # noqa: E402
 from hydravit.evaluation.evaluate import load_for_eval  # noqa: E402
-from hydravit.serving.app import create_app  # noqa: E402
+from hydravit.serving.app import create_app, request_arrival  # noqa: E402
+from hydravit.serving.batcher import DynamicBatcher  # noqa: E402
+from hydravit.serving.inputs import InputError  # noqa: E402
 from hydravit.serving.loadtest import check_url, parse_schedule, run_load, summarize_load  # noqa: E402
-from hydravit.serving.policies import AdaptivePolicy, create_policy, parse_policy  # noqa: E402
+from hydravit.serving.metrics import ServerMetrics  # noqa: E402
+from hydravit.serving.policies import AdaptivePolicy, Backlog, ServingPolicy, create_policy, parse_policy  # noqa: E402
 from hydravit.serving.server import ServeConfig, bind_socket, build_state, uvicorn_config  # noqa: E402
 from hydravit.storage.run_folder import resolve_checkpoint  # noqa: E402
 from hydravit.training import load_train_config, train  # noqa: E402
@@ -62,7 +65,7 @@ def live_server(checkpoint: Path, **settings) -> Iterator[tuple]:
     """A real uvicorn server on a free loopback port, in a thread of this process; stopped on exit."""
     import uvicorn
 
-    cfg = ServeConfig(checkpoint=str(checkpoint), port=0, **{'latency_ms': 200.0, **settings}).check()
+    cfg = ServeConfig(checkpoint=str(checkpoint), port=0, **{'latency_ms': 1000.0, **settings}).check()
     state = build_state(cfg)
     sock = bind_socket('127.0.0.1', 0)
     server = uvicorn.Server(uvicorn_config(create_app(state), cfg))
@@ -252,8 +255,9 @@ def test_cascade_policy_answers_each_image_at_its_exit_stage(run_folder, tmp_pat
             assert a['class'] == int(model(xi[None], k=a['k']).argmax())
 
 
-def test_adaptive_policy_lowers_k_as_the_queue_grows_and_climbs_back(run_folder):
-    """Simulated time: a forward at k costs k ms; the batch target is (50 - 10) / 2 = 20 ms."""
+def test_adaptive_policy_drops_k_at_the_first_backlogged_batch_and_climbs_only_once_drained(run_folder):
+    """Simulated time: a forward at k costs k ms whatever the batch size; the target is 50 ms (down above 45,
+    up to what fits in 35), and an image waits for the batch in progress, then for its own."""
     model, _ = load_for_eval(resolve_checkpoint(run_folder))
     now = [0.0]
     policy = AdaptivePolicy(model, None, target_ms=50.0, max_batch=8, max_wait_ms=10.0,
@@ -266,10 +270,63 @@ def test_adaptive_policy_lowers_k_as_the_queue_grows_and_climbs_back(run_folder)
 
     model.forward = costed  # type: ignore[method-assign]
     x = torch.randn(8, 3, 16, 16)
-    quiet = [policy.run(x, queue_length=0).ks[0] for _ in range(5)]
-    busy = [policy.run(x, queue_length=8 * 6).ks[0] for _ in range(5)]  # 6 full batches waiting: 4 ms x 7 > 20
-    again = [policy.run(x, queue_length=0).ks[0] for _ in range(10)]
-    assert quiet == [4] * 5 and busy[-1] == 2 and again[-1] == 4
+
+    def serve(backlog: Backlog, times: int) -> List[int]:
+        return [policy.run(x, backlog).ks[0] for _ in range(times)]
+
+    quiet = serve(Backlog(0), 5)                        # 2 batches x 4 ms = 8 ms
+    flooded = serve(Backlog(8 * 12), 3)                 # 13 batches x 4 ms = 52 ms > 45: k = 2 at once
+    draining = serve(Backlog(8 * 5), 6) + serve(Backlog(1), 2)  # 6 x 4 ms would fit, but images still wait
+    old_head = serve(Backlog(0, waited_ms=44.0), 2)     # its oldest image waited 44 ms: 44 + 4 > 45
+    drained = serve(Backlog(0), 4)                      # the third agreeing batch climbs
+    assert quiet == [4] * 5 and flooded == [2] * 3 and draining == [2] * 8
+    assert old_head == [2, 2] and drained == [2, 2, 4, 4]
+    # a cycle that costs 4 ms besides the forward: 7 x (4 + 4) ms = 56 ms > 45 with 6 batches queued; 7 x 6 fits
+    assert serve(Backlog(8 * 6, overhead_ms=4.0), 1) == [2]
+
+
+def test_a_request_predicted_to_miss_the_target_is_refused_at_once_and_counted():
+    """Batches at the cheapest choice take 10 ms: a request waits for the batch in progress and its own."""
+    class Cheapest(ServingPolicy):
+        def fastest_batch_ms(self):
+            return 10.0
+
+    now = [100.0]
+    metrics = ServerMetrics([2], 8, 25.0)
+    batcher = DynamicBatcher(Cheapest(None, None, target_ms=25.0, max_batch=8, max_wait_ms=1.0), metrics,
+                             max_batch=8, max_wait_ms=1.0, target_ms=25.0, clock=lambda: now[0])
+    batcher.refuse_if_late(64, arrival=now[0] - 0.020)         # idle: no wait of its own, 20 ms waited already
+    with pytest.raises(InputError, match='predicted answer after 26 ms'):
+        batcher.refuse_if_late(1, arrival=now[0] - 0.026)      # late before it reached the batcher
+    batcher._running = True                                    # a batch in progress from here on
+    batcher.refuse_if_late(8, arrival=now[0])                  # 2 batches x 10 ms = 20 ms <= 25
+    with pytest.raises(InputError, match='predicted answer after 30 ms, beyond the 25 ms') as e:
+        batcher.refuse_if_late(8, arrival=now[0] - 0.010)      # waited 10 ms already
+    with pytest.raises(InputError, match='predicted answer after 30 ms'):
+        batcher.refuse_if_late(9, arrival=now[0])              # 9 images fill 2 batches after the one running
+    assert e.value.status == 503 and metrics.shed_images == 18
+    assert 'hydravit_shed_images_total 18' in metrics.render()
+    lenient = DynamicBatcher(Cheapest(None, None, target_ms=25.0, max_batch=8, max_wait_ms=1.0), metrics,
+                             max_batch=8, max_wait_ms=1.0, target_ms=25.0, shed_late=False, clock=lambda: now[0])
+    lenient._running = True
+    lenient.refuse_if_late(64, arrival=now[0] - 1.0)           # shedding off: queued up to --max-queue instead
+
+
+def test_x_request_start_moves_the_arrival_back_but_never_forward():
+    from starlette.requests import Request
+
+    def arrival(value: str) -> float:
+        scope = {'type': 'http', 'method': 'POST', 'path': '/predict',
+                 'headers': [(b'x-request-start', value.encode())]}
+        return request_arrival(Request(scope), handler_start=1000.0)
+
+    now = time.time()
+    assert arrival(f't={now - 0.25:.6f}') == pytest.approx(1000.0 - 0.25, abs=0.05)   # seconds, as nginx writes it
+    assert arrival(f'{(now - 0.5) * 1e3:.0f}') == pytest.approx(1000.0 - 0.5, abs=0.05)  # milliseconds
+    assert arrival(f'{(now - 0.5) * 1e6:.0f}') == pytest.approx(1000.0 - 0.5, abs=0.05)  # microseconds
+    assert arrival(f't={now + 60:.3f}') == 1000.0                                       # from the future: ignored
+    assert arrival('t=soon') == 1000.0 and arrival('t=nan') == 1000.0
+    assert arrival('t=1') == 1000.0 - 3600.0                                            # clamped to an hour
 
 
 # ------------------------------------------------------------------------------------------ load test
@@ -290,7 +347,8 @@ def test_schedules_and_urls_are_bounded_and_checked():
 def test_loadtest_sends_the_schedule_and_the_server_counts_it(run_folder):
     files = images(6, seed=2)
     phases = parse_schedule('rps:40x1s,80x0.5s')
-    with live_server(run_folder, policy='fixed:4', max_batch=8, max_wait_ms=2.0, latency_ms=500.0) as (url, _, __):
+    with live_server(run_folder, policy='fixed:4', max_batch=8, max_wait_ms=2.0, latency_ms=500.0,
+                     shed_late=False) as (url, _, __):  # every request counted, however busy the machine
         classes = [httpx.post(url + '/predict', content=d).json()['class'] for d in files]
         right = [(d, c) for d, c in zip(files, classes, strict=True)]     # labels the server agrees with
         wrong = [(d, (c + 1) % 10) for d, c in right]                     # labels it never gives
@@ -395,23 +453,44 @@ def test_workers_each_load_their_own_model_and_answer(run_folder):
 
 
 # ------------------------------------------------------------------------------------------ Ray Serve
+def _free_port() -> int:
+    sock = bind_socket('127.0.0.1', 0)
+    try:
+        return sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
 @pytest.mark.slow
 def test_the_ray_serve_deployment_answers_like_the_server(run_folder):
-    serve = pytest.importorskip('ray.serve', reason='ray[serve] is not installed here: the optional Ray Serve '
-                                                    'deployment (hydravit.serving.ray_app) is untested without it')
+    serve = pytest.importorskip('ray.serve', reason='ray[serve] is not installed here (pip install hydravit[ray]): '
+                                                    'the optional Ray Serve deployment (hydravit.serving.ray_app) '
+                                                    'is untested without it')
     import ray
 
     from hydravit.serving.ray_app import deployment
 
-    ray.init(num_cpus=1, include_dashboard=False)
+    data = images(2, seed=5)
+    with live_server(run_folder, policy='fixed:2') as (url, _, __):
+        expected = [httpx.post(url + '/predict', content=d, timeout=30).json() for d in data]
+    port = _free_port()
+    # one local node on loopback: no dashboard, no usage report, the HTTP proxy on a free loopback port
+    ray.init(num_cpus=1, include_dashboard=False, _node_ip_address='127.0.0.1', log_to_driver=False,
+             configure_logging=False, runtime_env={'env_vars': {'PYTHONPATH': SRC, 'OMP_NUM_THREADS': '1'}})
     try:
+        serve.start(http_options={'host': '127.0.0.1', 'port': port})
         serve.run(deployment(ServeConfig(checkpoint=str(run_folder), latency_ms=500.0, policy='fixed:2')),
                   route_prefix='/')
-        data = images(1)[0]
-        with live_server(run_folder, policy='fixed:2') as (url, _, __):
-            expected = httpx.post(url + '/predict', content=data).json()['class']
-        r = httpx.post('http://127.0.0.1:8000/predict', content=data, timeout=30)
-        assert r.status_code == 200 and r.json()['class'] == expected and r.json()['k'] == 2
+        with httpx.Client(base_url=f'http://127.0.0.1:{port}', timeout=30, trust_env=False) as client:
+            answers = [client.post('/predict', content=d) for d in data]
+            info = client.get('/info').json()
     finally:
         serve.shutdown()
         ray.shutdown()
+    assert [a.status_code for a in answers] == [200, 200]
+    for got, want in zip((a.json() for a in answers), expected, strict=True):
+        assert (got['class'], got['k']) == (want['class'], 2)
+        assert [t['class'] for t in got['top5']] == [t['class'] for t in want['top5']]
+        assert [t['probability'] for t in got['top5']] == pytest.approx([t['probability'] for t in want['top5']],
+                                                                         abs=1e-5)
+    assert info['policy'] == 'fixed:2' and info['k_choices'] == [2, 4]

@@ -81,6 +81,24 @@ def test_prune_intermediate_layers_keeps_the_features(model):
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
+def test_a_pruned_model_saves_and_reloads_or_is_refused(randomize, tmp_path):
+    from hydravit.storage.checkpoint import load_model
+    model = randomize(HydraViT(**TINY, k_choices=(2, 4))).eval()
+    model.prune_intermediate_layers([0], prune_head=False)  # fewer blocks: the config's depth says so
+    path = save_model(tmp_path / 'pruned.safetensors', model)
+    reloaded = load_model(path).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert len(reloaded.blocks) == 1 and torch.equal(reloaded(x, k=2), model(x, k=2))
+    for kwargs, problem in ((dict(), "global_pool '' where the config has 'token'"),
+                            (dict(prune_head=False, prune_norm=True), 'the final norm was dropped')):
+        pruned = HydraViT(**TINY, k_choices=(2, 4))
+        pruned.prune_intermediate_layers([0], **kwargs)  # nothing in the config records these: no checkpoint
+        with pytest.raises(ValueError, match=rf'refusing to write .*\({problem}\).*save it before pruning'):
+            save_model(path, pruned)
+        assert torch.equal(load_model(path)(x, k=2), reloaded(x, k=2))  # the file already there is untouched
+
+
 def test_features_only_through_timm_with_selectable_k(randomize):
     net = timm.create_model('hydravit_test_patch4_16', features_only=True, out_indices=(0, 1), feature_k=2)
     assert isinstance(net, KFeatureGetterNet)
@@ -189,6 +207,20 @@ def test_dynamic_img_size_equals_timm(randomize):
             assert (model(x, k=3) - vit(x)).abs().max().item() <= 1e-5
     with pytest.raises(ValueError, match=r'H and W multiples of the patch size 4 \(dynamic_img_size\), got \(1, 3, 18'):
         model(torch.randn(1, 3, 18, 18))
+
+
+def test_separate_vits_take_dynamic_img_size_like_timm(randomize):
+    model = randomize(create_model('hydravit_test_patch4_16', nesting='separate', k_choices=(2, 4),
+                                   dynamic_img_size=True)).eval()
+    for k in (2, 4):
+        vit = extract_subnet(model, k)  # timm's own VisionTransformer, resampling its position embedding itself
+        assert vit.dynamic_img_size and model.subnet(k).dynamic_img_size
+        for size in (24, 8):
+            x = torch.randn(2, 3, size, size)
+            with torch.no_grad():
+                assert (model(x, k=k) - vit(x)).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match=r'multiples of the patch size 4 \(dynamic_img_size\)'):
+        model(torch.randn(1, 3, 18, 18), k=2)
 
 
 def test_pretrained_file_loads_at_a_new_resolution(tmp_path, randomize):

@@ -34,13 +34,15 @@ COMMANDS = {
 
 
 def add_model_source(parser: argparse.ArgumentParser, default_model: Optional[str] = None, *,
-                     required: bool = False, checkpoint_help: str = 'a HydraViT .safetensors checkpoint') -> None:
-    """``--model NAME | --checkpoint PATH``: the two ways every command that needs a model accepts one."""
-    group = parser.add_mutually_exclusive_group(required=required)
-    default = ' (default: %(default)s)' if default_model else ''
-    group.add_argument('--model', default=default_model, help=f'registered model name{default}')
-    group.add_argument('--checkpoint', help=f'{checkpoint_help}, instead of --model (also a timm train.py '
-                       'checkpoint or a timm ViT state dict: .pth, .pth.tar, .bin, .safetensors)')
+                     checkpoint_help: str = 'a HydraViT .safetensors checkpoint') -> None:
+    """``--model NAME``, ``--checkpoint PATH`` or both (the file's weights in that architecture, which must agree
+    with the file's): the ways every command that needs a model accepts one (:func:`model_from_args`)."""
+    default = f' (default: {default_model})' if default_model else ''
+    parser.add_argument('--model', help=f'registered model name{default}; with --checkpoint, the architecture of '
+                        'a file that stores none (a timm checkpoint or state dict), checked against its shapes')
+    parser.add_argument('--checkpoint', help=f'{checkpoint_help} (also a timm train.py checkpoint or a timm ViT '
+                        'state dict: .pth, .pth.tar, .bin, .safetensors)')
+    parser.set_defaults(default_model=default_model)
     add_ema_choice(parser)
 
 
@@ -52,8 +54,16 @@ def add_ema_choice(parser: argparse.ArgumentParser) -> None:
 
 
 def model_from_args(args: argparse.Namespace) -> Tuple[UniversalModel, Optional[Path]]:
-    """The model of ``--model NAME`` or ``--checkpoint PATH`` (a file or a run folder), and the checkpoint file."""
-    return load_or_create_model(args.model, args.checkpoint, use_ema=getattr(args, 'use_ema', None))
+    """The model of ``--model NAME`` and/or ``--checkpoint PATH`` (a file or a run folder), and the checkpoint file.
+
+    The one loader of every subcommand taking a model: :func:`hydravit.storage.run_folder.load_or_create_model`.
+    """
+    return load_or_create_model(model_name_from_args(args), args.checkpoint, use_ema=getattr(args, 'use_ema', None))
+
+
+def model_name_from_args(args: argparse.Namespace) -> Optional[str]:
+    """``--model``, else the subcommand's default model when no ``--checkpoint`` is given."""
+    return args.model or (None if args.checkpoint else getattr(args, 'default_model', None))
 
 
 class StrictParser(argparse.ArgumentParser):

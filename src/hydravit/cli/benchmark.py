@@ -23,7 +23,7 @@ from ..storage.results import (
     write_results,
 )
 from ..training.memory import train_memory_cases, train_memory_table
-from . import add_model_source, model_from_args
+from . import add_model_source, model_from_args, model_name_from_args
 from .common import add_threads, apply_threads, check_writable, progress
 from .compile_flags import add_compile_flags, compile_options_from_args
 
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     ks = parse_ks(args.k, num_heads=model.config.num_heads)
     if ks:
         model = _with_ks(model, ks)
-    name = checkpoint or args.model
+    name = checkpoint or model_name_from_args(args)
     if args.train_memory:
         return _train_memory(args, model, str(name), device)
     logger.info(f'{name}: ' + table_context(

@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        description='Measure every subnetwork on this device (or read a benchmark file) and print '
                                    'the most accurate k that meets the budget, with the numbers behind the choice. '
                                    'Exit status 2 when no subnetwork fits.')
-    add_model_source(p, required=True, checkpoint_help='a HydraViT .safetensors checkpoint or a training run folder')
+    add_model_source(p, checkpoint_help='a HydraViT .safetensors checkpoint or a training run folder')
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument('--latency-ms', type=float, help='max time per batch of --batch-size (ms)')
     budget.add_argument('--throughput', type=float, help='min images/s at --batch-size')

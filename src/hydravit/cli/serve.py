@@ -24,6 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--max-wait-ms', type=float, default=5.0,
                    help='how long a batch waits for more images after its first (default: %(default)s)')
     p.add_argument('--max-queue', type=int, default=4096, help='queued images before 503 (default: %(default)s)')
+    p.add_argument('--no-shed', dest='shed_late', action='store_false',
+                   help='queue every request (up to --max-queue) instead of answering 503 at once to one predicted '
+                        'to miss --latency-ms even at the cheapest batch')
     p.add_argument('--max-body-bytes', type=int, default=8 * 1024 * 1024,
                    help='largest request body accepted, 413 above (default: %(default)s)')
     p.add_argument('--max-images-per-request', type=int, default=64, help='largest batch in one request')
@@ -45,6 +48,7 @@ def config_from_args(args: argparse.Namespace):
                        port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                        max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                        max_images_per_request=args.max_images_per_request, strict_input=args.strict_input,
+                       shed_late=args.shed_late,
                        model=args.model, results=args.results, workers=args.workers, use_ema=args.use_ema).check()
 
 

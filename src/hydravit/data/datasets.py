@@ -308,6 +308,8 @@ def _reader_classes(dataset: Any) -> Tuple[Optional[Dict[str, int]], Optional[Li
         return dict(reader.class_to_idx), [int(t) for _, t in reader.samples]  # timm folder reader
     if reader is not None and hasattr(reader, 'class_name_to_idx'):
         return dict(reader.class_name_to_idx), [int(t) for t in reader.targets]  # timm tar reader
+    if reader is not None and hasattr(reader, 'class_to_idx') and hasattr(reader, 'iter_targets'):
+        return dict(reader.class_to_idx), [int(t) for t in reader.iter_targets()]  # timm hfds reader
     if hasattr(dataset, 'class_to_idx') and hasattr(dataset, 'targets'):
         return dict(dataset.class_to_idx), [int(t) for t in dataset.targets]  # torchvision
     targets = getattr(dataset, 'targets', None)
@@ -357,7 +359,10 @@ class TimmDataset(Dataset):
         if labels is None:
             raise DataError(f'{name}: timm gives no labels for its samples up front; cannot check its classes')
         if reader_names is not None:
-            folders = sorted(reader_names)
+            # timm's readers number classes in natural order (a, b9, b10): sorted names, as ImageFolder does; a
+            # torchvision set's labels are its own (Fashion-MNIST: T-shirt/top is 0), so they keep their order
+            from_reader = getattr(self.dataset, 'reader', None) is not None
+            folders = sorted(reader_names) if from_reader else sorted(reader_names, key=reader_names.__getitem__)
             self.classes, folder_to_label = _map_folders(Path(str(root)), folders, class_names, num_classes)
             table = {reader_names[f]: folder_to_label[f] for f in folders}
             if any(old != new for old, new in table.items()):

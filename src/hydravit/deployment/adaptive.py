@@ -41,7 +41,13 @@ class LatencyController:
 
     Prediction for k: ``load * base[k]``. The current k is kept while its prediction stays within
     ``down_fraction`` of the target; a move (down at once, up after ``up_patience`` agreeing batches)
-    goes to the largest k predicted within ``up_fraction`` -- the gap between the two is the hysteresis.
+    goes to the largest k predicted within ``up_fraction`` -- the gap between the two is the hysteresis;
+    with ``climb_steps`` an up-move goes at most that many k up.
+
+    A server also tells :meth:`choose` what is waiting: ``queued_batches`` full batches behind this one and
+    ``waited_ms`` already spent by its oldest image. The prediction is then the later of the oldest image's
+    answer (``waited + p``) and the last queued one's (``(1 + queued) * p``), so a backlog lowers k at the
+    next batch, and k climbs (or probes) only once the queue is drained (by default: fits in one batch).
     """
 
     def __init__(
@@ -56,6 +62,7 @@ class LatencyController:
             probe_every: int = 50,
             load_smoothing: float = 0.5,
             base_smoothing: float = 0.1,
+            climb_steps: Optional[int] = None,
     ) -> None:
         self.ks = list(check_k_choices(ks, what='ks'))
         if not self.ks:
@@ -73,6 +80,9 @@ class LatencyController:
         self.base = {k: self._checked(k, base_latency_ms[k]) for k in self.ks}
         self.up_fraction, self.down_fraction, self.up_patience = up_fraction, down_fraction, max(1, int(up_patience))
         self.probe_every = int(probe_every)
+        if climb_steps is not None and climb_steps < 1:
+            raise ValueError(f'climb_steps must be >= 1 (or None: up to the largest k that fits), got {climb_steps}')
+        self.climb_steps = climb_steps
         self.load_smoothing, self.base_smoothing = load_smoothing, base_smoothing
         self.load = 1.0
         self.current = self._largest_within(self.up_fraction)
@@ -85,30 +95,48 @@ class LatencyController:
             raise ValueError(f'latency for k={k} must be a finite number > 0 ms, got {latency_ms!r}')
         return float(latency_ms)
 
-    def predicted_ms(self, k: int) -> float:
-        return self.load * self.base[k]
+    def predicted_ms(self, k: int, queued_batches: float = 0.0, waited_ms: float = 0.0,
+                     overhead_ms: float = 0.0) -> float:
+        """Time until the last image now waiting is answered at ``k`` (one batch when nothing waits);
+        ``overhead_ms`` is what each batch cycle costs besides the forward pass."""
+        batch = self.load * self.base[k]
+        return max(waited_ms + batch, (1 + queued_batches) * (batch + overhead_ms))
 
-    def _largest_within(self, fraction: float) -> int:
-        fits = [k for k in self.ks if self.predicted_ms(k) <= fraction * self.target_ms]
+    def _largest_within(self, fraction: float, *backlog: float) -> int:
+        fits = [k for k in self.ks if self.predicted_ms(k, *backlog) <= fraction * self.target_ms]
         return max(fits) if fits else self.ks[0]
 
-    def choose(self) -> int:
-        """The k for the next batch (always one of :attr:`ks`)."""
+    def choose(self, queued_batches: float = 0.0, waited_ms: float = 0.0, overhead_ms: float = 0.0,
+               drained: Optional[bool] = None) -> int:
+        """The k for the next batch (always one of :attr:`ks`), given the backlog behind it (see the class);
+        ``drained`` (default: at most one batch queued) says whether k may climb now."""
+        if not all(math.isfinite(v) and v >= 0 for v in (queued_batches, waited_ms, overhead_ms)):
+            raise ValueError(f'need finite queued_batches, waited_ms and overhead_ms >= 0, got {queued_batches}, '
+                             f'{waited_ms}, {overhead_ms}')
         self._step += 1
-        target = self._largest_within(self.up_fraction)
-        if self.predicted_ms(self.current) > self.down_fraction * self.target_ms:
+        backlog = (queued_batches, waited_ms, overhead_ms)
+        drained = queued_batches <= 1 if drained is None else drained
+        target = self._largest_within(self.up_fraction, *backlog)
+        if self.predicted_ms(self.current, *backlog) > self.down_fraction * self.target_ms:
             self.current, self._streak = min(target, self.current), 0
-        elif target > self.current:
+        elif target > self.current and drained:
             self._streak += 1
             if self._streak >= self.up_patience:
+                if self.climb_steps is not None:  # a few k at a time: a backlog shows before the largest is reached
+                    target = self.ks[min(self.ks.index(self.current) + self.climb_steps, self.ks.index(target))]
                 self.current, self._streak = target, 0
         else:
             self._streak = 0
-        if self.probe_every > 0 and self._step % self.probe_every == 0 and self.current < self.ks[-1]:
+        if (drained and self.probe_every > 0 and self._step % self.probe_every == 0
+                and self.current < self.ks[-1]):
             larger = self.ks[self.ks.index(self.current) + 1]
-            if self.predicted_ms(larger) <= self.target_ms:
+            if self.predicted_ms(larger, *backlog) <= self.target_ms:
                 return larger
         return self.current
+
+    def batch_ms(self, k: int) -> float:
+        """Predicted time of one batch at ``k`` now (base latency times the current load factor)."""
+        return self.load * self.base[k]
 
     def observe(self, k: int, latency_ms: float) -> None:
         """Update the load factor and k's base latency from one measured batch."""

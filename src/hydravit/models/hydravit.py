@@ -160,7 +160,8 @@ class HydraViT(KChoices, nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        # on the CPU even under a meta-device context (weights built without storage, to be loaded)
+        dpr = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()
         self.blocks = nn.ModuleList([SlicedBlock(cfg, dpr[i]) for i in range(depth)])
         self.feature_info = [dict(module=f'blocks.{i}', num_chs=dim, reduction=cfg.patch_size) for i in range(depth)]
         use_fc_norm = global_pool == 'avg'  # timm's default placement of the final norm

@@ -26,14 +26,19 @@ def member_config(config: HydraViTConfig, k: int) -> HydraViTConfig:
 
 
 class SeparateViTs(KChoices, nn.Module):
-    """One ordinary ViT per k (``subnets.<k>``); takes the arguments of :class:`HydraViT`."""
+    """One ordinary ViT per k (``subnets.<k>``); takes the arguments of :class:`HydraViT`.
 
-    def __init__(self, **kwargs: Any) -> None:
+    ``dynamic_img_size`` is passed to every member, so each accepts any multiple of the patch size.
+    """
+
+    def __init__(self, dynamic_img_size: bool = False, **kwargs: Any) -> None:
         super().__init__()
         sizes: Dict[str, int] = {name: square_size(name, kwargs[name])
                                  for name in ('img_size', 'patch_size') if name in kwargs}
         self.config = HydraViTConfig(**{**kwargs, **sizes, 'nesting': 'separate'})
-        members = {str(k): HydraViT(**member_config(self.config, k).to_dict()) for k in self.config.k_choices}
+        self.dynamic_img_size = dynamic_img_size
+        members = {str(k): HydraViT(**member_config(self.config, k).to_dict(), dynamic_img_size=dynamic_img_size)
+                   for k in self.config.k_choices}
         self.subnets = nn.ModuleDict(members)
         widest = members[str(self.config.k_choices[-1])]
         # timm attribute names, so timm utilities (optimizer factory, EMA, data config) work unchanged

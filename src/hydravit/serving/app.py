@@ -3,7 +3,8 @@
 ``POST /predict`` takes one image as the raw request body, one or several images as multipart fields
 ``file`` (several = a batch), or JSON ``{"images": [base64, ...]}``; ``?k=K`` pins a trained k instead of
 the policy's choice. It answers per image: class (index and name), the top-5 probabilities, the k used
-and the server-side latency. Every bad request gets a 4xx naming the problem and the server goes on.
+and the server-side latency. Every bad request gets a 4xx naming the problem and the server goes on; a
+request predicted to miss the latency target gets 503 at once (see :mod:`.batcher`).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import base64
 import binascii
 import json
 import logging
+import math
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -49,6 +51,7 @@ class ServerState:
     max_queue: int = 4096
     max_body_bytes: int = 8 * 1024 * 1024
     max_images_per_request: int = 64
+    shed_late: bool = True
     class_names: Optional[Sequence[str]] = None
     accuracy: Dict[int, Dict[str, Any]] = field(default_factory=dict)
     model_name: str = ''
@@ -57,7 +60,8 @@ class ServerState:
     def __post_init__(self) -> None:
         self.metrics = ServerMetrics(self.model.k_choices, self.max_batch, self.target_ms)
         self.batcher = DynamicBatcher(self.policy, self.metrics, max_batch=self.max_batch,
-                                      max_wait_ms=self.max_wait_ms, max_queue=self.max_queue)
+                                      max_wait_ms=self.max_wait_ms, max_queue=self.max_queue,
+                                      target_ms=self.target_ms, shed_late=self.shed_late)
 
     def info(self) -> Dict[str, Any]:
         cfg = self.model.config
@@ -72,6 +76,7 @@ class ServerState:
                 'k_choices': list(self.model.k_choices), 'per_k': per_k, 'results_file': results,
                 'latency_target_ms': self.target_ms, 'max_batch': self.max_batch, 'max_wait_ms': self.max_wait_ms,
                 'max_body_bytes': self.max_body_bytes, 'max_images_per_request': self.max_images_per_request,
+                'shed_late': self.shed_late,
                 'preprocessing': self.decoder.describe(), **self.policy.describe()}
 
 
@@ -156,6 +161,33 @@ async def _decode(decoder: ImageDecoder, data: bytes, name: str) -> torch.Tensor
     return await asyncio.get_running_loop().run_in_executor(None, decoder, data, name)
 
 
+REQUEST_START = 'x-request-start'
+MAX_QUEUEING_S = 3600.0
+
+
+def request_arrival(request: Request, handler_start: float) -> float:
+    """When the request reached the server, on the ``perf_counter`` clock: the handler's start, or earlier where
+    a front proxy or the load generator stamped it (``X-Request-Start: t=SECONDS`` since the epoch, as nginx
+    writes it; milliseconds and microseconds are recognised by size). Under load a request can wait long
+    before its handler runs; that wait counts against the target too. A stamp in the future or unreadable
+    is ignored, one older than an hour is clamped: a client can only make its own request look late."""
+    raw = request.headers.get(REQUEST_START)
+    if not raw:
+        return handler_start
+    try:
+        stamp = float(raw.strip().removeprefix('t='))
+    except ValueError:
+        return handler_start
+    for scale in (1.0, 1e3, 1e6):  # seconds, milliseconds, microseconds since the epoch
+        if stamp / scale < 1e10:
+            stamp /= scale
+            break
+    waited = time.time() - stamp
+    if not math.isfinite(waited) or waited <= 0:
+        return handler_start
+    return handler_start - min(waited, MAX_QUEUEING_S)
+
+
 def _pinned_k(request: Request, model: UniversalModel) -> Optional[int]:
     raw = request.query_params.get('k')
     if raw is None:
@@ -202,10 +234,12 @@ def create_app(state: ServerState) -> FastAPI:
         start = time.perf_counter()
         try:
             k = _pinned_k(request, state.model)
+            arrival = request_arrival(request, start)
             body = await _read_body(request, state.max_body_bytes)
+            state.batcher.refuse_if_late(1, arrival)  # before decoding: refusing an overload must stay cheap
             files = await _images_of(request, body, state.max_images_per_request)
             images = [await _decode(state.decoder, data, name) for name, data in files]
-            predictions = await state.batcher.submit(images, k)
+            predictions = await state.batcher.submit(images, k, arrival=arrival)
         except InputError as e:
             state.metrics.count_request('/predict', e.status)
             return _error(e.status, str(e))

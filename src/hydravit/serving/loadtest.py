@@ -123,9 +123,13 @@ def _arrivals(phases: Sequence[Phase], arrival: str, seed: int) -> List[Tuple[in
 
 
 def _request(sample: Sequence[Tuple[bytes, int]]) -> Dict[str, Any]:
+    """One image as the raw body, several as a multipart batch; stamped with the send time (``X-Request-Start``,
+    as a front proxy does) so the server counts the time a request waited before its handler ran."""
+    headers = {'x-request-start': f't={time.time():.6f}'}
     if len(sample) == 1:
-        return dict(content=sample[0][0], headers={'content-type': 'image/png'})
-    return dict(files=[('file', (f'{i}.png', data, 'image/png')) for i, (data, _) in enumerate(sample)])
+        return dict(content=sample[0][0], headers={**headers, 'content-type': 'image/png'})
+    return dict(files=[('file', (f'{i}.png', data, 'image/png')) for i, (data, _) in enumerate(sample)],
+                headers=headers)
 
 
 def _answers(body: Dict[str, Any]) -> List[Dict[str, Any]]:

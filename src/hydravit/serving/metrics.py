@@ -70,6 +70,7 @@ class ServerMetrics:
         self.latency_count = 0
         self.forward_sum_s = 0.0
         self.queue_length = 0
+        self.shed_images = 0                        # refused with 503 (predicted late, or queue full)
         self.current_k: Optional[int] = None
 
     def count_request(self, endpoint: str, status: int) -> None:
@@ -110,6 +111,8 @@ class ServerMetrics:
         lines.append(f'hydravit_images_within_target_total {self.within_target}')
         head('hydravit_latency_target_seconds', 'gauge', 'the latency target')
         lines.append(f'hydravit_latency_target_seconds {self.target_ms / 1e3:g}')
+        head('hydravit_shed_images_total', 'counter', 'images refused with 503: late or queue full')
+        lines.append(f'hydravit_shed_images_total {self.shed_images}')
         head('hydravit_batch_size', 'histogram', 'images per model batch')
         lines += self.batch_size.lines('hydravit_batch_size')
         head('hydravit_k', 'histogram', 'heads k that answered each image')

@@ -1,12 +1,15 @@
 """Serving policies: which subnetwork answers each batch. Plug-ins with a registry (``--policy NAME[:ARG]``).
 
-A policy sees one batch at a time, from the batcher's single inference thread, together with the queue
-length behind it; it runs the forward pass itself (a cascade runs several k on one batch) and returns the
-logits, the k that answered each image and the time the forward took.
+A policy sees one batch at a time, from the batcher's single inference thread, together with the
+:class:`Backlog` behind it (images queued, in the same unit as ``max_batch``, and how long the batch's
+oldest image has waited); it runs the forward pass itself (a cascade runs several k on one batch) and
+returns the logits, the k that answered each image and the time the forward took. A policy that can
+predict its cheapest batch (:meth:`ServingPolicy.fastest_batch_ms`) lets the batcher refuse, at once, a
+request that could not be answered within the target anyway.
 
-- ``adaptive``: the latency controller of :mod:`hydravit.deployment.adaptive`, told how long draining the
-  work present now would take at the k it served (forward latency x batches queued), so a growing queue
-  pushes k down just as a slower machine does.
+- ``adaptive``: the latency controller of :mod:`hydravit.deployment.adaptive`, told the backlog: k drops at
+  the next batch when the queue (or the oldest image's wait) would miss the target at the current k, and
+  climbs only once the queue is empty.
 - ``fixed:K``: always K.
 - ``cascade:POLICY.json``: the early-exit cascade of :mod:`hydravit.cascade`, through :func:`load_cascade_runner`
   (the one place that knows that package); each image answers at the stage it exits.
@@ -14,18 +17,20 @@ logits, the k that answered each image and the time the forward took.
 from __future__ import annotations
 
 import math
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 
 from ..deployment.adaptive import LatencyController, calibrate_latencies
 from ..models.factory import UniversalModel
 
-__all__ = ['BatchOutput', 'ServingPolicy', 'AdaptivePolicy', 'FixedPolicy', 'CascadeServingPolicy',
-           'SERVING_POLICIES', 'register_serving_policy', 'parse_policy', 'create_policy',
+__all__ = ['Backlog', 'BatchCost', 'BatchOutput', 'ServingPolicy', 'AdaptivePolicy', 'FixedPolicy',
+           'CascadeServingPolicy', 'SERVING_POLICIES', 'register_serving_policy', 'parse_policy', 'create_policy',
            'load_cascade_runner']
 
 Clock = Callable[[], float]
@@ -36,6 +41,54 @@ class BatchOutput:
     logits: torch.Tensor          # (N, classes)
     ks: List[int]                 # the k that answered each image
     forward_ms: float
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """What waits behind a batch when it starts: ``queued`` images (not batches), the age of its oldest image,
+    and the time a batch cycle spends outside the forward pass (measured by the batcher)."""
+    queued: int = 0
+    waited_ms: float = 0.0
+    overhead_ms: float = 0.0
+
+
+class BatchCost:
+    """Forward time at k of a batch of n images, from calibrated times of one image and of a full batch.
+
+    Linear in n between the two (a forward has a fixed cost plus a cost per image), so a half-empty batch
+    at low load is not read as a faster machine. ``load`` is the median measured / predicted ratio of the
+    last ``window`` batches: one slow batch (a preempted thread, a first call) does not move it.
+    """
+
+    def __init__(self, one_ms: Dict[int, float], full_ms: Dict[int, float], max_batch: int, window: int = 9) -> None:
+        self.one, self.full, self.max_batch = dict(one_ms), dict(full_ms), max_batch
+        self._ratios: Deque[float] = deque(maxlen=window)
+
+    @property
+    def load(self) -> float:
+        return statistics.median(self._ratios) if self._ratios else 1.0
+
+    @classmethod
+    def calibrate(cls, model: UniversalModel, ks: Sequence[int], max_batch: int,
+                  clock: Clock = time.perf_counter) -> BatchCost:
+        full = calibrate_latencies(model, _batch_of(model, max_batch), ks, clock=clock)
+        one = calibrate_latencies(model, _batch_of(model, 1), ks, clock=clock) if max_batch > 1 else full
+        return cls({k: min(one[k], full[k]) for k in ks}, full, max_batch)
+
+    def base_ms(self, k: int, n: int) -> float:
+        if self.max_batch == 1:
+            return self.full[k]
+        return self.one[k] + (self.full[k] - self.one[k]) * (min(n, self.max_batch) - 1) / (self.max_batch - 1)
+
+    def as_full_batch(self, k: int, n: int, ms: float) -> float:
+        """A measured time of ``n`` images scaled to a full batch."""
+        return ms * self.full[k] / self.base_ms(k, n)
+
+    def observe(self, k: int, n: int, ms: float) -> None:
+        self._ratios.append(max(ms, 1e-3) / self.base_ms(k, n))
+
+    def batch_ms(self, k: int) -> float:
+        return self.load * self.full[k]
 
 
 def timed_forward(model: UniversalModel, x: torch.Tensor, k: int, clock: Clock = time.perf_counter
@@ -57,8 +110,12 @@ class ServingPolicy:
         self.model, self.target_ms, self.max_batch, self.max_wait_ms = model, target_ms, max_batch, max_wait_ms
         self.clock = clock
 
-    def run(self, x: torch.Tensor, queue_length: int) -> BatchOutput:
+    def run(self, x: torch.Tensor, backlog: Backlog) -> BatchOutput:
         raise NotImplementedError
+
+    def fastest_batch_ms(self) -> Optional[float]:
+        """Predicted time of a full batch at the cheapest choice this policy would make now (None: unknown)."""
+        return None
 
     def run_at(self, x: torch.Tensor, k: int) -> BatchOutput:
         """A batch whose requests asked for ``k`` (validated already): the policy is bypassed, not informed."""
@@ -114,47 +171,58 @@ def _batch_of(model: UniversalModel, n: int) -> torch.Tensor:
 
 @register_serving_policy
 class AdaptivePolicy(ServingPolicy):
-    """k per batch from :class:`LatencyController`, calibrated at start-up on full batches.
+    """k per batch from :class:`LatencyController`, calibrated at start-up on one image and on full batches.
 
-    A request waits for the batch in progress, then for its own: two forward passes plus the batcher's
-    wait, so the controller's per-batch target is ``(target_ms - max_wait_ms) / 2``. What it observes is
-    the measured forward time times the number of full batches needed to clear the queue as it stands.
+    The controller's target is the request's: it is told how many full batches wait behind this one
+    (at least one: an image arriving now waits for the batch in progress, then for its own) and how long
+    this batch's oldest image has waited already (its arrival is when its request reached the server), and
+    what a batch cycle costs besides the forward pass; k climbs only when nothing is queued behind the batch.
     """
     name = 'adaptive'
 
     def __init__(self, model: UniversalModel, arg: Optional[str], *, base_latency_ms: Optional[Dict[int, float]] = None,
-                 **kwargs) -> None:
+                 one_image_ms: Optional[Dict[int, float]] = None, **kwargs) -> None:
         super().__init__(model, arg, **kwargs)
         self.ks = list(model.k_choices)
-        self.batch_target_ms = (self.target_ms - self.max_wait_ms) / 2
-        if not self.batch_target_ms > 0:
+        if not self.target_ms > self.max_wait_ms:
             raise ValueError(f'--latency-ms {self.target_ms:g} leaves no time for inference after --max-wait-ms '
                              f'{self.max_wait_ms:g}: need latency > max-wait')
         if base_latency_ms is None:
-            base_latency_ms = calibrate_latencies(model, _batch_of(model, self.max_batch), self.ks, clock=self.clock)
-        self.base_latency_ms = dict(base_latency_ms)
-        self.controller = LatencyController(self.ks, self.batch_target_ms, self.base_latency_ms)
+            self.cost = BatchCost.calibrate(model, self.ks, self.max_batch, clock=self.clock)
+        else:  # given (tests, a known machine): without one-image times a batch costs the same at any size
+            self.cost = BatchCost(dict(one_image_ms or base_latency_ms), dict(base_latency_ms), self.max_batch)
+        self.base_latency_ms = dict(self.cost.full)
+        # one k up at a time: jumping from the smallest to the largest k under high load only builds a queue
+        self.controller = LatencyController(self.ks, self.target_ms, self.base_latency_ms, climb_steps=1)
 
-    def run(self, x: torch.Tensor, queue_length: int) -> BatchOutput:
-        k = self.controller.choose()
+    def run(self, x: torch.Tensor, backlog: Backlog) -> BatchOutput:
+        n = x.shape[0]
+        queued_batches = max(1, math.ceil(max(0, backlog.queued) / self.max_batch))
+        k = self.controller.choose(queued_batches, max(0.0, backlog.waited_ms), max(0.0, backlog.overhead_ms),
+                                   drained=backlog.queued <= 0)
         logits, ms = timed_forward(self.model, x, k, self.clock)
-        batches_to_drain = 1 + math.ceil(max(0, queue_length) / self.max_batch)
-        self.controller.observe(k, max(ms, 1e-3) * batches_to_drain)
-        return BatchOutput(logits, [k] * x.shape[0], ms)
+        self.controller.observe(k, self.cost.as_full_batch(k, n, max(ms, 1e-3)))
+        self.cost.observe(k, n, ms)
+        return BatchOutput(logits, [k] * n, ms)
+
+    def fastest_batch_ms(self) -> Optional[float]:
+        return self.cost.batch_ms(self.ks[0])
 
     def current_k(self) -> Optional[int]:
         return self.controller.current
 
     def describe(self) -> Dict[str, object]:
-        return {'policy': 'adaptive', 'batch_target_ms': round(self.batch_target_ms, 3),
-                'calibrated_ms_per_full_batch': {str(k): round(v, 3) for k, v in self.base_latency_ms.items()}}
+        return {'policy': 'adaptive',
+                'calibrated_ms_per_full_batch': {str(k): round(v, 3) for k, v in self.cost.full.items()},
+                'calibrated_ms_per_image': {str(k): round(v, 3) for k, v in self.cost.one.items()}}
 
 
 @register_serving_policy
 class FixedPolicy(ServingPolicy):
     name, needs_arg, arg_help = 'fixed', True, 'K'
 
-    def __init__(self, model: UniversalModel, arg: Optional[str], **kwargs) -> None:
+    def __init__(self, model: UniversalModel, arg: Optional[str], *, base_latency_ms: Optional[Dict[int, float]] = None,
+                 **kwargs) -> None:
         super().__init__(model, arg, **kwargs)
         try:
             k = int(str(arg))
@@ -162,9 +230,19 @@ class FixedPolicy(ServingPolicy):
             raise ValueError(f'--policy fixed:K needs an integer K, got {arg!r} (trained k: '
                              f'{list(model.k_choices)})') from None
         self.k = model.resolve_k(k)
+        if base_latency_ms is None:
+            self.cost = BatchCost.calibrate(model, [self.k], self.max_batch, clock=self.clock)
+        else:
+            self.cost = BatchCost({self.k: base_latency_ms[self.k]}, {self.k: base_latency_ms[self.k]},
+                                  self.max_batch)
 
-    def run(self, x: torch.Tensor, queue_length: int) -> BatchOutput:
-        return self.run_at(x, self.k)
+    def run(self, x: torch.Tensor, backlog: Backlog) -> BatchOutput:
+        out = self.run_at(x, self.k)
+        self.cost.observe(self.k, x.shape[0], out.forward_ms)
+        return out
+
+    def fastest_batch_ms(self) -> Optional[float]:
+        return self.cost.batch_ms(self.k)
 
     def current_k(self) -> Optional[int]:
         return self.k
@@ -201,7 +279,7 @@ class CascadeServingPolicy(ServingPolicy):
         self.path = str(arg)
         self.runner = load_cascade_runner(model, self.path)
 
-    def run(self, x: torch.Tensor, queue_length: int) -> BatchOutput:
+    def run(self, x: torch.Tensor, backlog: Backlog) -> BatchOutput:
         start = self.clock()
         with torch.inference_mode():
             logits, ks = self.runner(x)

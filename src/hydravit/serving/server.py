@@ -38,6 +38,7 @@ class ServeConfig:
     max_queue: int = 4096
     max_body_bytes: int = 8 * 1024 * 1024
     max_images_per_request: int = 64
+    shed_late: bool = True            # 503 at once for a request predicted to miss the target
     strict_input: bool = False
     model: Optional[str] = None       # registered model whose preprocessing applies (old checkpoints)
     results: Optional[str] = None     # per-k accuracy file (default: the one next to the checkpoint)
@@ -74,7 +75,8 @@ def build_state(cfg: ServeConfig) -> ServerState:
     return ServerState(model=model, policy=policy, decoder=ImageDecoder(data_config, strict=cfg.strict_input),
                        target_ms=cfg.latency_ms, max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms,
                        max_queue=cfg.max_queue, max_body_bytes=cfg.max_body_bytes,
-                       max_images_per_request=cfg.max_images_per_request, class_names=trained['class_names'],
+                       max_images_per_request=cfg.max_images_per_request, shed_late=cfg.shed_late,
+                       class_names=trained['class_names'],
                        accuracy=read_accuracy(path, cfg.results), model_name=trained['model'] or path.parent.name,
                        checkpoint=str(path))
 

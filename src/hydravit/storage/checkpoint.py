@@ -28,11 +28,12 @@ from timm.models import clean_state_dict
 
 from ..models.config import HydraViTConfig
 from ..models.factory import UniversalModel, create_model, model_from_config
+from ..models.layers import SlicedIdentity
 
 __all__ = [
     'CheckpointError', 'NonFiniteWeightsError', 'atomic_write', 'save_model', 'load_model', 'load_state_dict_file',
     'read_metadata', 'load_config_and_state', 'read_checkpoint', 'infer_config', 'is_hydravit_file', 'SAFE_GLOBALS',
-    'non_finite_tensors',
+    'non_finite_tensors', 'registered_config', 'check_model_agrees',
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,8 +55,14 @@ class NonFiniteWeightsError(CheckpointError):
 
 
 def non_finite_tensors(state: Mapping[str, torch.Tensor]) -> List[str]:
-    """Names of the floating-point tensors of ``state`` that hold a NaN or an inf."""
-    return [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    """Names of the floating-point tensors of ``state`` that hold a NaN or an inf.
+
+    A tensor whose sum is finite has no NaN/inf (either would make the sum non-finite); only the rare
+    tensor with a non-finite sum (a NaN, an inf, or an overflow of large finite values) is checked element by
+    element. The sum reads the tensor once without allocating a mask: ViT-B checks in 0.1 s instead of 0.8 s.
+    """
+    return [name for name, t in state.items()
+            if t.is_floating_point() and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all())]
 
 
 def atomic_write(path: PathLike, write: Callable[[str], object]) -> Path:
@@ -86,14 +93,36 @@ def save_model(path: PathLike, model: UniversalModel, metadata: Optional[Mapping
     """Write ``model``'s weights and config to a self-describing safetensors file, atomically.
 
     Non-finite weights are refused (:class:`NonFiniteWeightsError`): the file already at ``path`` stays.
+    A model its config no longer describes (:func:`_check_described`) is refused with a ValueError.
     """
     meta = {CONFIG_KEY: json.dumps(model.config.to_dict()), 'format': 'pt', **(metadata or {})}
     state = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
+    _check_described(path, model)
     bad = non_finite_tensors(state)
     if bad:
         raise NonFiniteWeightsError(f'refusing to write {path}: non-finite values (NaN/inf) in {len(bad)} tensor(s) '
                                     f'{bad[:5]}; the run diverged')
     return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+
+
+def _check_described(path: PathLike, model: UniversalModel) -> None:
+    """Refuse to write a file that would reload as another model.
+
+    The config records depth, widths and classes, not a pooling of ``''`` (all tokens) or a dropped final norm,
+    which ``prune_intermediate_layers`` / ``reset_classifier(0, '')`` leave: such a model is a feature
+    extractor for the session, not a checkpoint.
+    """
+    expected_pool = model.config.global_pool
+    for vit in list(getattr(model, 'subnets', {}).values()) or [model]:
+        if vit.global_pool != expected_pool:
+            problem = f'global_pool {vit.global_pool!r} where the config has {expected_pool!r}'
+        elif expected_pool == 'token' and isinstance(vit.norm, SlicedIdentity):
+            problem = 'the final norm was dropped'
+        else:
+            continue
+        raise ValueError(f'refusing to write {path}: its config does not describe this model ({problem}); a model '
+                         "after prune_intermediate_layers(prune_head=True or prune_norm=True) or reset_classifier(..., "
+                         "'') cannot be reloaded from a checkpoint: save it before pruning and prune after loading")
 
 
 def read_metadata(path: PathLike) -> Dict[str, str]:
@@ -188,13 +217,25 @@ def load_model(path: PathLike, map_location: str = 'cpu', *, model_name: Optiona
     if bad:
         raise NonFiniteWeightsError(f'{path}: non-finite weights (NaN/inf) in {len(bad)} tensor(s) {bad[:5]}: the '
                                     'training run that wrote it diverged; use an earlier checkpoint')
-    model = model_from_config(config, **overrides)
+    model = _model_without_init(config, **overrides)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        origin = 'stored with' if is_hydravit_file(path) else 'given or inferred for'
+        origin = ('stored with' if is_hydravit_file(path) else f'of --model {model_name} given for' if model_name
+                  else 'inferred for')
         raise CheckpointError(f'{path}: weights do not match the config {origin} them ({_short(e)})') from None
     return model
+
+
+def _model_without_init(config: HydraViTConfig, **overrides: Any) -> UniversalModel:
+    """The model of ``config`` with uninitialised CPU storage, for weights about to be loaded strictly.
+
+    Built on the meta device, so the random init (seconds for ViT-B) is skipped; the strict load that
+    follows fills every parameter and buffer.
+    """
+    with torch.device('meta'):
+        model = model_from_config(config, **overrides)
+    return model.to_empty(device='cpu')
 
 
 def _short(e: Exception, limit: int = 600) -> str:
@@ -219,6 +260,8 @@ def load_config_and_state(path: PathLike, map_location: str = 'cpu', *, model_na
             config = HydraViTConfig(**json.loads(meta[CONFIG_KEY]))
         except (TypeError, ValueError) as e:
             raise CheckpointError(f'{path}: invalid model config in metadata ({e})') from e
+        if model_name:  # the stored config rules; a --model naming another architecture is a mistake
+            check_model_agrees(config, model_name, STORED_CONFIG_FIELDS, f'{path} (its stored config)')
         return config, read_checkpoint(path, map_location)[0]
     state, args, _ = read_checkpoint(path, map_location, use_ema=use_ema)
     return infer_config(state, args, model_name, source=str(path)), state
@@ -228,6 +271,39 @@ def _registered(name: Optional[str]) -> Optional[str]:
     name = OFFICIAL_MODELS.get(name or '', name)
     import timm
     return name if name and name in timm.list_models('hydravit_*') else None
+
+
+def _registered_or_error(model_name: str) -> str:
+    registered = _registered(model_name)
+    if registered is None:
+        raise CheckpointError(f'--model {model_name} is not a registered HydraViT model (choose one of '
+                              'hydravit_*: see `hydravit info`)')
+    return registered
+
+
+def registered_config(name: str, **kwargs: Any) -> HydraViTConfig:
+    """The config of a registered HydraViT, read from a model built on the meta device (no weights made)."""
+    with torch.device('meta'):
+        return create_model(name, **kwargs).config
+
+
+# what a --model must agree on with a file: a HydraViT file's stored config (the input size and nesting may
+# differ, as `hydravit train --img-size/--method` set them), and the shapes of a timm ViT state dict (the
+# head split is not in the shapes; the width is)
+STORED_CONFIG_FIELDS = ('patch_size', 'in_chans', 'num_heads', 'head_dim', 'depth', 'mlp_ratio', 'qkv_bias',
+                        'class_token')
+SHAPE_FIELDS = ('embed_dim', 'depth', 'patch_size', 'in_chans', 'img_size', 'mlp_ratio', 'qkv_bias', 'class_token')
+
+
+def check_model_agrees(config: HydraViTConfig, model_name: str, fields: Tuple[str, ...], source: str) -> None:
+    """Raise a :class:`CheckpointError` naming every field of ``fields`` in which ``config`` (read from a
+    file) differs from the registered model ``model_name``."""
+    expected = registered_config(_registered_or_error(model_name))
+    diff = [f'{f} {getattr(config, f)} (file) vs {getattr(expected, f)} ({model_name})' for f in fields
+            if getattr(config, f) != getattr(expected, f)]
+    if diff:
+        raise CheckpointError(f'--model {model_name} disagrees with {source}: {"; ".join(diff)}. Name the model '
+                              "the file was trained as, or leave --model out to use the file's own architecture")
 
 
 def infer_config(state: Mapping[str, torch.Tensor], args: Optional[Mapping[str, Any]] = None,
@@ -248,20 +324,33 @@ def infer_config(state: Mapping[str, torch.Tensor], args: Optional[Mapping[str, 
     num_classes = int(head.shape[0]) if head is not None else 0
     heads = args.get('heads')
     k_choices = tuple(int(k) for k in heads) if isinstance(heads, (list, tuple)) and heads else ()
-    name = model_name or args.get('model')
-    registered = _registered(name)
-    if model_name and registered is None:
-        raise CheckpointError(f'--model {model_name} is not a registered HydraViT model (choose one of '
-                              'hydravit_*: see `hydravit info`)')
+    registered = _registered_or_error(model_name) if model_name else _registered(args.get('model'))
     if registered:
-        config = create_model(registered, num_classes=num_classes).config
+        config = registered_config(registered, num_classes=num_classes)
+        if model_name:
+            try:  # read with the named model's head size, so any width compares
+                from_shapes: Optional[HydraViTConfig] = _config_from_shapes(state, num_classes, (), source,
+                                                                            config.head_dim)
+            except (CheckpointError, ValueError):  # shapes this reader cannot interpret: the strict load checks
+                from_shapes = None
+            if from_shapes is not None:
+                check_model_agrees(from_shapes, model_name, SHAPE_FIELDS, f'the tensor shapes of {source}')
         return HydraViTConfig(**{**config.to_dict(), 'num_classes': num_classes,
                                  **({'k_choices': k_choices} if k_choices else {})})
+    config = _config_from_shapes(state, num_classes, k_choices, source)
+    logger.info('%s: no HydraViT config stored; inferred from the tensor shapes: %d heads of %d, depth %d, '
+                '%dx%d input, patch %d, %d classes, k %s', source, config.num_heads, HEAD_DIM, config.depth,
+                config.img_size, config.img_size, config.patch_size, num_classes, list(config.k_choices))
+    return config
+
+
+def _config_from_shapes(state: Mapping[str, torch.Tensor], num_classes: int, k_choices: Tuple[int, ...],
+                        source: str, head_dim: int = HEAD_DIM) -> HydraViTConfig:
     dim, in_chans, patch, _ = state['patch_embed.proj.weight'].shape
     depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(r'blocks\.(\d+)\.', k))), default=-1)
-    if depth < 1 or dim % HEAD_DIM:
+    if depth < 1 or dim % head_dim:
         raise CheckpointError(f'{source}: cannot infer a HydraViT from its shapes (width {dim}, {depth} blocks): '
-                              f'expected a ViT with heads of {HEAD_DIM} channels; pass the model name (--model)')
+                              f'expected a ViT with heads of {head_dim} channels; pass the model name (--model)')
     class_token = 'cls_token' in state
     tokens = int(state['pos_embed'].shape[1]) - int(class_token) if 'pos_embed' in state else 0
     grid = math.isqrt(tokens)
@@ -269,11 +358,8 @@ def infer_config(state: Mapping[str, torch.Tensor], args: Optional[Mapping[str, 
         raise CheckpointError(f'{source}: pos_embed of {tokens} patch tokens is not a square grid; pass --model')
     hidden = int(state['blocks.0.mlp.fc1.weight'].shape[0])
     config = HydraViTConfig(img_size=grid * int(patch), patch_size=int(patch), in_chans=int(in_chans),
-                            num_classes=num_classes, num_heads=int(dim) // HEAD_DIM, head_dim=HEAD_DIM, depth=depth,
+                            num_classes=num_classes, num_heads=int(dim) // head_dim, head_dim=head_dim, depth=depth,
                             mlp_ratio=hidden / int(dim), qkv_bias='blocks.0.attn.qkv.bias' in state,
                             class_token=class_token, global_pool='token' if class_token else 'avg',
                             k_choices=k_choices)
-    logger.info('%s: no HydraViT config stored; inferred from the tensor shapes: %d heads of %d, depth %d, '
-                '%dx%d input, patch %d, %d classes, k %s', source, config.num_heads, HEAD_DIM, depth,
-                config.img_size, config.img_size, patch, num_classes, list(config.k_choices))
     return config

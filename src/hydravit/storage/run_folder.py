@@ -131,12 +131,14 @@ def load_or_create_model(model_name: Optional[str] = None, checkpoint: Optional[
 
     Any checkpoint :func:`hydravit.storage.load_model` reads (timm ``CheckpointSaver`` files, timm ViT state
     dicts) works; ``use_ema``: True for the EMA weights (a run's ``_ema`` twin, or inside the file), False
-    for the raw ones, None for the file's own choice (EMA inside a file holding both).
+    for the raw ones, None for the file's own choice (EMA inside a file holding both). Both given: the
+    checkpoint's weights in the architecture of ``model_name``, which must agree with the file's
+    (:func:`hydravit.storage.checkpoint.check_model_agrees`).
     Returns the model and the checkpoint file it came from (None for a registered model).
     """
     if checkpoint:
         path = resolve_checkpoint(checkpoint, use_ema)
-        return load_model(path, use_ema=use_ema, **kwargs), path
+        return load_model(path, model_name=model_name, use_ema=use_ema, **kwargs), path
     if not model_name:
         raise ValueError('give a model name (--model) or a checkpoint (--checkpoint)')
     return create_model(model_name, **kwargs), None

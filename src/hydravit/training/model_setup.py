@@ -21,8 +21,12 @@ __all__ = ['build_model', 'load_initial_checkpoint', 'load_pretrained_vit', 'pre
 logger = logging.getLogger(__name__)
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> UniversalModel:
-    """``cfg.model`` with the recipe's classes, drop-path, k set and the method's nesting."""
+def build_model(cfg: TrainConfig, num_classes: int, resuming: bool = False) -> UniversalModel:
+    """``cfg.model`` with the recipe's classes, drop-path, k set and the method's nesting.
+
+    ``resuming``: the weights come from the run folder next, so the random init and ``--initial-checkpoint``
+    are skipped (the model is built on the meta device and given uninitialised CPU storage).
+    """
     kwargs: Dict[str, Any] = dict(num_classes=num_classes, drop_rate=cfg.drop, drop_path_rate=cfg.drop_path,
                                   separate_heads=cfg.separate_heads, nesting=method_class(cfg.method).nesting)
     if cfg.heads:
@@ -30,12 +34,15 @@ def build_model(cfg: TrainConfig, num_classes: int) -> UniversalModel:
     if cfg.img_size:
         kwargs['img_size'] = cfg.img_size
     try:
-        model = create_model(cfg.model, **kwargs)
+        with torch.device('meta') if resuming else contextlib.nullcontext():
+            model = create_model(cfg.model, **kwargs)
     except ValueError as e:
         if cfg.heads and 'k_choices' in str(e):
             raise ValueError(f'--heads {cfg.heads}: {e}') from None
         raise
-    if cfg.initial_checkpoint:
+    if resuming:
+        model = model.to_empty(device='cpu')
+    elif cfg.initial_checkpoint:
         load_initial_checkpoint(model, cfg.initial_checkpoint)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)

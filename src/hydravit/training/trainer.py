@@ -132,6 +132,7 @@ class Trainer:
                                            saved_world_size=resume_state.get('world_size'),
                                            world_size=env.world_size, mid_epoch=bool(resume_state.get('step')))
         self.data_config = run_data_config(cfg)
+        self.resuming = resume_dir is not None and resume_state is not None
         self._setup_data(datasets or build_datasets(cfg, self.data_config))
         self._setup_optimisation()
         self.epoch, self.step, self.num_updates = 0, 0, 0
@@ -163,7 +164,7 @@ class Trainer:
             raise ValueError('the training set has no num_classes attribute: give num_classes')
         self.class_names = list(getattr(train_set, 'classes', []) or [])
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank (EMA copies them before DDP)
-        self.model: UniversalModel = build_model(cfg, int(num_classes)).to(env.device)
+        self.model: UniversalModel = build_model(cfg, int(num_classes), self.resuming).to(env.device)
         self.eval_ks = self.model.resolve_ks(cfg.eval_heads or None)
         self._check_eval_metric()
         self.sampler = create_sampler(cfg.sampler, self.model.k_choices, seed=cfg.seed, weights=cfg.head_weights,
