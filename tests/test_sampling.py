@@ -112,8 +112,8 @@ def test_per_rank_sampling_differs_across_ranks_but_is_reproducible(name):
 
 @pytest.mark.parametrize('kwargs, message', [
     (dict(name='roulette'), r"unknown sampler 'roulette': choose one of uniform, weighted, sandwich, random, all"),
-    (dict(name='random', num_random=0), r'num_random must be an integer in 1\.\.3 .*got 0'),
-    (dict(name='random', num_random=4), r'num_random must be an integer in 1\.\.3 .*got 4'),
+    (dict(name='random', num_random=0), r'num_random \(--num-random\) must be an integer in 1\.\.3 .*got 0'),
+    (dict(name='random', num_random=4), r'num_random \(--num-random\) must be an integer in 1\.\.3 .*got 4'),
     (dict(k_choices=[]), r'k_choices is empty'),
     (dict(k_choices=[3, 4, 3]), r'k_choices \[3, 4, 3\] names \[3\] more than once'),
     (dict(k_choices=[0, 4]), r'k_choices \[0\] below 1'),
@@ -124,9 +124,10 @@ def test_per_rank_sampling_differs_across_ranks_but_is_reproducible(name):
     (dict(name='weighted', weights=[1, -1, 1]), r'weights must be finite and >= 0, got \[1\.0, -1\.0, 1\.0\]'),
     (dict(name='weighted', weights=[0, 0, 0]), r'weights are all zero'),
     (dict(name='uniform', weights=[1, 1, 1]), r"used only by the weighted sampler, not 'uniform'"),
-    (dict(name='sandwich', num_random=-1), r'num_random must be an integer in 0\.\.1 .*got -1'),
-    (dict(name='sandwich', num_random=2), r'num_random must be an integer in 0\.\.1 .*got 2'),
-    (dict(name='sandwich', k_choices=[3, 4], num_random=1), r'num_random must be an integer in 0\.\.0 .*got 1'),
+    (dict(name='sandwich', num_random=-1), r'num_random \(--num-random\) must be an integer in 0\.\.1 .*got -1'),
+    (dict(name='sandwich', num_random=2), r'num_random \(--num-random\) must be an integer in 0\.\.1 .*got 2'),
+    (dict(name='sandwich', k_choices=[3, 4], num_random=1),
+     r'num_random \(--num-random\) must be an integer in 0\.\.0 .*got 1'),
 ])
 def test_bad_arguments_are_clear_errors(kwargs, message):
     args = dict(name='uniform', k_choices=[3, 6, 9])

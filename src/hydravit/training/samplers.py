@@ -146,7 +146,7 @@ class SandwichSampler(_NumRandomSampler):
         ordered = sorted(self.k_choices)
         self.largest, self.smallest, self.middle = ordered[-1], ordered[0], tuple(ordered[1:-1])
         if not is_int(num_random) or not 0 <= num_random <= len(self.middle):
-            raise ValueError(f'num_random must be an integer in 0..{len(self.middle)} (the k choices '
+            raise ValueError(f'num_random (--num-random) must be an integer in 0..{len(self.middle)} (the k choices '
                              f'{ordered} have {len(self.middle)} between the largest and the smallest), '
                              f'got {num_random!r}')
 
@@ -169,8 +169,8 @@ class RandomSubsetSampler(_NumRandomSampler):
                  per_rank: bool = False) -> None:
         super().__init__(k_choices, num_random, seed=seed, per_rank=per_rank)
         if not is_int(num_random) or not 1 <= num_random <= len(self.k_choices):
-            raise ValueError(f'num_random must be an integer in 1..{len(self.k_choices)} (the number of k choices '
-                             f'{sorted(self.k_choices)}), got {num_random!r}')
+            raise ValueError(f'num_random (--num-random) must be an integer in 1..{len(self.k_choices)} (the number '
+                             f'of k choices {sorted(self.k_choices)}), got {num_random!r}')
 
     def _draw(self, rng: random.Random) -> List[int]:
         return sorted(rng.sample(self.k_choices, self.num_random), reverse=True)
