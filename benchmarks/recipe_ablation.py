@@ -1,4 +1,4 @@
-"""Which HydraViT recipe closes the gap to separately trained ViTs? (issue 5, "beyond the paper")
+"""Which HydraViT recipe closes the gap to separately trained ViTs? (beyond the paper)
 
 Trains HydraViT variants with the built-in recipe (same data, epochs, seed) and reports each one's
 top-1 per k next to the separate ViTs of a finished ``hydravit compare`` run, with the gap at every k:
