@@ -102,17 +102,19 @@ class ServerMetrics:
         def head(name: str, kind: str, text: str) -> None:
             lines.extend([f'# HELP {name} {text}', f'# TYPE {name} {kind}'])
 
+        def single(name: str, kind: str, text: str, value: object) -> None:
+            head(name, kind, text)
+            lines.append(f'{name} {value}')
+
         head('hydravit_requests_total', 'counter', 'HTTP requests by endpoint and status code')
         for (endpoint, status), c in sorted(self.requests.items()):
             lines.append(f'hydravit_requests_total{{endpoint="{endpoint}",status="{status}"}} {c}')
-        head('hydravit_images_total', 'counter', 'images answered')
-        lines.append(f'hydravit_images_total {self.images}')
-        head('hydravit_images_within_target_total', 'counter', 'images answered within the latency target')
-        lines.append(f'hydravit_images_within_target_total {self.within_target}')
-        head('hydravit_latency_target_seconds', 'gauge', 'the latency target')
-        lines.append(f'hydravit_latency_target_seconds {self.target_ms / 1e3:g}')
-        head('hydravit_shed_images_total', 'counter', 'images refused with 503: late or queue full')
-        lines.append(f'hydravit_shed_images_total {self.shed_images}')
+        single('hydravit_images_total', 'counter', 'images answered', self.images)
+        single('hydravit_images_within_target_total', 'counter', 'images answered within the latency target',
+               self.within_target)
+        single('hydravit_latency_target_seconds', 'gauge', 'the latency target', f'{self.target_ms / 1e3:g}')
+        single('hydravit_shed_images_total', 'counter', 'images refused with 503: late or queue full',
+               self.shed_images)
         head('hydravit_batch_size', 'histogram', 'images per model batch')
         lines += self.batch_size.lines('hydravit_batch_size')
         head('hydravit_k', 'histogram', 'heads k that answered each image')
@@ -130,12 +132,10 @@ class ServerMetrics:
             for q in QUANTILES:
                 lines.append(f'{name}{{quantile="{q:g}"}} {quantile(values, q):g}')
             lines += [f'{name}_sum {total:g}', f'{name}_count {count}']
-        head('hydravit_queue_length', 'gauge', 'images waiting for a batch')
-        lines.append(f'hydravit_queue_length {self.queue_length}')
-        head('hydravit_current_k', 'gauge', 'k the policy would give the next batch (-1: decided per image)')
-        lines.append(f'hydravit_current_k {self.current_k if self.current_k is not None else -1}')
-        head('hydravit_worker_pid', 'gauge', 'process id of the worker that answered this scrape')
-        lines.append(f'hydravit_worker_pid {pid}')
+        single('hydravit_queue_length', 'gauge', 'images waiting for a batch', self.queue_length)
+        single('hydravit_current_k', 'gauge', 'k the policy would give the next batch (-1: decided per image)',
+               self.current_k if self.current_k is not None else -1)
+        single('hydravit_worker_pid', 'gauge', 'process id of the worker that answered this scrape', pid)
         return '\n'.join(lines) + '\n'
 
     def snapshot(self) -> Dict[str, object]:
