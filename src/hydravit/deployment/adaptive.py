@@ -19,7 +19,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -30,7 +30,7 @@ from ..models.kchoices import check_k_choices
 
 __all__ = [
     'LatencyController', 'AdaptivePredictor', 'AdaptiveOutput', 'LoadPhase', 'applied_load', 'DEFAULT_PHASES',
-    'fixed_k_policy', 'adaptive_policy', 'run_under_load', 'summarize', 'calibrate_latencies',
+    'fixed_k_policy', 'adaptive_policy', 'run_under_load', 'summarize', 'calibrate_latencies', 'timed_forward',
     'reexec_with_passive_omp', 'ServingLevel', 'cascade_levels', 'AdaptiveCascadePredictor', 'AdaptiveCascadeOutput',
     'THRESHOLD_FACTORS',
 ]
@@ -149,8 +149,9 @@ class LatencyController:
         self.base[k] = (1 - b) * self.base[k] + b * latency_ms / self.load
 
 
-def _timed_forward(model: UniversalModel, x: torch.Tensor, k: int, clock: Callable[[], float]) -> tuple:
-    """(logits, milliseconds) of one forward at k."""
+def timed_forward(model: UniversalModel, x: torch.Tensor, k: int,
+                  clock: Callable[[], float] = time.perf_counter) -> Tuple[torch.Tensor, float]:
+    """(logits, milliseconds) of one forward at k; waits for a CUDA device so the time is the forward's."""
     start = clock()
     with torch.inference_mode():
         logits = model(x, k=k)
@@ -164,8 +165,8 @@ def calibrate_latencies(model: UniversalModel, x: torch.Tensor, ks: Sequence[int
     """Median latency (ms) of batch ``x`` at every k, after one warm-up call each."""
     base = {}
     for k in ks:
-        _timed_forward(model, x, k, clock)
-        base[k] = statistics.median(_timed_forward(model, x, k, clock)[1] for _ in range(max(1, repeats)))
+        timed_forward(model, x, k, clock)
+        base[k] = statistics.median(timed_forward(model, x, k, clock)[1] for _ in range(max(1, repeats)))
     return base
 
 
@@ -198,7 +199,7 @@ class AdaptivePredictor:
             self.controller = LatencyController(self.ks, target_ms, base_latency_ms, **controller_kwargs)
 
     def _run(self, x: torch.Tensor, k: int) -> tuple:
-        return _timed_forward(self.model, x, k, self.clock)
+        return timed_forward(self.model, x, k, self.clock)
 
     def calibrate(self, x: torch.Tensor, repeats: int = 3) -> Dict[int, float]:
         """Median latency (ms) of every k on batch ``x``; (re)starts the controller from them."""
@@ -364,7 +365,7 @@ DEFAULT_PHASES = (LoadPhase('quiet'), LoadPhase('2 busy procs', busy=2), LoadPha
 def fixed_k_policy(model: UniversalModel, k: int, clock: Callable[[], float] = time.perf_counter) -> Policy:
     """Always serve ``k``: the baseline an adaptive policy is compared with."""
     k = model.resolve_k(k)
-    return lambda x: (k, _timed_forward(model, x, k, clock)[1])
+    return lambda x: (k, timed_forward(model, x, k, clock)[1])
 
 
 def adaptive_policy(predictor: AdaptivePredictor) -> Policy:

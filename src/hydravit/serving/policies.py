@@ -26,7 +26,7 @@ from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 
-from ..deployment.adaptive import LatencyController, calibrate_latencies
+from ..deployment.adaptive import LatencyController, calibrate_latencies, timed_forward
 from ..models.factory import UniversalModel
 
 __all__ = ['Backlog', 'BatchCost', 'BatchOutput', 'ServingPolicy', 'AdaptivePolicy', 'FixedPolicy',
@@ -89,14 +89,6 @@ class BatchCost:
 
     def batch_ms(self, k: int) -> float:
         return self.load * self.full[k]
-
-
-def timed_forward(model: UniversalModel, x: torch.Tensor, k: int, clock: Clock = time.perf_counter
-                  ) -> Tuple[torch.Tensor, float]:
-    start = clock()
-    with torch.inference_mode():
-        logits = model(x, k=k)
-    return logits, (clock() - start) * 1e3
 
 
 class ServingPolicy:
