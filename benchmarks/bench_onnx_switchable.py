@@ -9,11 +9,13 @@ Constructions (all hold the weights once and are checked against PyTorch at ever
 * ``runtime_slices``: no ``If``; one graph that slices the weights with bounds computed from ``k`` at run time.
 
 References: ``per_k`` is the per-k file (the extracted timm ViT, what ``hydravit export --format onnx``
-writes); ``per_k_folded`` is that file with the same shape folding as ``tree``'s branches, to show how much of
-``tree``'s speed comes from the folding rather than the construction. Per k, all sessions are called in turn,
-call by call (interleaved rounds, so a shared machine's load hits all alike); figures are medians; ratios are
-per-k file time / construction time (>= 1: as fast as the per-k file). Peak memory: a fresh process loads one
-file and runs every k at batch 64; VmHWM above the RSS after importing onnxruntime.
+writes, shape arithmetic folded like ``tree``'s branches); ``per_k_unfolded`` is that file as the exporter
+writes it (``fold_shapes=False``); ``per_k_no_mem_pattern`` is the per-k file run with onnxruntime's memory
+pattern off, which is how onnxruntime runs the graph inside an ``If`` branch, to show where ``tree``'s cost
+is. Per k, all sessions are called in turn, call by call (interleaved rounds, so a shared machine's load hits
+all alike); figures are medians; ratios are per-k file time / construction time (>= 1: as fast as the per-k
+file). Peak memory: a fresh process loads one file and runs every k at batch 64; VmHWM above the RSS after
+importing onnxruntime.
 
     python benchmarks/bench_onnx_switchable.py --checkpoint /work/runs/main/model_best.safetensors
 """
@@ -33,7 +35,6 @@ import onnx
 import onnxruntime as ort
 
 from hydravit.deployment.export import export_onnx
-from hydravit.deployment.onnx_fold import fold_shape_arithmetic
 from hydravit.deployment.onnx_switchable import build_switchable_model, check_switchable_onnx
 from hydravit.models.factory import create_model
 from hydravit.storage.checkpoint import load_model
@@ -43,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from switchable_variants import build_if_chain, build_runtime_slices  # noqa: E402
 
 CONSTRUCTIONS = ('tree', 'tree_unfolded', 'chain', 'runtime_slices')
+REFERENCES = ('per_k_unfolded', 'per_k_no_mem_pattern')  # besides per_k, the per-k file every ratio is to
 
 PEAK_SCRIPT = """
 import sys, numpy as np, onnxruntime as ort
@@ -84,17 +86,6 @@ def peak_mb(kind: str, paths: List[Path], model) -> float:
     return float(out.stdout.split()[-1])
 
 
-def fold_file(src: Path, dst: Path, model) -> None:
-    proto = onnx.load(str(src))
-    c = model.config
-
-    def feeds(batch: int):
-        x = np.random.default_rng(batch).standard_normal((batch, c.in_chans, c.img_size, c.img_size), dtype=np.float32)
-        return {'input': x}
-
-    onnx.save(fold_shape_arithmetic(proto, feeds, [t.name for t in proto.graph.initializer]), str(dst))
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--model', default='hydravit_fmnist_patch7_28')
@@ -127,10 +118,14 @@ def main() -> None:
         rows = []
         for k in model.k_choices:
             export_onnx(model, k, folder / f'k{k}.onnx')
-            fold_file(folder / f'k{k}.onnx', folder / f'k{k}_folded.onnx', model)
-            per_k = ort.InferenceSession(str(folder / f'k{k}.onnx'), opts, providers=['CPUExecutionProvider'])
-            per_k_folded = ort.InferenceSession(str(folder / f'k{k}_folded.onnx'), opts,
-                                                providers=['CPUExecutionProvider'])
+            export_onnx(model, k, folder / f'k{k}_unfolded.onnx', fold_shapes=False)
+            no_mem_pattern = ort.SessionOptions()
+            no_mem_pattern.intra_op_num_threads, no_mem_pattern.inter_op_num_threads = args.threads, 1
+            no_mem_pattern.enable_mem_pattern = False
+            references = {name: ort.InferenceSession(str(folder / f'k{k}{suffix}.onnx'), options,
+                                                     providers=['CPUExecutionProvider'])
+                          for name, suffix, options in (('per_k', '', opts), ('per_k_unfolded', '_unfolded', opts),
+                                                        ('per_k_no_mem_pattern', '', no_mem_pattern))}
             row: Dict[str, object] = dict(k=k, per_k_file_kb=(folder / f'k{k}.onnx').stat().st_size / 1e3,
                                           max_abs_diff=max(d[k] for d in diffs.values()))
             for batch, repeats in ((1, args.repeats_b1), (64, args.repeats_b64)):
@@ -138,13 +133,12 @@ def main() -> None:
                                                              dtype=np.float32)
                 feeds = {'input': x, 'k': np.array(k, dtype=np.int64)}
                 calls: Dict[str, Callable[[], object]] = {
-                    'per_k': lambda x=x, s=per_k: s.run(None, {'input': x}),
-                    'per_k_folded': lambda x=x, s=per_k_folded: s.run(None, {'input': x})}
+                    name: (lambda x=x, s=s: s.run(None, {'input': x})) for name, s in references.items()}
                 calls.update({name: (lambda s=s, f=feeds: s.run(None, f)) for name, s in sessions.items()})
                 t = interleaved_medians(calls, repeats)
                 tag = f'b{batch}'
                 row[f'{tag}_per_k_ms'] = t['per_k'] * 1e3
-                for name in ('per_k_folded', *CONSTRUCTIONS):
+                for name in (*REFERENCES, *CONSTRUCTIONS):
                     row[f'{tag}_{name}'] = t['per_k'] / t[name]
             rows.append(row)
         per_k_files = [folder / f'k{k}.onnx' for k in model.k_choices]
@@ -161,7 +155,7 @@ def main() -> None:
                                  'peak_rss_mb']))
     print('\n' + '; '.join(f'{n}: {v:.1f} MB' for n, v in memory.items() if n not in CONSTRUCTIONS)
           + ' (peak RSS, per-k references)')
-    for name in ('per_k_folded', *CONSTRUCTIONS):
+    for name in (*REFERENCES, *CONSTRUCTIONS):
         for tag in ('b1', 'b64'):
             ratios = [float(str(r[f'{tag}_{name}'])) for r in rows]
             print(f'{name} {tag}: {min(ratios):.3f} .. {max(ratios):.3f} x the per-k file'

@@ -164,3 +164,15 @@ def test_a_file_of_one_k_runs_it_and_refuses_others(model, tmp_path):
     session = _session(tmp_path / 'one.onnx')
     with pytest.raises(Exception, match=r'invalid_k_allowed_3'):
         session.run(None, {'input': np.zeros((2, 3, 16, 16), np.float32), 'k': np.array(2, dtype=np.int64)})
+
+
+def test_per_k_file_is_folded_and_matches_the_unfolded_export(model, tmp_path):
+    x = np.random.default_rng(0).standard_normal((5, 3, 16, 16), dtype=np.float32)
+    export_onnx(model, 3, tmp_path / 'folded.onnx')
+    export_onnx(model, 3, tmp_path / 'unfolded.onnx', fold_shapes=False)
+    folded, unfolded = (_ops(onnx.load(str(tmp_path / f'{n}.onnx')).graph) for n in ('folded', 'unfolded'))
+    assert 'Sqrt' in unfolded and 'Sqrt' not in folded and len(folded) < len(unfolded) - 12
+    outputs = [_session(tmp_path / f'{n}.onnx').run(None, {'input': x})[0] for n in ('folded', 'unfolded')]
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x), k=3).numpy()
+    assert outputs[0].shape == (5, 10) and all(np.abs(o - expected).max() <= 1e-4 for o in outputs)

@@ -19,10 +19,19 @@ from typing import Any, Callable, Dict, List, Mapping, Sequence, Set
 
 import numpy as np
 
-__all__ = ['fold_shape_arithmetic']
+__all__ = ['fold_shape_arithmetic', 'image_feeds']
 
 PROBE_BATCHES = (1, 2, 3)
 MAX_FOLDED_ELEMENTS = 1024  # shape arithmetic is tiny; anything larger stays computed
+
+
+def image_feeds(in_chans: int, img_size: int, extra: Mapping[str, Any] | None = None
+                ) -> Callable[[int], Dict[str, Any]]:
+    """``feeds_at_batch`` for a graph whose input ``input`` is an image batch (plus fixed ``extra`` feeds)."""
+    def feeds(batch: int) -> Dict[str, Any]:
+        x = np.random.default_rng(batch).standard_normal((batch, in_chans, img_size, img_size), dtype=np.float32)
+        return {'input': x, **(extra or {})}
+    return feeds
 
 
 def _content_values(graph: Any, inputs: Set[str]) -> Set[str]:

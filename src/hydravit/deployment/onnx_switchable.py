@@ -25,8 +25,8 @@ import torch.nn as nn
 from ..models.factory import UniversalModel
 from ..storage.checkpoint import atomic_write
 
-__all__ = ['ExportError', 'SWITCHABLE_INPUTS', 'FixedK', 'export_universal_onnx', 'export_switchable_onnx',
-           'check_switchable_onnx', 'run_switchable', 'switchable_ks']
+__all__ = ['ExportError', 'import_onnxruntime', 'SWITCHABLE_INPUTS', 'FixedK', 'export_universal_onnx',
+           'export_switchable_onnx', 'check_switchable_onnx', 'run_switchable', 'switchable_ks']
 
 SWITCHABLE_INPUTS = ('input', 'k')
 K_CHOICES_KEY = 'hydravit_k_choices'  # metadata_props entry of the switchable file: the ks it holds
@@ -34,6 +34,15 @@ K_CHOICES_KEY = 'hydravit_k_choices'  # metadata_props entry of the switchable f
 
 class ExportError(ValueError):
     """An export that would be wrong (output mismatch) or would overwrite something."""
+
+
+def import_onnxruntime(why: str) -> Any:
+    """onnxruntime, or an :class:`ExportError` that says what needs it and how to install it."""
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise ExportError(f'{why} with onnxruntime: pip install "hydravit[onnx]"') from e
+    return onnxruntime
 
 
 class FixedK(nn.Module):
@@ -102,10 +111,9 @@ def _model_tensors(model: UniversalModel) -> Dict[str, torch.Tensor]:
 def _branch_source(model: UniversalModel, k: int, tensors: Dict[str, torch.Tensor], path: str, opset: int,
                    fold_shapes: bool) -> Any:
     """The graph of subnetwork k with inputs ``input`` and every full weight (by parameter name)."""
-    import numpy as np
     import onnx
 
-    from .onnx_fold import fold_shape_arithmetic
+    from .onnx_fold import fold_shape_arithmetic, image_feeds
 
     names = list(tensors)
     with warnings.catch_warnings():
@@ -116,14 +124,9 @@ def _branch_source(model: UniversalModel, k: int, tensors: Dict[str, torch.Tenso
     source = onnx.load(path)
     if not fold_shapes:
         return source
-    weights = {name: t.numpy() for name, t in tensors.items()}
     c = model.config
-
-    def feeds(batch: int) -> Dict[str, Any]:
-        x = np.random.default_rng(batch).standard_normal((batch, c.in_chans, c.img_size, c.img_size), dtype=np.float32)
-        return {'input': x, **weights}
-
-    return fold_shape_arithmetic(source, feeds, names)
+    weights = {name: t.numpy() for name, t in tensors.items()}
+    return fold_shape_arithmetic(source, image_feeds(c.in_chans, c.img_size, weights), names)
 
 
 class _SmallConstants:
@@ -253,11 +256,7 @@ def build_switchable_model(model: UniversalModel, ks: Optional[Sequence[int]] = 
 
     chosen = model.resolve_ks(ks)
     if fold_shapes:
-        try:
-            import onnxruntime  # noqa: F401  (the folding evaluates the shape arithmetic with it)
-        except ImportError as e:
-            raise ExportError('the switchable ONNX export folds shapes with onnxruntime: '
-                              'pip install "hydravit[onnx]"') from e
+        import_onnxruntime('the switchable ONNX export folds shapes')
     tensors = _model_tensors(model)
     weights = {name: f'w{i}' for i, name in enumerate(tensors)}
     branches = {}
@@ -314,10 +313,7 @@ def run_switchable(session: Any, x: Any, k: int) -> Any:
 def check_switchable_onnx(model: UniversalModel, path: str | os.PathLike, batch_sizes: Sequence[int] = (1, 3),
                           atol: float = 1e-4) -> Dict[int, float]:
     """Max abs difference between onnxruntime and PyTorch per k of a switchable file; ExportError above ``atol``."""
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise ExportError('ONNX export is checked with onnxruntime: pip install "hydravit[onnx]"') from e
+    ort = import_onnxruntime('ONNX export is checked')
     session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
     g = torch.Generator().manual_seed(0)
     diffs: Dict[int, float] = {}
