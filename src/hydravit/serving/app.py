@@ -199,19 +199,22 @@ def _pinned_k(request: Request, model: UniversalModel) -> Optional[int]:
                          f'{list(model.k_choices)}') from None
 
 
-def _answer(state: ServerState, logits: torch.Tensor, k: int, batch_size: int, latency_ms: float) -> Dict[str, Any]:
-    probs = torch.softmax(logits.float(), dim=-1)
-    top = probs.topk(min(TOP, probs.numel()))
+def _answers(state: ServerState, predictions: Sequence[Any], latency_ms: float) -> List[Dict[str, Any]]:
+    """One answer per image: class, label, k and the top-5 probabilities (one softmax for the whole request)."""
+    probs = torch.softmax(torch.stack([p.logits for p in predictions]).float(), dim=-1)
+    top = probs.topk(min(TOP, probs.shape[-1]), dim=-1)
     names = state.class_names
 
     def label(i: int) -> Any:
         return names[i] if names and i < len(names) else str(i)
 
-    cls = int(top.indices[0])
-    return {'class': cls, 'label': label(cls), 'k': k,
-            'top5': [{'class': int(i), 'label': label(int(i)), 'probability': round(float(p), 6)}
-                     for p, i in zip(top.values, top.indices, strict=True)],
-            'latency_ms': round(latency_ms, 3), 'batch_size': batch_size}
+    answers = []
+    for p, values, indices in zip(predictions, top.values.tolist(), top.indices.tolist(), strict=True):
+        answers.append({'class': indices[0], 'label': label(indices[0]), 'k': p.k,
+                        'top5': [{'class': i, 'label': label(i), 'probability': round(v, 6)}
+                                 for v, i in zip(values, indices, strict=True)],
+                        'latency_ms': round(latency_ms, 3), 'batch_size': p.batch_size})
+    return answers
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -250,7 +253,7 @@ def create_app(state: ServerState) -> FastAPI:
         for _ in predictions:
             state.metrics.record_image_latency(latency_ms)
         state.metrics.count_request('/predict', 200)
-        answers = [_answer(state, p.logits, p.k, p.batch_size, latency_ms) for p in predictions]
+        answers = _answers(state, predictions, latency_ms)
         if _content_type(request) not in BATCH_TYPES:  # one raw image: one answer
             return JSONResponse(answers[0])
         return JSONResponse({'predictions': answers, 'latency_ms': round(latency_ms, 3)})

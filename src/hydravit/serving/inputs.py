@@ -3,7 +3,9 @@
 The transform is the evaluation transform of ``hydravit eval`` (:func:`hydravit.data.transforms.build_transform`
 on the checkpoint's stored data config), so a served image gets exactly the logits eval computed for it.
 Images of another size or mode are converted by that transform (resize + centre crop, mode to L/RGB), or
-with ``strict=True`` refused unless they already have the model's size and mode.
+with ``strict=True`` refused unless they already have the model's size and mode. An image that already has the
+model's size and mode skips the resize and crop where the transform leaves such an image unchanged (checked on a
+probe image when the decoder is built): the same tensor, at a quarter of the cost per image.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Tuple
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -43,6 +46,28 @@ class ImageDecoder:
         self.channels, self.size = c, (w, h)
         self.mode = 'L' if c == 1 else 'RGB'
         self.transform: Callable = build_transform(dict(self.data_config), is_training=False)
+        self.mean = np.asarray(self.data_config['mean'], dtype=np.float32).reshape(-1, 1, 1)
+        self.std = np.asarray(self.data_config['std'], dtype=np.float32).reshape(-1, 1, 1)
+        self.direct = self._direct_equals_transform()
+
+    def _to_tensor(self, img: Image.Image) -> torch.Tensor:
+        """What ``ToTensor`` + ``Normalize`` make of an image at the model's size and mode, with no resampling.
+
+        The same float32 operations in the same order, in numpy (a few torch dispatches cost more than the
+        arithmetic on one small image).
+        """
+        w, h = self.size
+        pixels = np.asarray(img, dtype=np.float32).reshape(h, w, self.channels).transpose(2, 0, 1)
+        return torch.from_numpy(np.ascontiguousarray((pixels / np.float32(255) - self.mean) / self.std))
+
+    def _direct_equals_transform(self) -> bool:
+        """Whether the transform maps an image at the model's size and mode to exactly :meth:`_to_tensor`'s result."""
+        shape = (self.size[1], self.size[0]) + (() if self.channels == 1 else (self.channels,))
+        probe = Image.fromarray(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8), self.mode)
+        try:
+            return torch.equal(self.transform(probe), self._to_tensor(probe))
+        except (RuntimeError, ValueError):  # a transform of another output shape or dtype
+            return False
 
     def describe(self) -> Dict[str, Any]:
         cfg = self.data_config
@@ -86,6 +111,8 @@ class ImageDecoder:
     def __call__(self, data: bytes, name: str = 'image') -> torch.Tensor:
         img = self.open(data, name)
         self.check(img, name)
+        if self.direct and img.size == self.size and img.mode == self.mode:
+            return self._to_tensor(img)
         try:
             x = self.transform(img)
         except Exception as e:  # a mode PIL lists but cannot convert, an odd palette, ...

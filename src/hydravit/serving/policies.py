@@ -171,6 +171,10 @@ class AdaptivePolicy(ServingPolicy):
     what a batch cycle costs besides the forward pass; k climbs only when nothing is queued behind the batch.
     """
     name = 'adaptive'
+    # Lower than the batch-level controller's defaults (0.7 / 0.9): a request's latency also holds its HTTP
+    # read, decoding and answer, which the controller does not see, and varies by tens of ms from one request
+    # to the next on a busy machine; at low load a full batch of the largest k still fits well within half.
+    UP_FRACTION, DOWN_FRACTION = 0.5, 0.6
 
     def __init__(self, model: UniversalModel, arg: Optional[str], *, base_latency_ms: Optional[Dict[int, float]] = None,
                  one_image_ms: Optional[Dict[int, float]] = None, **kwargs) -> None:
@@ -185,7 +189,8 @@ class AdaptivePolicy(ServingPolicy):
             self.cost = BatchCost(dict(one_image_ms or base_latency_ms), dict(base_latency_ms), self.max_batch)
         self.base_latency_ms = dict(self.cost.full)
         # one k up at a time: jumping from the smallest to the largest k under high load only builds a queue
-        self.controller = LatencyController(self.ks, self.target_ms, self.base_latency_ms, climb_steps=1)
+        self.controller = LatencyController(self.ks, self.target_ms, self.base_latency_ms, climb_steps=1,
+                                            up_fraction=self.UP_FRACTION, down_fraction=self.DOWN_FRACTION)
 
     def run(self, x: torch.Tensor, backlog: Backlog) -> BatchOutput:
         n = x.shape[0]
