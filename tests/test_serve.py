@@ -275,12 +275,12 @@ def test_cascade_policy_answers_each_image_at_its_exit_stage(run_folder, tmp_pat
 
 
 def test_adaptive_policy_drops_k_at_the_first_backlogged_batch_and_climbs_only_once_drained(run_folder):
-    """Simulated time: a forward at k costs k ms whatever the batch size; the target is 75 ms (the serving
-    policy moves down above 0.6 x 75 = 45 ms, up to what fits in 0.5 x 75 = 37.5 ms), and an image waits for
+    """Simulated time: a forward at k costs k ms whatever the batch size; the target is 60 ms (the serving
+    policy moves down above 0.75 x 60 = 45 ms, up to what fits in 0.6 x 60 = 36 ms), and an image waits for
     the batch in progress, then for its own."""
     model, _ = load_for_eval(resolve_checkpoint(run_folder))
     now = [0.0]
-    policy = AdaptivePolicy(model, None, target_ms=75.0, max_batch=8, max_wait_ms=10.0,
+    policy = AdaptivePolicy(model, None, target_ms=60.0, max_batch=8, max_wait_ms=10.0,
                             base_latency_ms={2: 2.0, 4: 4.0}, clock=lambda: now[0])
     real_forward = model.forward
 

@@ -173,8 +173,9 @@ class AdaptivePolicy(ServingPolicy):
     name = 'adaptive'
     # Lower than the batch-level controller's defaults (0.7 / 0.9): a request's latency also holds its HTTP
     # read, decoding and answer, which the controller does not see, and varies by tens of ms from one request
-    # to the next on a busy machine; at low load a full batch of the largest k still fits well within half.
-    UP_FRACTION, DOWN_FRACTION = 0.5, 0.6
+    # to the next on a busy machine. Not lower: at low load the controller counts two full batches of the
+    # largest k ahead of a new image, which must still fit under the up-fraction of a tight target.
+    UP_FRACTION, DOWN_FRACTION = 0.6, 0.75
 
     def __init__(self, model: UniversalModel, arg: Optional[str], *, base_latency_ms: Optional[Dict[int, float]] = None,
                  one_image_ms: Optional[Dict[int, float]] = None, **kwargs) -> None:
