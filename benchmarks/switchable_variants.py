@@ -19,7 +19,6 @@ import torch
 
 from hydravit.deployment.onnx_switchable import (
     K_CHOICES_KEY,
-    FlatWeights,
     _branch,
     _branch_source,
     _k_check,
@@ -53,10 +52,10 @@ def build_if_chain(model: UniversalModel) -> Any:
     from onnx import TensorProto, helper
     ks = model.resolve_ks(None)
     tensors = _model_tensors(model)
-    weights = FlatWeights(tensors)
+    names = {n: f'w{i}' for i, n in enumerate(tensors)}
     with tempfile.TemporaryDirectory() as tmp:
         branches = {k: _branch(_branch_source(model, k, tensors, os.path.join(tmp, f'{k}.onnx'), 17, True).graph, k,
-                               weights) for k in ks}
+                               names) for k in ks}
 
     def chain(rest: Sequence[int], out: str) -> List[Any]:
         k = rest[0]
@@ -72,7 +71,8 @@ def build_if_chain(model: UniversalModel) -> Any:
                 helper.make_node('If', [f'is{k}'], [out], then_branch=branches[k], else_branch=other)]
 
     check, check_tensors = _k_check(ks)
-    return _finish(model, check + chain(ks, 'logits'), [weights.initializer(), *check_tensors], ks)
+    used = {i for b in branches.values() for node in b.node for i in node.input}
+    return _finish(model, check + chain(ks, 'logits'), _weights(tensors, names, used) + check_tensors, ks)
 
 
 def _width_factors(model: UniversalModel) -> Tuple[int, ...]:

@@ -2,13 +2,13 @@
 
 * :func:`export_universal_onnx` writes the universal model at a fixed k (dynamic batch axis).
 * :func:`export_switchable_onnx` writes ONE model with inputs ``input`` (image batch, dynamic batch axis) and
-  ``k`` (an int64 scalar) that holds every weight once, in one flat buffer (:class:`FlatWeights`).
-  Construction: each trained k is exported as a graph that reads *slices of the full weights* (the weights are
-  exporter inputs, so the slices stay operators on the shared buffer) with its shape arithmetic folded into
-  constants (:mod:`.onnx_fold`); a balanced tree of ``If`` nodes on ``k`` picks the graph. onnxruntime
-  constant-folds each branch's weight slices when the session is created, so at run time every branch runs on
-  pre-sliced (and pre-packed) weights, while the file stores the full weights once (about the size of the
-  k = H file).
+  ``k`` (an int64 scalar) that holds every weight once. Construction: each trained k is exported as a graph
+  that reads *slices of the full weights* (the weights are exporter inputs, so the slices stay operators on
+  the shared initializers) with its shape arithmetic folded into constants (:mod:`.onnx_fold`); a balanced
+  tree of ``If`` nodes on ``k`` picks the graph. onnxruntime constant-folds each branch's weight slices when
+  the session is created, so at run time every branch runs on pre-sliced (and pre-packed) weights, while the
+  file stores the full weights once (about the size of the k = H file). The folded shape arithmetic makes a
+  branch a few dozen operators shorter than the per-k file's graph, which pays for the ``If`` around it.
   A k that is not trained fails in a top-level node named ``invalid_k_...`` listing the allowed values;
   :func:`run_switchable` checks k before calling.
 """
@@ -157,45 +157,8 @@ def _constant_value(node: Any) -> Any:
     return numpy_helper.to_array(attrs['value'].t) if set(attrs) == {'value'} else None
 
 
-class FlatWeights:
-    """Every weight in one flat float32 initializer, which a branch reads as ``Slice`` + ``Reshape`` per weight.
-
-    One outer-scope value instead of one per weight: each ``If`` on the way down to a branch is handed every
-    outer value the branch reads, at every call (3-5 % of a batch-1 call at the main job's size, measured).
-    onnxruntime folds each ``Slice`` + ``Reshape``, and the branch's own slices after it, when the session is
-    created, so the branch still runs on pre-sliced, pre-packed weights.
-    """
-    NAME = 'weights'
-
-    def __init__(self, tensors: Dict[str, torch.Tensor]) -> None:
-        bad = {n: t.dtype for n, t in tensors.items() if t.dtype != torch.float32}
-        if bad:
-            raise ExportError(f'the switchable ONNX export stores float32 weights only; got {bad}')
-        self.tensors = tensors
-        self.spans: Dict[str, Tuple[int, Tuple[int, ...]]] = {}  # name -> (offset, shape)
-        offset = 0
-        for name, t in tensors.items():
-            self.spans[name] = (offset, tuple(t.shape))
-            offset += t.numel()
-
-    def initializer(self) -> Any:
-        from onnx import numpy_helper
-        flat = torch.cat([t.reshape(-1) for t in self.tensors.values()]) if self.tensors else torch.zeros(0)
-        return numpy_helper.from_array(flat.numpy(), self.NAME)
-
-    def read(self, name: str, local: str, constants: _SmallConstants) -> List[Any]:
-        """Nodes that give weight ``name`` as the branch value ``local``."""
-        import numpy as np
-        from onnx import helper
-        offset, shape = self.spans[name]
-        end = offset + int(np.prod(shape, dtype=np.int64))
-        bounds = [constants.name_of(np.array([v], np.int64)) for v in (offset, end)]
-        return [helper.make_node('Slice', [self.NAME, *bounds], [f'{local}/flat']),
-                helper.make_node('Reshape', [f'{local}/flat', constants.name_of(np.array(shape, np.int64))], [local])]
-
-
-def _branch(graph: Any, k: int, weights: FlatWeights) -> Any:
-    """The graph of one k as an ``If`` branch: no inputs, short value names, the weights read from ``weights``.
+def _branch(graph: Any, k: int, weights: Dict[str, str]) -> Any:
+    """The graph of one k as an ``If`` branch: no inputs, short value names, the weights from outside.
 
     Its constants (initializers and ``Constant`` nodes) become the branch's own initializers, each value once.
     """
@@ -203,14 +166,13 @@ def _branch(graph: Any, k: int, weights: FlatWeights) -> Any:
 
     constants = _SmallConstants(f'k{k}.')
     short: Dict[str, str] = {}
-    read: Dict[str, str] = {}  # weight name -> its value in the branch
     values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
 
     def rename(name: str) -> str:  # short value names: the graph of every k is stored, so its size counts
         if not name or name == 'input':
             return name
-        if name in weights.spans:
-            return read.setdefault(name, f'k{k}.w{len(read)}')
+        if name in weights:
+            return weights[name]
         if name in values:
             return constants.name_of(values[name])
         return short.setdefault(name, f'k{k}.{len(short)}')
@@ -226,8 +188,7 @@ def _branch(graph: Any, k: int, weights: FlatWeights) -> Any:
         nodes.append(new)
     out = graph.output[0]
     output = helper.make_tensor_value_info(rename(out.name), out.type.tensor_type.elem_type, ['batch', None])
-    reads = [n for name, local in read.items() for n in weights.read(name, local, constants)]
-    return helper.make_graph(reads + nodes, f'k{k}', [], [output], initializer=constants.tensors)
+    return helper.make_graph(nodes, f'k{k}', [], [output], initializer=constants.tensors)
 
 
 def _k_check(ks: Sequence[int]) -> Tuple[List[Any], List[Any]]:
@@ -291,19 +252,21 @@ def build_switchable_model(model: UniversalModel, ks: Optional[Sequence[int]] = 
     import tempfile
 
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
     chosen = model.resolve_ks(ks)
     if fold_shapes:
         import_onnxruntime('the switchable ONNX export folds shapes')
     tensors = _model_tensors(model)
-    weights = FlatWeights(tensors)
+    weights = {name: f'w{i}' for i, name in enumerate(tensors)}
     branches = {}
     with tempfile.TemporaryDirectory() as tmp:
         for k in chosen:
             source = _branch_source(model, k, tensors, os.path.join(tmp, f'k{k}.onnx'), opset, fold_shapes)
             branches[k] = _branch(source.graph, k, weights)
-    initializers = [weights.initializer()]
+    used = {name for branch in branches.values() for node in branch.node for name in node.input}
+    initializers = [numpy_helper.from_array(t.numpy(), weights[name]) for name, t in tensors.items()
+                    if weights[name] in used]
     c = model.config
     inputs = [helper.make_tensor_value_info('input', TensorProto.FLOAT, ['batch', c.in_chans, c.img_size, c.img_size]),
               helper.make_tensor_value_info('k', TensorProto.INT64, [])]
