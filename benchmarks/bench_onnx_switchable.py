@@ -98,6 +98,9 @@ def main() -> None:
     c = model.config
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = args.threads, 1
+    no_mem_pattern = ort.SessionOptions()
+    no_mem_pattern.intra_op_num_threads, no_mem_pattern.inter_op_num_threads = args.threads, 1
+    no_mem_pattern.enable_mem_pattern = False
     ort.set_default_logger_severity(4)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -119,9 +122,6 @@ def main() -> None:
         for k in model.k_choices:
             export_onnx(model, k, folder / f'k{k}.onnx')
             export_onnx(model, k, folder / f'k{k}_unfolded.onnx', fold_shapes=False)
-            no_mem_pattern = ort.SessionOptions()
-            no_mem_pattern.intra_op_num_threads, no_mem_pattern.inter_op_num_threads = args.threads, 1
-            no_mem_pattern.enable_mem_pattern = False
             references = {name: ort.InferenceSession(str(folder / f'k{k}{suffix}.onnx'), options,
                                                      providers=['CPUExecutionProvider'])
                           for name, suffix, options in (('per_k', '', opts), ('per_k_unfolded', '_unfolded', opts),

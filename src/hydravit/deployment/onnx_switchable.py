@@ -7,8 +7,8 @@
   the shared initializers) with its shape arithmetic folded into constants (:mod:`.onnx_fold`); a balanced
   tree of ``If`` nodes on ``k`` picks the graph. onnxruntime constant-folds each branch's weight slices when
   the session is created, so at run time every branch runs on pre-sliced (and pre-packed) weights, while the
-  file stores the full weights once (about the size of the k = H file). The folded shape arithmetic makes a
-  branch a few dozen operators shorter than the per-k file's graph, which pays for the ``If`` around it.
+  file stores the full weights once (about the size of the k = H file). A branch then runs the same optimised
+  operators as the per-k file of its k (folded the same way); the ``If`` around it is what it costs on top.
   A k that is not trained fails in a top-level node named ``invalid_k_...`` listing the allowed values;
   :func:`run_switchable` checks k before calling.
 """
