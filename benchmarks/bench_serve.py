@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from hydravit.serving.loadtest import Phase, encode_images, run_load, server_info, summarize_load
+from hydravit.serving.loadtest import LoadRecord, Phase, encode_images, run_load, server_info, summarize_load
 from hydravit.storage.results import format_table, markdown_table, write_results
 
 logger = logging.getLogger('bench_serve')
@@ -87,13 +87,25 @@ class Server:
 
 
 def measure(server: Server, images, phases: Sequence[Phase], target_ms: float, args: argparse.Namespace,
-            seed: int) -> Tuple[List[Dict], float, float]:
-    """Rows of summarize_load, and the cores the server and this process used while the schedule ran."""
+            seed: int) -> Tuple[List[Dict], float, float, List[LoadRecord]]:
+    """Rows of summarize_load, the cores the server and this process used while the schedule ran, and the
+    requests themselves (where in a phase the misses fall)."""
     c0, s0, w0 = time.process_time(), server.cpu_s(), time.perf_counter()
     records = run_load(server.url, images, phases, seed=seed, timeout_s=max(30.0, 3 * target_ms / 1e3),
                        images_per_request=args.images_per_request, max_inflight=args.max_inflight)
     wall = time.perf_counter() - w0
-    return summarize_load(records, phases, target_ms), (server.cpu_s() - s0) / wall, (time.process_time() - c0) / wall
+    return (summarize_load(records, phases, target_ms), (server.cpu_s() - s0) / wall,
+            (time.process_time() - c0) / wall, records)
+
+
+def request_rows(load: str, policy: str, round_: int, phases: Sequence[Phase], records: Sequence[LoadRecord],
+                 target_ms: float) -> List[Dict]:
+    """One row per request: its phase, when in the phase it was sent, its answer and whether it was in time."""
+    starts = [sum(p.seconds for p in phases[:i]) for i in range(len(phases))]
+    return [{'load': load, 'policy': policy, 'round': round_, 'phase': r.phase,
+             'sent_in_phase_s': round(r.scheduled_s - starts[r.phase], 4), 'status': r.status,
+             'latency_ms': round(r.latency_ms, 2), 'server_latency_ms': r.server_latency_ms, 'k': r.k,
+             'within': int(r.status == 200 and r.latency_ms <= target_ms)} for r in records]
 
 
 def ramp(server: Server, images, start_rps: float, target_ms: float, args: argparse.Namespace) -> Tuple[float, List]:
@@ -143,6 +155,8 @@ def main() -> None:
     p.add_argument('--ramp-seconds', type=float, default=4.0)
     p.add_argument('--ramp-steps', type=int, default=12)
     p.add_argument('--sweep', type=int, default=4, help="high loads up to fixed-smallest's sustained load")
+    p.add_argument('--high-loads', type=float, nargs='+', metavar='IMG_PER_S',
+                   help='send these high loads (images/s) instead of the calibrated sweep; skips the ramps')
     p.add_argument('--phase-seconds', type=float, default=6.0)
     p.add_argument('--rounds', type=int, default=2)
     p.add_argument('--no-shed', dest='shed', action='store_false',
@@ -188,26 +202,32 @@ def main() -> None:
             measure(s, images, [Phase(args.low_rps, 2.0)], target, args, seed=50)  # warm-up
         # 2. what each fixed server sustains, load generator included
         sustained: Dict[int, float] = {}
-        for k in (large, small):
+        for k in (large, small) if not args.high_loads else ():
             start = args.low_rps if k == large else max(args.low_rps, sustained[large])
             sustained[k], _ = ramp(servers[f'fixed:{k}'], images, start, target, args)
             logger.info(f'fixed:{k} sustains {sustained[k] * per_request:.0f} img/s within {target} ms')
         loads.append(os.getloadavg())
-        if not sustained[large] > 0:
+        if args.high_loads:
+            highs = [h / per_request for h in args.high_loads]
+        elif not sustained[large] > 0:
             raise RuntimeError(f'fixed:{large} sustains not even the low load within {target} ms: raise --target-ms')
-        lo, hi = sustained[large], max(sustained[small], sustained[large] * args.ramp_factor ** 2)
-        highs = [lo * (hi / lo) ** ((j + 1) / args.sweep) for j in range(args.sweep)]
+        else:
+            lo, hi = sustained[large], max(sustained[small], sustained[large] * args.ramp_factor ** 2)
+            highs = [lo * (hi / lo) ** ((j + 1) / args.sweep) for j in range(args.sweep)]
         logger.info('high loads (img/s): ' + ', '.join(f'{h * per_request:.0f}' for h in highs))
 
         # 3./4. low, high, low for each high load; the three servers in turn, rounds in rotated order
         table: List[Dict] = []
+        requests: List[Dict] = []
         for h in highs:
             phases = [low, Phase(round(h, 2), args.phase_seconds), low]
             runs: Dict[str, List[List[Dict]]] = {name: [] for name in policies}
             cpu: Dict[str, List[Tuple[float, float]]] = {name: [] for name in policies}
             for r in range(args.rounds):
                 for name in policies[r % 3:] + policies[:r % 3]:
-                    rows, server_cpu, client_cpu = measure(servers[name], images, phases, target, args, args.seed)
+                    rows, server_cpu, client_cpu, records = measure(servers[name], images, phases, target, args,
+                                                                    args.seed)
+                    requests += request_rows(f'{h * per_request:.0f} img/s', name, r, phases, records, target)
                     runs[name].append(rows)
                     cpu[name].append((server_cpu, client_cpu))
                     time.sleep(1.0)
@@ -239,9 +259,12 @@ def main() -> None:
         checks[f'adaptive accuracy above {fs} overall (run {name})'] = \
             cell(name, adaptive, 'all', 'accuracy') > cell(name, fs, 'all', 'accuracy')
     write_results(table, out, 'serve_bench', 'csv')
+    write_results(requests, out, 'requests', 'csv', verbose=False)
+    sustained_text = ('not measured (--high-loads)' if args.high_loads else
+                      f'fixed:{large} {sustained[large] * per_request:.0f} img/s, fixed:{small} '
+                      f'{sustained[small] * per_request:.0f} img/s')
     header = (f'target {target} ms; sustained (>= 99 % within target, open-loop ramp incl. the load generator): '
-              f'fixed:{large} {sustained[large] * per_request:.0f} img/s, fixed:{small} '
-              f'{sustained[small] * per_request:.0f} img/s; low load {args.low_rps * per_request:.0f} img/s; '
+              f'{sustained_text}; low load {args.low_rps * per_request:.0f} img/s; '
               f'{args.rounds} rounds (median, within-target min..max); max batch {args.max_batch}, max wait '
               f'{args.max_wait_ms} ms, {args.threads} torch thread(s), {per_request} images per request; '
               f'{"late requests shed (503)" if args.shed else "no shedding (--no-shed)"}; '

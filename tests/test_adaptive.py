@@ -102,6 +102,27 @@ def test_controller_climbs_one_k_at_a_time_and_only_once_the_queue_is_drained():
         LatencyController(KS, TARGET, TRUE_MS, climb_steps=0)
 
 
+def test_controller_caps_k_at_what_keeps_up_with_the_arrivals():
+    """Full batches of 32 at 10 / 20 / 40 ms, 85 % utilisation at most: k = 2 keeps up with 0.85 x 32 / 10 ms
+    = 2720 images/s, k = 4 with 1360, k = 8 with 680. The latency target alone (1 s) would allow k = 8."""
+    base = {2: 10.0, 4: 20.0, 8: 40.0}
+    ctrl = LatencyController([2, 4, 8], 1000.0, base, batch_images=32, probe_every=0, up_patience=1)
+    assert ctrl.choose(arrival_per_s=600.0) == 8
+    assert ctrl.choose(arrival_per_s=700.0) == 4               # no backlog yet: the rate alone moves it down
+    assert ctrl.choose(arrival_per_s=3000.0) == 2              # nothing keeps up: the cheapest
+    assert ctrl.choose(arrival_per_s=1300.0) == 4              # climbs again as far as the rate allows
+    assert ctrl.choose(arrival_per_s=1300.0, overhead_ms=8.0) == 2  # 32 / 28 ms x 0.85 = 971 images/s < 1300
+    assert ctrl.sustainable_k(1360.0) == 4 and ctrl.sustainable_k(1361.0) == 2
+    uncapped = LatencyController([2, 4, 8], 1000.0, base, probe_every=0)
+    assert uncapped.choose(arrival_per_s=3000.0) == 8          # without batch_images the rate is not used
+    with pytest.raises(ValueError, match='batch_images must be >= 1'):
+        LatencyController([2], 1.0, {2: 1.0}, batch_images=0)
+    with pytest.raises(ValueError, match=r'max_utilization must be in \(0, 1\], got 1.5'):
+        LatencyController([2], 1.0, {2: 1.0}, max_utilization=1.5)
+    with pytest.raises(ValueError, match='arrival_per_s >= 0'):
+        ctrl.choose(arrival_per_s=-1.0)
+
+
 def test_probe_corrects_a_stale_estimate_of_a_larger_k():
     """k=9..12 calibrated 1.8x too slow: probing the next larger k (predicted to fit) walks back up."""
     base = {k: TRUE_MS[k] * (1.8 if k >= 9 else 1.0) for k in KS}

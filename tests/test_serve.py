@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -29,9 +30,10 @@ from timm.data import resolve_data_config  # noqa: E402
 
 from hydravit.cli import main  # noqa: E402
 from hydravit.data.transforms import build_transform  # noqa: E402
+from hydravit.deployment.torchscript import TracedSubnetworks  # noqa: E402
 from hydravit.evaluation.evaluate import load_for_eval  # noqa: E402
 from hydravit.serving.app import create_app, request_arrival  # noqa: E402
-from hydravit.serving.batcher import DynamicBatcher  # noqa: E402
+from hydravit.serving.batcher import ArrivalRate, DynamicBatcher  # noqa: E402
 from hydravit.serving.inputs import ImageDecoder, InputError  # noqa: E402
 from hydravit.serving.loadtest import check_url, parse_schedule, run_load, summarize_load  # noqa: E402
 from hydravit.serving.metrics import ServerMetrics  # noqa: E402
@@ -303,6 +305,45 @@ def test_adaptive_policy_drops_k_at_the_first_backlogged_batch_and_climbs_only_o
     assert old_head == [2, 2] and drained == [2, 2, 4, 4]
     # a cycle that costs 4 ms besides the forward: 7 x (4 + 4) ms = 56 ms > 45 with 6 batches queued
     assert serve(Backlog(8 * 6, overhead_ms=4.0), 1) == [2]
+    # nothing queued, but images arrive faster than full batches of k = 4 answer them at 80 % utilisation
+    # (0.8 x 8 images / 4 ms = 1600 images/s): k = 2 before any queue builds
+    assert serve(Backlog(0), 4)[-1] == 4
+    assert serve(Backlog(0, arrival_per_s=2000.0), 2) == [2, 2]
+
+
+def test_arrival_rate_sees_a_step_within_the_short_window_and_a_lull_through_the_long_one():
+    rate = ArrivalRate((0.5, 2.0))
+    for i in range(20):                        # 16 images every 0.1 s for 2 s: 160 images/s
+        rate.add(i * 0.1, 16)
+    assert rate.per_s(1.95) == pytest.approx(max(5 * 16 / 0.5, 20 * 16 / 2.0))  # 160 both ways
+    for i in range(3):                         # a burst: 64 images at 2.0, 2.05, 2.1 s
+        rate.add(2.0 + i * 0.05, 64)
+    # the short window (1.62..2.12 s) holds 3 steady arrivals and the burst: 480 images/s, the long one 240
+    assert rate.per_s(2.12) == pytest.approx((3 * 16 + 3 * 64) / 0.5)
+    # a 1 s lull after that: the short window is empty, the long one (1.15..3.15 s) still holds 8 + 3 arrivals
+    assert rate.per_s(3.15) == pytest.approx((8 * 16 + 3 * 64) / 2.0)
+    assert rate.per_s(10.0) == 0.0
+    with pytest.raises(ValueError, match='short window <= long window'):
+        ArrivalRate((2.0, 0.5))
+
+
+def test_torchscript_traces_give_the_eager_logits_at_every_k_and_batch_size(run_folder):
+    model, _ = load_for_eval(resolve_checkpoint(run_folder))
+    traced = TracedSubnetworks(model)
+    g = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        for k in model.k_choices:
+            for n in (1, 5, 32):
+                x = torch.randn(n, 3, 16, 16, generator=g)
+                assert torch.equal(traced(x, k=k), model(x, k=k)), (k, n)
+        again = pickle.loads(pickle.dumps(traced))  # a Ray replica or a spawned worker traces again
+        x = torch.randn(4, 3, 16, 16, generator=g)
+        assert torch.equal(again(x, k=4), model(x, k=4))
+    with pytest.raises(ValueError, match=r'k=3 was not traced; traced k: \[2, 4\]'):
+        traced(x, k=3)
+    only = TracedSubnetworks(model, ks=[4])
+    with pytest.raises(ValueError, match=r'traced k: \[4\]'):
+        only(x, k=2)
 
 
 def test_a_request_predicted_to_miss_the_target_is_refused_at_once_and_counted():

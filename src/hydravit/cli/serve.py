@@ -36,6 +36,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--model', help='registered model whose preprocessing training used (old checkpoints only)')
     p.add_argument('--results', help='per-k accuracy file for /info (default: results.csv next to the checkpoint)')
     p.add_argument('--use-ema', action='store_true', help='serve the *_ema.safetensors next to the checkpoint')
+    p.add_argument('--torchscript', action=argparse.BooleanOptionalAction, default=True,
+                   help='run forwards from a TorchScript trace per k, checked at start-up to give the same logits: '
+                        'the inference thread then takes the GIL once per batch, not once per operator, and the '
+                        'event loop cannot starve it under load (default: on; the cascade policy runs eagerly)')
     p.add_argument('--omp-active', action='store_true',
                    help="keep OpenMP's spin-waiting (default: restart with OMP_WAIT_POLICY=PASSIVE, see adaptive.py)")
     return p
@@ -49,7 +53,8 @@ def config_from_args(args: argparse.Namespace):
                        max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                        max_images_per_request=args.max_images_per_request, strict_input=args.strict_input,
                        shed_late=args.shed_late,
-                       model=args.model, results=args.results, workers=args.workers, use_ema=args.use_ema).check()
+                       model=args.model, results=args.results, workers=args.workers, use_ema=args.use_ema,
+                       torchscript=args.torchscript).check()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -32,7 +32,7 @@ __all__ = [
     'LatencyController', 'AdaptivePredictor', 'AdaptiveOutput', 'LoadPhase', 'applied_load', 'DEFAULT_PHASES',
     'fixed_k_policy', 'adaptive_policy', 'run_under_load', 'summarize', 'calibrate_latencies', 'timed_forward',
     'reexec_with_passive_omp', 'ServingLevel', 'cascade_levels', 'AdaptiveCascadePredictor', 'AdaptiveCascadeOutput',
-    'THRESHOLD_FACTORS',
+    'THRESHOLD_FACTORS', 'Forward',
 ]
 
 
@@ -48,6 +48,12 @@ class LatencyController:
     ``waited_ms`` already spent by its oldest image. The prediction is then the later of the oldest image's
     answer (``waited + p``) and the last queued one's (``(1 + queued) * p``), so a backlog lowers k at the
     next batch, and k climbs (or probes) only once the queue is drained (by default: fits in one batch).
+
+    With ``batch_images`` (the images of a full batch) the server may also tell :meth:`choose` the rate at
+    which images arrive: no k is chosen whose full batches could not keep up with it at ``max_utilization``.
+    A queue only shows an overload after it has built, and a controller that reacts to the queue alone
+    climbs back as soon as the queue drains, builds it again, and misses on every swing; the arrival rate
+    says before that which k can sustain the load at all.
     """
 
     def __init__(
@@ -63,6 +69,8 @@ class LatencyController:
             load_smoothing: float = 0.5,
             base_smoothing: float = 0.1,
             climb_steps: Optional[int] = None,
+            batch_images: Optional[int] = None,
+            max_utilization: float = 0.85,
     ) -> None:
         self.ks = list(check_k_choices(ks, what='ks'))
         if not self.ks:
@@ -83,6 +91,11 @@ class LatencyController:
         if climb_steps is not None and climb_steps < 1:
             raise ValueError(f'climb_steps must be >= 1 (or None: up to the largest k that fits), got {climb_steps}')
         self.climb_steps = climb_steps
+        if batch_images is not None and batch_images < 1:
+            raise ValueError(f'batch_images must be >= 1 (or None: no arrival-rate cap), got {batch_images}')
+        if not 0 < max_utilization <= 1:
+            raise ValueError(f'max_utilization must be in (0, 1], got {max_utilization}')
+        self.batch_images, self.max_utilization = batch_images, float(max_utilization)
         self.load_smoothing, self.base_smoothing = load_smoothing, base_smoothing
         self.load = 1.0
         self.current = self._largest_within(self.up_fraction)
@@ -102,22 +115,32 @@ class LatencyController:
         batch = self.load * self.base[k]
         return max(waited_ms + batch, (1 + queued_batches) * (batch + overhead_ms))
 
+    def sustainable_k(self, arrival_per_s: float, overhead_ms: float = 0.0) -> int:
+        """The largest k whose full batches keep up with ``arrival_per_s`` images/s at ``max_utilization``
+        (the smallest k where none does; the largest where no batch size is known)."""
+        if self.batch_images is None or arrival_per_s <= 0:
+            return self.ks[-1]
+        keeps_up = [k for k in self.ks if self.max_utilization * self.batch_images * 1e3
+                    / (self.batch_ms(k) + overhead_ms) >= arrival_per_s]
+        return max(keeps_up) if keeps_up else self.ks[0]
+
     def _largest_within(self, fraction: float, *backlog: float) -> int:
         fits = [k for k in self.ks if self.predicted_ms(k, *backlog) <= fraction * self.target_ms]
         return max(fits) if fits else self.ks[0]
 
     def choose(self, queued_batches: float = 0.0, waited_ms: float = 0.0, overhead_ms: float = 0.0,
-               drained: Optional[bool] = None) -> int:
-        """The k for the next batch (always one of :attr:`ks`), given the backlog behind it (see the class);
-        ``drained`` (default: at most one batch queued) says whether k may climb now."""
-        if not all(math.isfinite(v) and v >= 0 for v in (queued_batches, waited_ms, overhead_ms)):
-            raise ValueError(f'need finite queued_batches, waited_ms and overhead_ms >= 0, got {queued_batches}, '
-                             f'{waited_ms}, {overhead_ms}')
+               drained: Optional[bool] = None, arrival_per_s: float = 0.0) -> int:
+        """The k for the next batch (always one of :attr:`ks`), given the backlog behind it and the rate images
+        arrive at (see the class); ``drained`` (default: at most one batch queued) says whether k may climb now."""
+        if not all(math.isfinite(v) and v >= 0 for v in (queued_batches, waited_ms, overhead_ms, arrival_per_s)):
+            raise ValueError(f'need finite queued_batches, waited_ms, overhead_ms and arrival_per_s >= 0, got '
+                             f'{queued_batches}, {waited_ms}, {overhead_ms}, {arrival_per_s}')
         self._step += 1
         backlog = (queued_batches, waited_ms, overhead_ms)
         drained = queued_batches <= 1 if drained is None else drained
-        target = self._largest_within(self.up_fraction, *backlog)
-        if self.predicted_ms(self.current, *backlog) > self.down_fraction * self.target_ms:
+        cap = self.sustainable_k(arrival_per_s, overhead_ms)
+        target = min(cap, self._largest_within(self.up_fraction, *backlog))
+        if self.current > cap or self.predicted_ms(self.current, *backlog) > self.down_fraction * self.target_ms:
             self.current, self._streak = min(target, self.current), 0
         elif target > self.current and drained:
             self._streak += 1
@@ -130,7 +153,7 @@ class LatencyController:
         if (drained and self.probe_every > 0 and self._step % self.probe_every == 0
                 and self.current < self.ks[-1]):
             larger = self.ks[self.ks.index(self.current) + 1]
-            if self.predicted_ms(larger, *backlog) <= self.target_ms:
+            if larger <= cap and self.predicted_ms(larger, *backlog) <= self.target_ms:
                 return larger
         return self.current
 
@@ -149,7 +172,11 @@ class LatencyController:
         self.base[k] = (1 - b) * self.base[k] + b * latency_ms / self.load
 
 
-def timed_forward(model: UniversalModel, x: torch.Tensor, k: int,
+# a forward at one k: the universal model itself, or anything called like it (``forward(x, k=k)``)
+Forward = Callable[..., torch.Tensor]
+
+
+def timed_forward(model: Forward, x: torch.Tensor, k: int,
                   clock: Callable[[], float] = time.perf_counter) -> Tuple[torch.Tensor, float]:
     """(logits, milliseconds) of one forward at k; waits for a CUDA device so the time is the forward's."""
     start = clock()
@@ -160,7 +187,7 @@ def timed_forward(model: UniversalModel, x: torch.Tensor, k: int,
     return logits, (clock() - start) * 1e3
 
 
-def calibrate_latencies(model: UniversalModel, x: torch.Tensor, ks: Sequence[int], *, repeats: int = 3,
+def calibrate_latencies(model: Forward, x: torch.Tensor, ks: Sequence[int], *, repeats: int = 3,
                         clock: Callable[[], float] = time.perf_counter) -> Dict[int, float]:
     """Median latency (ms) of batch ``x`` at every k, after one warm-up call each."""
     base = {}

@@ -41,6 +41,28 @@ class Prediction:
     batch_size: int
 
 
+class ArrivalRate:
+    """Images per second offered to the server: the larger of the rates over a short and a long window.
+
+    The short window sees a step up in load within a fraction of a second; the long one keeps a lull between
+    bursts of a steady load from reading as a drop. Offered, not accepted: a shed request is load as well.
+    """
+
+    def __init__(self, windows_s: Tuple[float, float] = (0.5, 2.0)) -> None:
+        if not 0 < windows_s[0] <= windows_s[1]:
+            raise ValueError(f'need 0 < short window <= long window, got {windows_s}')
+        self.windows_s = windows_s
+        self._events: Deque[Tuple[float, int]] = deque()
+
+    def add(self, now: float, images: int) -> None:
+        self._events.append((now, images))
+        while self._events and self._events[0][0] < now - self.windows_s[1]:
+            self._events.popleft()
+
+    def per_s(self, now: float) -> float:
+        return max(sum(n for t, n in self._events if t >= now - w) / w for w in self.windows_s)
+
+
 @dataclass
 class _Pending:
     x: torch.Tensor
@@ -70,6 +92,7 @@ class DynamicBatcher:
         # busy machine the event loop's share of the CPU makes it comparable to the forward pass itself
         self._overheads: Deque[float] = deque(maxlen=9)
         self._previous: Optional[Tuple[float, float]] = None  # (start, forward ms) of a batch that left a queue
+        self.arrivals = ArrivalRate()  # touched on the event loop only
 
     @property
     def queue_length(self) -> int:
@@ -141,6 +164,7 @@ class DynamicBatcher:
                              f'{self.max_queue}); retry later', status=503)
         now = self.clock()
         arrival = now if arrival is None else min(arrival, now)
+        self.arrivals.add(now, len(images))
         self.refuse_if_late(len(images), arrival)
         loop = asyncio.get_running_loop()
         pending = [_Pending(x, k, arrival, loop.create_future()) for x in images]
@@ -170,7 +194,7 @@ class DynamicBatcher:
             self._collecting = 0
         return batch
 
-    def _run(self, batch: List[_Pending], queued: int) -> Dict[Optional[int], BatchOutput]:
+    def _run(self, batch: List[_Pending], queued: int, arrival_per_s: float) -> Dict[Optional[int], BatchOutput]:
         """On the inference thread: one forward per group (the policy's images, and each pinned k)."""
         groups: Dict[Optional[int], List[_Pending]] = {}
         for p in batch:
@@ -178,10 +202,12 @@ class DynamicBatcher:
         out = {}
         for k, items in groups.items():
             x = torch.stack([p.x for p in items])
-            backlog = Backlog(queued, (self.clock() - min(p.arrival for p in items)) * 1e3, self.overhead_ms)
+            backlog = Backlog(queued, (self.clock() - min(p.arrival for p in items)) * 1e3, self.overhead_ms,
+                              arrival_per_s)
             out[k] = self.policy.run(x, backlog) if k is None else self.policy.run_at(x, k)
-            logger.debug('batch of %d at k=%s: %d images queued behind it, oldest waited %.1f ms, forward %.1f ms',
-                         len(items), sorted(set(out[k].ks)), queued, backlog.waited_ms, out[k].forward_ms)
+            logger.debug('batch of %d at k=%s: %d images queued behind it, oldest waited %.1f ms, %.0f images/s '
+                         'arriving, forward %.1f ms', len(items), sorted(set(out[k].ks)), queued, backlog.waited_ms,
+                         arrival_per_s, out[k].forward_ms)
         return out
 
     async def _loop(self) -> None:
@@ -191,12 +217,13 @@ class DynamicBatcher:
             batch = await self._collect()
             queued = self._queue.qsize()  # images, like max_batch
             start = self.clock()
+            arrival_per_s = self.arrivals.per_s(start)
             if self._previous is not None:
                 self._overheads.append(max(0.0, (start - self._previous[0]) * 1e3 - self._previous[1]))
             self._running, self._previous = True, None
             forward_ms = 0.0
             try:
-                outputs = await loop.run_in_executor(self._executor, self._run, batch, queued)
+                outputs = await loop.run_in_executor(self._executor, self._run, batch, queued, arrival_per_s)
                 forward_ms = sum(o.forward_ms for o in outputs.values())
             except Exception as e:  # a model error fails this batch's requests, not the server
                 logger.exception('inference failed for a batch of %d', len(batch))

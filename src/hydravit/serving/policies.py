@@ -7,9 +7,10 @@ returns the logits, the k that answered each image and the time the forward took
 predict its cheapest batch (:meth:`ServingPolicy.fastest_batch_ms`) lets the batcher refuse, at once, a
 request that could not be answered within the target anyway.
 
-- ``adaptive``: the latency controller of :mod:`hydravit.deployment.adaptive`, told the backlog: k drops at
-  the next batch when the queue (or the oldest image's wait) would miss the target at the current k, and
-  climbs only once the queue is empty.
+- ``adaptive``: the latency controller of :mod:`hydravit.deployment.adaptive`, told the backlog and the
+  arrival rate: k drops at the next batch when the queue (or the oldest image's wait) would miss the target
+  at the current k or when its full batches could not keep up with the images arriving, and climbs only
+  once the queue is empty.
 - ``fixed:K``: always K.
 - ``cascade:POLICY.json``: the early-exit cascade of :mod:`hydravit.cascade`, through :func:`load_cascade_runner`
   (the one place that knows that package); each image answers at the stage it exits.
@@ -26,7 +27,7 @@ from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 
-from ..deployment.adaptive import LatencyController, calibrate_latencies, timed_forward
+from ..deployment.adaptive import Forward, LatencyController, calibrate_latencies, timed_forward
 from ..models.factory import UniversalModel
 
 __all__ = ['Backlog', 'BatchCost', 'BatchOutput', 'ServingPolicy', 'AdaptivePolicy', 'FixedPolicy',
@@ -46,10 +47,12 @@ class BatchOutput:
 @dataclass(frozen=True)
 class Backlog:
     """What waits behind a batch when it starts: ``queued`` images (not batches), the age of its oldest image,
-    and the time a batch cycle spends outside the forward pass (measured by the batcher)."""
+    the time a batch cycle spends outside the forward pass, and the images per second arriving (all measured
+    by the batcher)."""
     queued: int = 0
     waited_ms: float = 0.0
     overhead_ms: float = 0.0
+    arrival_per_s: float = 0.0
 
 
 class BatchCost:
@@ -70,9 +73,11 @@ class BatchCost:
 
     @classmethod
     def calibrate(cls, model: UniversalModel, ks: Sequence[int], max_batch: int,
-                  clock: Clock = time.perf_counter) -> BatchCost:
-        full = calibrate_latencies(model, _batch_of(model, max_batch), ks, clock=clock)
-        one = calibrate_latencies(model, _batch_of(model, 1), ks, clock=clock) if max_batch > 1 else full
+                  clock: Clock = time.perf_counter, forward: Optional[Forward] = None) -> BatchCost:
+        """Times of ``forward`` (default: the model itself) on random batches of ``model``'s input shape."""
+        forward = forward or model
+        full = calibrate_latencies(forward, _batch_of(model, max_batch), ks, clock=clock)
+        one = calibrate_latencies(forward, _batch_of(model, 1), ks, clock=clock) if max_batch > 1 else full
         return cls({k: min(one[k], full[k]) for k in ks}, full, max_batch)
 
     def base_ms(self, k: int, n: int) -> float:
@@ -92,15 +97,19 @@ class BatchCost:
 
 
 class ServingPolicy:
-    """Base class: ``name`` is the registry key; ``arg`` the text after ``NAME:`` in ``--policy``."""
+    """Base class: ``name`` is the registry key; ``arg`` the text after ``NAME:`` in ``--policy``.
+
+    ``forward`` runs a batch at one k (default: the model itself; a server passes the model's TorchScript
+    traces, :class:`hydravit.deployment.torchscript.TracedSubnetworks`, which give the same logits)."""
     name: str = ''
     needs_arg: bool = False
     arg_help: str = ''
 
     def __init__(self, model: UniversalModel, arg: Optional[str], *, target_ms: float, max_batch: int,
-                 max_wait_ms: float, clock: Clock = time.perf_counter) -> None:
+                 max_wait_ms: float, clock: Clock = time.perf_counter, forward: Optional[Forward] = None) -> None:
         self.model, self.target_ms, self.max_batch, self.max_wait_ms = model, target_ms, max_batch, max_wait_ms
         self.clock = clock
+        self.forward: Forward = forward or model
 
     def run(self, x: torch.Tensor, backlog: Backlog) -> BatchOutput:
         raise NotImplementedError
@@ -111,7 +120,7 @@ class ServingPolicy:
 
     def run_at(self, x: torch.Tensor, k: int) -> BatchOutput:
         """A batch whose requests asked for ``k`` (validated already): the policy is bypassed, not informed."""
-        logits, ms = timed_forward(self.model, x, k, self.clock)
+        logits, ms = timed_forward(self.forward, x, k, self.clock)
         return BatchOutput(logits, [k] * x.shape[0], ms)
 
     def current_k(self) -> Optional[int]:
@@ -176,6 +185,9 @@ class AdaptivePolicy(ServingPolicy):
     # to the next on a busy machine. Not lower: at low load the controller counts two full batches of the
     # largest k ahead of a new image, which must still fit under the up-fraction of a tight target.
     UP_FRACTION, DOWN_FRACTION = 0.6, 0.75
+    # Full batches of the chosen k must keep up with the arrivals with this much to spare: Poisson arrivals
+    # come in bursts, and the batch cycle's cost outside the forward grows with the load.
+    MAX_UTILIZATION = 0.8
 
     def __init__(self, model: UniversalModel, arg: Optional[str], *, base_latency_ms: Optional[Dict[int, float]] = None,
                  one_image_ms: Optional[Dict[int, float]] = None, **kwargs) -> None:
@@ -185,20 +197,21 @@ class AdaptivePolicy(ServingPolicy):
             raise ValueError(f'--latency-ms {self.target_ms:g} leaves no time for inference after --max-wait-ms '
                              f'{self.max_wait_ms:g}: need latency > max-wait')
         if base_latency_ms is None:
-            self.cost = BatchCost.calibrate(model, self.ks, self.max_batch, clock=self.clock)
+            self.cost = BatchCost.calibrate(model, self.ks, self.max_batch, clock=self.clock, forward=self.forward)
         else:  # given (tests, a known machine): without one-image times a batch costs the same at any size
             self.cost = BatchCost(dict(one_image_ms or base_latency_ms), dict(base_latency_ms), self.max_batch)
         self.base_latency_ms = dict(self.cost.full)
         # one k up at a time: jumping from the smallest to the largest k under high load only builds a queue
         self.controller = LatencyController(self.ks, self.target_ms, self.base_latency_ms, climb_steps=1,
-                                            up_fraction=self.UP_FRACTION, down_fraction=self.DOWN_FRACTION)
+                                            up_fraction=self.UP_FRACTION, down_fraction=self.DOWN_FRACTION,
+                                            batch_images=self.max_batch, max_utilization=self.MAX_UTILIZATION)
 
     def run(self, x: torch.Tensor, backlog: Backlog) -> BatchOutput:
         n = x.shape[0]
         queued_batches = max(1, math.ceil(max(0, backlog.queued) / self.max_batch))
         k = self.controller.choose(queued_batches, max(0.0, backlog.waited_ms), max(0.0, backlog.overhead_ms),
-                                   drained=backlog.queued <= 0)
-        logits, ms = timed_forward(self.model, x, k, self.clock)
+                                   drained=backlog.queued <= 0, arrival_per_s=max(0.0, backlog.arrival_per_s))
+        logits, ms = timed_forward(self.forward, x, k, self.clock)
         self.controller.observe(k, self.cost.as_full_batch(k, n, max(ms, 1e-3)))
         self.cost.observe(k, n, ms)
         return BatchOutput(logits, [k] * n, ms)
@@ -229,7 +242,7 @@ class FixedPolicy(ServingPolicy):
                              f'{list(model.k_choices)})') from None
         self.k = model.resolve_k(k)
         if base_latency_ms is None:
-            self.cost = BatchCost.calibrate(model, [self.k], self.max_batch, clock=self.clock)
+            self.cost = BatchCost.calibrate(model, [self.k], self.max_batch, clock=self.clock, forward=self.forward)
         else:
             self.cost = BatchCost({self.k: base_latency_ms[self.k]}, {self.k: base_latency_ms[self.k]},
                                   self.max_batch)

@@ -12,6 +12,7 @@ import socket
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional, cast
 
+from ..deployment.torchscript import TracedSubnetworks
 from ..evaluation.evaluate import load_for_eval
 from ..storage.run_folder import read_accuracy, resolve_checkpoint, training_metadata
 from .addresses import is_loopback
@@ -44,6 +45,7 @@ class ServeConfig:
     results: Optional[str] = None     # per-k accuracy file (default: the one next to the checkpoint)
     workers: int = 1
     use_ema: bool = False
+    torchscript: bool = True          # forwards from TorchScript traces: the GIL once per batch, not per operator
 
     def check(self) -> ServeConfig:
         if not self.latency_ms > 0:
@@ -69,8 +71,9 @@ def build_state(cfg: ServeConfig) -> ServerState:
     model, _ = load_for_eval(path, None, cfg.model)
     model.eval()
     data_config: Dict[str, Any] = dict(cast(Dict[str, Any], model.pretrained_cfg))  # set by load_for_eval
+    forward = TracedSubnetworks(model) if cfg.torchscript else None
     policy = create_policy(cfg.policy, model, target_ms=cfg.latency_ms, max_batch=cfg.max_batch,
-                           max_wait_ms=cfg.max_wait_ms)
+                           max_wait_ms=cfg.max_wait_ms, forward=forward)
     trained = training_metadata(path)
     return ServerState(model=model, policy=policy, decoder=ImageDecoder(data_config, strict=cfg.strict_input),
                        target_ms=cfg.latency_ms, max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms,
