@@ -102,6 +102,20 @@ def test_controller_climbs_one_k_at_a_time_and_only_once_the_queue_is_drained():
         LatencyController(KS, TARGET, TRUE_MS, climb_steps=0)
 
 
+def test_batches_with_images_behind_them_neither_count_towards_a_climb_nor_break_it():
+    """Requests of two batches each: every other batch has the request's second half behind it."""
+    ctrl = LatencyController(KS, TARGET, TRUE_MS, up_patience=3, probe_every=0)
+    ctrl.observe(ctrl.choose(), 1e3)                          # one very slow batch: down to k = 3
+    for _ in range(10):                                       # fast again, with a queue: the load factor settles
+        ctrl.observe(3, TRUE_MS[3])
+        assert ctrl.choose(queued_batches=1, drained=False) == 3
+    ks = []
+    for i in range(6):
+        ctrl.observe(ctrl.current, TRUE_MS[ctrl.current])
+        ks.append(ctrl.choose(queued_batches=1, drained=i % 2 == 1))
+    assert ks[:5] == [3] * 5 and ks[5] > 3                    # the third drained batch climbs
+
+
 def test_controller_caps_k_at_what_keeps_up_with_the_arrivals():
     """Full batches of 32 at 10 / 20 / 40 ms, 85 % utilisation at most: k = 2 keeps up with 0.85 x 32 / 10 ms
     = 2720 images/s, k = 4 with 1360, k = 8 with 680. The latency target alone (1 s) would allow k = 8."""

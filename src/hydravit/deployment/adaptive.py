@@ -142,8 +142,10 @@ class LatencyController:
         target = min(cap, self._largest_within(self.up_fraction, *backlog))
         if self.current > cap or self.predicted_ms(self.current, *backlog) > self.down_fraction * self.target_ms:
             self.current, self._streak = min(target, self.current), 0
-        elif target > self.current and drained:
-            self._streak += 1
+        elif target > self.current:
+            # only a drained batch counts towards a climb; one with images behind it (the first batches of a
+            # request larger than a batch) neither counts nor breaks the streak
+            self._streak += int(drained)
             if self._streak >= self.up_patience:
                 if self.climb_steps is not None:  # a few k at a time: a backlog shows before the largest is reached
                     target = self.ks[min(self.ks.index(self.current) + self.climb_steps, self.ks.index(target))]

@@ -201,8 +201,9 @@ class AdaptivePolicy(ServingPolicy):
         else:  # given (tests, a known machine): without one-image times a batch costs the same at any size
             self.cost = BatchCost(dict(one_image_ms or base_latency_ms), dict(base_latency_ms), self.max_batch)
         self.base_latency_ms = dict(self.cost.full)
-        # one k up at a time: jumping from the smallest to the largest k under high load only builds a queue
-        self.controller = LatencyController(self.ks, self.target_ms, self.base_latency_ms, climb_steps=1,
+        # a climb goes straight to the largest k that fits the target and keeps up with the arrivals (one k at a
+        # time took longer than a phase of low load to get back to the largest k after an overload)
+        self.controller = LatencyController(self.ks, self.target_ms, self.base_latency_ms,
                                             up_fraction=self.UP_FRACTION, down_fraction=self.DOWN_FRACTION,
                                             batch_images=self.max_batch, max_utilization=self.MAX_UTILIZATION)
 
