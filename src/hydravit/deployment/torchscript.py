@@ -7,6 +7,11 @@ few milliseconds took seconds, whatever k it ran at. A traced graph runs its ope
 GIL once on the way in and once on the way out. The trace records the sliced forward at one k with the
 model's parameters (not copies of them), so the traced modules cost no memory beyond their graphs, and it
 is checked against the eager forward at start-up: the same kernels, the same logits, bit for bit.
+
+PyTorch marks ``torch.jit.trace`` deprecated in favour of ``torch.compile`` and ``torch.export``. On CPU the first
+compiles with a C++ toolchain on the serving machine, and an exported program runs operator by operator from
+Python (the GIL per operator again) unless AOTInductor compiles it, with a toolchain too; so the trace stays,
+and its deprecation warning is silenced here only, around the trace.
 """
 from __future__ import annotations
 
@@ -57,8 +62,10 @@ class TracedSubnetworks:
         with torch.inference_mode(), warnings.catch_warnings():
             # the input-shape check in the forward becomes a constant: the server validates shapes before
             warnings.simplefilter('ignore', torch.jit.TracerWarning)
+            warnings.filterwarnings('ignore', message=r'`torch\.jit\.trace', category=FutureWarning)
             for k in self.ks:
                 traced = torch.jit.trace(_AtK(model, k).eval(), example, check_trace=False)
+                traced(example)  # the executor profiles the first calls and optimises: not on a request
                 if not torch.equal(traced(check), model(check, k=k)):
                     raise RuntimeError(f'the TorchScript trace at k={k} does not reproduce the eager forward; '
                                        'serve without it (--no-torchscript)')
