@@ -129,7 +129,7 @@ def test_predict_gives_the_class_eval_computes_at_that_k(run_folder):
             r = client.post('/predict', json={'images': [base64.b64encode(d).decode() for d in files]})
             assert [p['class'] for p in r.json()['predictions']] == expected
             info = client.get('/info').json()
-    assert info['k_choices'] == [2, 4] and info['policy'] == 'fixed:2'
+    assert info['k_choices'] == [2, 4] and info['policy'] == 'fixed:2' and info['torchscript'] is True
     assert [row['k'] for row in info['per_k']] == [2, 4]
     assert all('top1' in row and row['gmacs'] > 0 for row in info['per_k'])  # accuracy from results.csv, cost
     assert info['preprocessing']['input_size'] == [3, 16, 16]

@@ -23,6 +23,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from ..deployment.torchscript import TracedSubnetworks
 from ..models.costs import cost_row
 from ..models.factory import UniversalModel
 from .batcher import DynamicBatcher
@@ -76,7 +77,7 @@ class ServerState:
                 'k_choices': list(self.model.k_choices), 'per_k': per_k, 'results_file': results,
                 'latency_target_ms': self.target_ms, 'max_batch': self.max_batch, 'max_wait_ms': self.max_wait_ms,
                 'max_body_bytes': self.max_body_bytes, 'max_images_per_request': self.max_images_per_request,
-                'shed_late': self.shed_late,
+                'shed_late': self.shed_late, 'torchscript': isinstance(self.policy.forward, TracedSubnetworks),
                 'preprocessing': self.decoder.describe(), **self.policy.describe()}
 
 
