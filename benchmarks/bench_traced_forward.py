@@ -14,28 +14,17 @@ import argparse
 import logging
 import sys
 import threading
-import time
 from typing import Callable, Dict, List
 
 import torch
 
+from hydravit.deployment.adaptive import Forward, calibrate_latencies
 from hydravit.deployment.torchscript import TracedSubnetworks
 from hydravit.evaluation.evaluate import load_for_eval
 from hydravit.storage.results import format_table
 from hydravit.storage.run_folder import resolve_checkpoint
 
 logger = logging.getLogger('bench_traced_forward')
-
-
-def median_ms(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int) -> float:
-    times = []
-    with torch.inference_mode():
-        forward(x)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            forward(x)
-            times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def beside_busy_thread(measure: Callable[[], float]) -> float:
@@ -65,12 +54,12 @@ def main() -> None:
     x = torch.randn(args.batch_size, c.in_chans, c.img_size, c.img_size)
     rows: List[Dict] = []
     for k in ks:
-        eager = lambda x, k=k: model(x, k=k)  # noqa: E731
-        script = lambda x, k=k: traced(x, k=k)  # noqa: E731
         row: Dict = {'k': k}
-        for name, f in (('eager', eager), ('traced', script)):
-            row[f'{name}_alone_ms'] = median_ms(f, x, args.repeats)
-            row[f'{name}_busy_ms'] = beside_busy_thread(lambda f=f: median_ms(f, x, args.repeats))
+        for name, forward in (('eager', model), ('traced', traced)):
+            def median_ms(forward: Forward = forward, k: int = k) -> float:  # after one warm-up call
+                return calibrate_latencies(forward, x, [k], repeats=args.repeats)[k]
+            row[f'{name}_alone_ms'] = median_ms()
+            row[f'{name}_busy_ms'] = beside_busy_thread(median_ms)
         row['eager_slowdown_busy'] = row['eager_busy_ms'] / row['eager_alone_ms']
         row['traced_slowdown_busy'] = row['traced_busy_ms'] / row['traced_alone_ms']
         row['traced_vs_eager_busy'] = row['traced_busy_ms'] / row['eager_busy_ms']
