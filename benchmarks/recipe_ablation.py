@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, Sequence
 
 import yaml
 from safetensors.torch import save_file
@@ -31,9 +31,10 @@ from hydravit.models.subnet import model_subnet_state_dict
 from hydravit.storage.checkpoint import load_model
 from hydravit.storage.results import read_results
 from hydravit.training import TrainConfig, load_train_config
-from hydravit.training.compare import Run, run_config, train_runs, write_comparison
+from hydravit.training.compare import Run, run_config, train_runs, write_comparison, write_seed_comparison
 
 Variant = Callable[[TrainConfig, Path], TrainConfig]
+TITLE = 'HydraViT recipes against separately trained ViTs'
 
 
 def _weighted(cfg: TrainConfig, _: Path) -> TrainConfig:
@@ -73,6 +74,8 @@ VARIANTS: Dict[str, tuple] = {  # name -> (label, settings on top of the built-i
     'all': ('all k each step', lambda cfg, _: replace(cfg, sampler='all')),
     'distill': ('sandwich + in-place distill', lambda cfg, _: replace(cfg, inplace_distill=True)),
     'separate-heads': ('sandwich + classifier per k', lambda cfg, _: replace(cfg, separate_heads=True)),
+    'full-width-1': ('1 full-width epoch, then sandwich', lambda cfg, _: replace(cfg, full_width_epochs=1)),
+    'full-width-2': ('2 full-width epochs, then sandwich', lambda cfg, _: replace(cfg, full_width_epochs=2)),
     'init-small': ('sandwich + init from separate k=3', _init_from_separate),
     'init-large': ('sandwich + init from separate k=12', _init_from_widest_separate),
     'init-small-3': ('sandwich, 3 random k + init from separate k=3',
@@ -82,37 +85,57 @@ VARIANTS: Dict[str, tuple] = {  # name -> (label, settings on top of the built-i
 }
 
 
+def _seed_dir(root: Path, seed: int, seeds: int) -> Path:
+    """Where one seed's runs live: ``root`` for one seed, else ``root/seed<S>`` (as ``hydravit compare --seeds``)."""
+    return root / f'seed{seed}' if seeds > 1 else root
+
+
+def ablation_runs(variants: Sequence[str], recipe: TrainConfig, compare_dir: Path, out_dir: Path) -> Dict[str, Run]:
+    """One seed's runs: every variant (trained into ``out_dir``) and the comparison's separate ViTs."""
+    def finished(name: str) -> TrainConfig:  # a run of the comparison, with the settings it was trained with
+        return run_config(load_train_config(compare_dir / name / 'args.yaml'), compare_dir, name)
+
+    runs = {}
+    for name in variants:
+        label, variant = VARIANTS[name]
+        cfg = finished('hydravit') if variant is None else run_config(variant(recipe, compare_dir), out_dir, name)
+        if cfg.seed != recipe.seed:
+            raise SystemExit(f'{compare_dir}: its runs have seed {cfg.seed}, the ablation seed {recipe.seed}')
+        runs[name] = Run(label, cfg)
+    runs['separate'] = Run('Separate ViTs', finished('separate'),
+                           results=read_results(compare_dir / 'separate' / 'results.csv'))
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument('--compare-dir', type=Path, default=Path('output/compare'),
-                        help='a finished `hydravit compare` output folder (its hydravit and separate runs)')
+                        help='a finished `hydravit compare` output folder (its hydravit and separate runs; with '
+                             '--seeds N, one of `hydravit compare --seeds N`: seed<S>/ folders)')
     parser.add_argument('-o', '--output', type=Path, default=Path('output/ablation'))
     parser.add_argument('--variants', nargs='+', choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument('--seeds', type=int, default=1,
+                        help='train every variant for N seeds (the recipe seed and the next ones) and report mean, '
+                             'std and 95 %% intervals of every gap, paired by seed')
     parser.add_argument('--no-benchmark', action='store_true')
     parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE',
                         help='recipe settings for every variant, e.g. epochs=1 max_train_samples=2048 (YAML values)')
     args = parser.parse_args()
+    if args.seeds < 1:
+        raise SystemExit(f'--seeds must be >= 1, got {args.seeds}')
     settings = {key: yaml.safe_load(value) for key, value in (item.split('=', 1) for item in args.set)}
-
-    def recipe() -> TrainConfig:
-        return load_train_config(None, **settings)
-
-    def finished(name: str) -> TrainConfig:  # a run of the comparison, with the settings it was trained with
-        return run_config(load_train_config(args.compare_dir / name / 'args.yaml'), args.compare_dir, name)
-
-    separate = Run('Separate ViTs', finished('separate'),
-                   results=read_results(args.compare_dir / 'separate' / 'results.csv'))
-    runs = []
-    for name in args.variants:
-        label, variant = VARIANTS[name]
-        if variant is None:
-            cfg = finished('hydravit')
-        else:
-            cfg = run_config(variant(recipe(), args.compare_dir), args.output, name)
-        runs.append(Run(label, cfg))
-    train_runs(runs, benchmark=not args.no_benchmark)
-    write_comparison([*runs, separate], args.output, title='HydraViT recipes against separately trained ViTs',
-                     separate=separate)
+    first = load_train_config(None, **settings).seed
+    per_seed = {}
+    for seed in range(first, first + args.seeds):
+        out_dir = _seed_dir(args.output, seed, args.seeds)
+        runs = ablation_runs(args.variants, load_train_config(None, **{**settings, 'seed': seed}),
+                             _seed_dir(args.compare_dir, seed, args.seeds), out_dir)
+        train_runs([run for name, run in runs.items() if name != 'separate'], benchmark=not args.no_benchmark)
+        write_comparison(list(runs.values()), out_dir, separate=runs['separate'],
+                         title=TITLE + (f' (seed {seed})' if args.seeds > 1 else ''))
+        per_seed[seed] = runs
+    if args.seeds > 1:
+        write_seed_comparison(per_seed, args.output, title=TITLE)
 
 
 if __name__ == '__main__':

@@ -56,6 +56,11 @@ def test_a_method_brings_its_update_scheme_and_rejects_what_it_cannot_honour():
         (dict(method='dynabert', inplace_distill=True), r'--inplace-distill is not available with --method dynabert'),
         (dict(method='dynabert', teacher_epochs=5, epochs=5), r'--teacher-epochs must be in 0\.\.4 .*got 5'),
         (dict(method='hydravit', teacher_epochs=1), r'--teacher-epochs is a --method dynabert setting, not hydravit'),
+        (dict(method='dynabert', full_width_epochs=1), r'--full-width-epochs is not available with --method dynabert'
+                                                       r': its full-width phase is --teacher-epochs'),
+        (dict(method='separate', full_width_epochs=1), r'--full-width-epochs is not available with --method separate'),
+        (dict(full_width_epochs=5, epochs=5), r'full_width_epochs must be in 0\.\.4 .*got 5'),
+        (dict(full_width_epochs=-1), r'full_width_epochs must be >= 0, got -1'),
         (dict(method='slimmable'), r"unknown method 'slimmable': choose one of hydravit, sortednet, matformer, "
                                    r'dynabert, separate'),
     ]:
@@ -72,6 +77,27 @@ def test_sortednet_in_a_comparison_draws_as_many_subnets_per_step_as_the_recipe(
     assert method_config(base, 'separate', tmp_path, CompareOptions(base.heads)).sampler == 'all'
     assert method_config(base, 'matformer', tmp_path, CompareOptions(base.heads)).sampler == 'sandwich'
     assert method_config(base, 'hydravit', tmp_path, CompareOptions(base.heads)).output == str(tmp_path)
+
+
+def test_a_comparison_gives_the_full_width_phase_to_every_method_that_can_take_it(tmp_path):
+    base = load_train_config(None, full_width_epochs=2, heads=[3, 6, 9, 12])
+    phase = {name: method_config(base, name, tmp_path, CompareOptions(base.heads)).full_width_epochs
+             for name in ('hydravit', 'sortednet', 'matformer', 'dynabert', 'separate')}
+    assert phase == dict(hydravit=2, sortednet=2, matformer=2, dynabert=0, separate=0)
+
+
+def test_the_full_width_phase_trains_only_the_largest_k_then_hands_over_to_the_sampler(tmp_path):
+    data = _tensor_data()
+    cfg = load_train_config(None, model='hydravit_test_patch4_16', full_width_epochs=2, epochs=3, heads=[1, 2, 3, 4],
+                            sampler='sandwich', num_random=1, batch_size=8, output=str(tmp_path), experiment='run')
+    trainer = Trainer(cfg, DistEnv(), datasets=(data, data))
+    drawn = {}
+    for epoch in range(3):
+        trainer.epoch = epoch
+        drawn[epoch] = [trainer.method.ks_for_step(trainer, step) for step in range(20)]
+    assert drawn[0] == drawn[1] == [[4]] * 20
+    assert all(ks[0] == 4 and ks[-1] == 1 and len(ks) == 3 for ks in drawn[2])  # the sandwich rule from epoch 2
+    assert drawn[2] == [trainer.sampler.ks_for_step(2, step) for step in range(20)]
 
 
 # ------------------------------------------------------------------------------------------ training

@@ -292,7 +292,8 @@ def _interval_cell(row: Row, name: str) -> str:
             f"[{row[f'{name}_ci_low']:.2f}, {row[f'{name}_ci_high']:.2f}]")
 
 
-def write_seed_comparison(per_seed: Mapping[int, Mapping[str, Run]], out_dir: str | Path) -> Dict[str, Path]:
+def write_seed_comparison(per_seed: Mapping[int, Mapping[str, Run]], out_dir: str | Path, *,
+                          title: str = 'Nested-width methods compared') -> Dict[str, Path]:
     """``out_dir/report``: per method and k the mean ± std [95 % t-interval] of top-1 over the seeds, Pareto
     plots with those intervals as error bars, and every gap paired by seed with its interval.
 
@@ -339,7 +340,7 @@ def write_seed_comparison(per_seed: Mapping[int, Mapping[str, Run]], out_dir: st
     flat = [{'method': label[name], **r} for name in names for r in stats[name]]
     write_results(flat, out_dir / 'report', 'seeds', verbose=False)
     paths = write_report({label[name]: stats[name] for name in names}, None, out_dir / 'report',
-                         title=f'Nested-width methods compared over {len(seeds)} seeds', extra_sections=lines,
+                         title=f'{title} over {len(seeds)} seeds', extra_sections=lines,
                          error_bars='top1_ci')
     logger.info('%s', '\n'.join(lines))
     return paths

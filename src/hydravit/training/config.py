@@ -96,6 +96,7 @@ class TrainConfig:
     inplace_distill: bool = False
     separate_heads: bool = False
     teacher_epochs: Optional[int] = None
+    full_width_epochs: int = 0  # epochs at the start that train only the largest k (a warm start in the run)
     importance_samples: int = 2048
     eval_heads: Optional[List[int]] = None
     eval_metric: str = 'top1_mean'
@@ -115,9 +116,12 @@ class TrainConfig:
             raise ValueError(f'lr_base_size must be >= 1, got {self.lr_base_size}')
         if self.lr_base_scale not in LR_BASE_SCALES:
             raise ValueError(f'lr_base_scale must be one of {list(LR_BASE_SCALES)}, got {self.lr_base_scale!r}')
-        for name in ('workers', 'checkpoint_interval_steps', 'num_random', 'max_nonfinite_steps'):
+        for name in ('workers', 'checkpoint_interval_steps', 'num_random', 'max_nonfinite_steps', 'full_width_epochs'):
             if getattr(self, name) < 0:
                 raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
+        if self.full_width_epochs >= self.epochs:
+            raise ValueError(f'full_width_epochs must be in 0..{self.epochs - 1} (below epochs, so that every k '
+                             f'trains), got {self.full_width_epochs}')
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise ValueError(f'threads must be an integer >= 1, got {self.threads!r}')

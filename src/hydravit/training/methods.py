@@ -74,8 +74,10 @@ class NestingMethod:
     allows_inplace_distill: ClassVar[bool] = True
     allows_separate_heads: ClassVar[bool] = True
     has_teacher_phase: ClassVar[bool] = False  # trains the full width first for --teacher-epochs
+    allows_full_width_epochs: ClassVar[bool] = True  # --full-width-epochs: only the largest k trains first
     _why_no_distill: ClassVar[str] = ''  # the reasons, where a method allows neither
     _why_no_heads: ClassVar[str] = ''
+    _why_no_full_width: ClassVar[str] = ''
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.check(cfg)
@@ -93,10 +95,18 @@ class NestingMethod:
             raise ValueError(f'--separate-heads is not available with --method {cls.name}: {cls._why_no_heads}')
         if cfg.teacher_epochs is not None and not cls.has_teacher_phase:
             raise ValueError(f'--teacher-epochs is a --method dynabert setting, not {cls.name}')
+        if cfg.full_width_epochs and not cls.allows_full_width_epochs:
+            raise ValueError(f'--full-width-epochs is not available with --method {cls.name}: {cls._why_no_full_width}')
 
     # ---------------------------------------------------------------------------------- training hooks
     def ks_for_step(self, trainer: TrainerView, step: int) -> List[int]:
-        """The k trained at optimiser step ``step`` of the current epoch (largest first for distillation)."""
+        """The k trained at optimiser step ``step`` of the current epoch (largest first for distillation).
+
+        During the first ``--full-width-epochs`` only the largest k trains: the shared weights learn as one
+        full-width ViT before the smaller subnetworks start from them.
+        """
+        if trainer.epoch < self.cfg.full_width_epochs:
+            return [max(trainer.model.k_choices)]
         ks = list(trainer.sampler.ks_for_step(trainer.epoch, step, trainer.env.rank))
         return sorted(ks, reverse=True) if self.cfg.inplace_distill else ks
 
@@ -118,7 +128,8 @@ class NestingMethod:
         return replace(base, method=cls.name, sampler=sampler,
                        head_weights=base.head_weights if sampler == 'weighted' else None,
                        inplace_distill=base.inplace_distill and cls.allows_inplace_distill,
-                       separate_heads=base.separate_heads and cls.allows_separate_heads, teacher_epochs=None)
+                       separate_heads=base.separate_heads and cls.allows_separate_heads, teacher_epochs=None,
+                       full_width_epochs=base.full_width_epochs if cls.allows_full_width_epochs else 0)
 
 
 METHODS: Dict[str, Type[NestingMethod]] = {}
@@ -190,8 +201,10 @@ class DynaBERT(NestingMethod):
     summary = ('heads and embedding nested, MLP full; the full width trains first (--teacher-epochs), heads, '
                'neurons and channels are reordered by importance, then every k learns from that teacher')
     allows_inplace_distill, allows_separate_heads, has_teacher_phase = False, False, True
+    allows_full_width_epochs = False
     _why_no_distill = 'every k distils from the full-width teacher already'
     _why_no_heads = 'reordering needs the shared classifier'
+    _why_no_full_width = 'its full-width phase is --teacher-epochs'
 
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
@@ -273,9 +286,10 @@ class SeparateViTsMethod(NestingMethod):
     name, label, nesting, sampler = 'separate', 'Separate ViTs', 'separate', 'all'
     summary = 'one ordinary ViT per k, each trained on its own (the DeiT-Ti/S/B reference)'
     is_baseline = True
-    allows_inplace_distill, allows_separate_heads = False, False
+    allows_inplace_distill, allows_separate_heads, allows_full_width_epochs = False, False, False
     _why_no_distill = "the smaller ViTs would learn from the largest one's output"
     _why_no_heads = 'every k has its own ViT already'
+    _why_no_full_width = 'every ViT trains on its own from the first step'
 
     @classmethod
     def check(cls, cfg: TrainConfig) -> None:
