@@ -47,8 +47,9 @@ OPTIONS: List[Tuple[Tuple[str, ...], Dict[str, Any], str]] = [
      'random: k per step'),
     (('--teacher-epochs',), dict(type=int), 'dynabert: epochs of full-width training before reordering '
      '(default: 0 with --initial-checkpoint, else a quarter of --epochs)'),
-    (('--full-width-epochs',), dict(type=int), 'epochs at the start that train only the largest k, before the '
-     'sampler takes over (a warm start inside the run; default 0)'),
+    (('--full-width-epochs',), dict(type=int), 'epochs at the start that train only the largest k, on a '
+     'learning-rate schedule of their own; the sampler then trains the rest of --epochs on a fresh one '
+     '(as if started from a trained ViT; default 0)'),
     (('--importance-samples',), dict(type=int), 'dynabert: training images that score head/neuron importance'),
     (('--k-per-rank',), dict(action=BOOL), "each process draws its own k (the reference code's behaviour)"),
     (('--inplace-distill',), dict(action=BOOL), "smaller k of a step learn from the largest k's output"),

@@ -96,7 +96,7 @@ class TrainConfig:
     inplace_distill: bool = False
     separate_heads: bool = False
     teacher_epochs: Optional[int] = None
-    full_width_epochs: int = 0  # epochs at the start that train only the largest k (a warm start in the run)
+    full_width_epochs: int = 0  # the largest k alone first, on a schedule of its own (training.schedule)
     importance_samples: int = 2048
     eval_heads: Optional[List[int]] = None
     eval_metric: str = 'top1_mean'

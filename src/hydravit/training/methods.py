@@ -102,8 +102,9 @@ class NestingMethod:
     def ks_for_step(self, trainer: TrainerView, step: int) -> List[int]:
         """The k trained at optimiser step ``step`` of the current epoch (largest first for distillation).
 
-        During the first ``--full-width-epochs`` only the largest k trains: the shared weights learn as one
-        full-width ViT before the smaller subnetworks start from them.
+        During the first ``--full-width-epochs`` only the largest k trains (on a schedule of its own,
+        :mod:`hydravit.training.schedule`): the shared weights learn as one full-width ViT before the
+        smaller subnetworks start from them.
         """
         if trainer.epoch < self.cfg.full_width_epochs:
             return [max(trainer.model.k_choices)]

@@ -27,7 +27,7 @@ FIXED_SETTINGS = frozenset({'model', 'method', 'heads', 'separate_heads', 'num_c
 # rebuild the learning-rate schedule when overridden (the effective lr depends on the world size)
 WORLD_SIZE = 'world_size'
 SCHEDULE_SETTINGS = frozenset({'epochs', 'lr', 'lr_base', 'lr_base_size', 'lr_base_scale', 'sched', 'warmup_epochs',
-                               'warmup_lr', 'min_lr',
+                               'warmup_lr', 'min_lr', 'full_width_epochs',
                                'cooldown_epochs', 'grad_accum_steps', 'batch_size', WORLD_SIZE})
 OPTIMIZER_SETTINGS = frozenset({'weight_decay', 'momentum'})  # re-applied to the restored optimizer's groups
 # not given (None) means "as the machine decides": the value the run recorded is not a conflict

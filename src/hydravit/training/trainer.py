@@ -24,7 +24,6 @@ import torch.distributed as dist
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, get_outdir, random_seed
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
@@ -55,6 +54,7 @@ from .per_k import PerKTrainingStats
 from .preflight import check_eval_metric
 from .run_settings import OPTIMIZER_SETTINGS, SCHEDULE_SETTINGS, check_resume
 from .samplers import create_sampler
+from .schedule import create_schedule
 from .slice_optimizer import ActiveSliceAdamW
 from .state import (
     GENERATION_KEY,
@@ -194,12 +194,7 @@ class Trainer:
             self.optimizer = ActiveSliceAdamW(self.optimizer.param_groups, self.model, lr=self.lr,
                                               weight_decay=cfg.weight_decay)
         updates_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum_steps)
-        self.scheduler, self.num_epochs = create_scheduler_v2(
-            self.optimizer, sched=cfg.sched, num_epochs=cfg.epochs,
-            # timm annotates warmup_epochs as int but scales it by updates_per_epoch: fractional epochs work
-            warmup_epochs=cfg.warmup_epochs,  # type: ignore[arg-type]
-            warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, cooldown_epochs=cfg.cooldown_epochs,
-            step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+        self.scheduler, self.num_epochs = create_schedule(self.optimizer, cfg, updates_per_epoch)
         self.amp_dtype = AMP_DTYPES[cfg.amp_dtype] if cfg.amp else None
         fp16_cuda = self.amp_dtype == torch.float16 and env.device.type == 'cuda'
         self.guard = NonFiniteGuard(cfg.max_nonfinite_steps)
