@@ -126,3 +126,18 @@ def test_every_subcommand_refuses_abbreviations(capsys):
 def test_official_drop_is_timm_dropout_not_drop_path():
     cfg = parse('--model', 'hydravit_test_patch4_16', '--drop', '0.1')
     assert (cfg.drop, cfg.drop_path) == (0.1, 0.0)
+
+
+def test_a_recipes_full_width_phase_keeps_its_share_of_other_epochs_and_leaves_methods_without_one(tmp_path):
+    recipe = tmp_path / 'phased.yaml'
+    recipe.write_text('epochs: 10\nfull_width_epochs: 5\nsampler: sandwich\n')
+    assert load_train_config(recipe).full_width_epochs == 5
+    assert load_train_config(recipe, epochs=4).full_width_epochs == 2
+    assert load_train_config(recipe, epochs=3).full_width_epochs == 1  # rounded down: never the whole run
+    assert load_train_config(recipe, epochs=1).full_width_epochs == 0
+    assert load_train_config(recipe, epochs=4, full_width_epochs=3).full_width_epochs == 3  # as given
+    assert load_train_config(recipe, method='dynabert').full_width_epochs == 0
+    assert load_train_config(recipe, method='separate').full_width_epochs == 0
+    assert load_train_config(recipe, method='sortednet').full_width_epochs == 5
+    with pytest.raises(ValueError, match=r'full_width_epochs must be in 0\.\.3'):
+        load_train_config(recipe, epochs=4, full_width_epochs=4)

@@ -62,6 +62,19 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     return f'{where}{problem}' + (f' ({context})' if context else '')
 
 
+def _scaled_full_width_phase(recipe: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """The recipe's full-width phase, fitted to overrides that do not set it: the same share of other
+    ``epochs`` (``--epochs 1`` keeps none), and none for a method that has no such phase."""
+    phase = int(recipe.get('full_width_epochs') or 0)
+    if not phase or 'full_width_epochs' in overrides:
+        return {}
+    if 'method' in overrides and not method_class(overrides['method']).allows_full_width_epochs:
+        return {'full_width_epochs': 0}
+    if 'epochs' in overrides:
+        return {'full_width_epochs': phase * int(overrides['epochs']) // int(recipe.get('epochs') or 1)}
+    return {}
+
+
 def load_train_config(path: Optional[str | os.PathLike] = None, **overrides: Any) -> TrainConfig:
     """A :class:`TrainConfig` from a recipe and ``overrides`` (setting names as keys).
 
@@ -82,7 +95,7 @@ def load_train_config(path: Optional[str | os.PathLike] = None, **overrides: Any
     prescribed = method_class(overrides['method']).sampler if 'method' in overrides else None
     if prescribed and 'sampler' not in overrides:  # the method's update scheme wins over the recipe's sampler
         overrides = {**overrides, 'sampler': prescribed}
-    settings = {**recipe, **overrides}
+    settings = {**recipe, **_scaled_full_width_phase(recipe, overrides), **overrides}
     if isinstance(settings.get('model'), str):
         settings['model'] = official_model_name(settings['model'])
     cfg = TrainConfig(**settings)
