@@ -6,15 +6,16 @@ top-1 per k next to the separate ViTs of a finished ``hydravit compare`` run, wi
     python benchmarks/recipe_ablation.py --compare-dir output/compare -o output/ablation
     python benchmarks/recipe_ablation.py --compare-dir /tmp/cq -o /tmp/ab --set epochs=1 max_train_samples=512  # smoke
 
-Variants (``--variants`` picks some): the paper's uniform sampler, weighted sampling favouring small k,
-the built-in sandwich rule (taken from the comparison), sandwich with 3 random k instead of 1, every k
-each step (the separate ViTs' compute), sandwich + in-place distillation, sandwich +
-one classifier per k, and sandwich starting from the separately trained k=3 ViT (DeiT-Ti-style init;
-it costs that ViT's training on top), or from the separately trained k=12 ViT (the paper's DeiT-B init).
-One more run is not a HydraViT recipe: DynaBERT starting from, and
-distilled from, the separately trained k=12 ViT, i.e. with the trained teacher it is published with
-(the comparison gives it only a quarter of the epochs for its teacher). Finished variants are reused; an
-interrupted one resumes.
+Every variant changes one thing in the recipe's sampler phase (the built-in recipe without its full-width
+phase; ``--variants`` picks some): the paper's uniform sampler, weighted sampling favouring small k, the
+sandwich rule, sandwich with 3 random k instead of 1, every k each step (the separate ViTs' compute),
+in-place distillation, one classifier per k, 1 or 2 of the epochs at full width first, as many full-width
+epochs first as the sandwich rule then trains (twice the epochs), and sandwich starting from the separately
+trained k=3 ViT (DeiT-Ti-style init) or k=12 ViT (the paper's DeiT-B init; both cost that ViT's training on
+top). ``built-in`` is the comparison's own HydraViT run. One more run is not a HydraViT recipe: DynaBERT
+starting from, and distilled from, the separately trained k=12 ViT, i.e. with the trained teacher it is
+published with. With ``--seeds N`` every variant trains once per seed and the report gives every gap to the
+separate ViTs with its 95 % interval, paired by seed. Finished variants are reused; an interrupted one resumes.
 """
 from __future__ import annotations
 
@@ -66,16 +67,29 @@ def _dynabert_trained_teacher(cfg: TrainConfig, compare_dir: Path) -> TrainConfi
     return replace(cfg, method='dynabert', initial_checkpoint=_separate_vit(compare_dir, widest=True))
 
 
-VARIANTS: Dict[str, tuple] = {  # name -> (label, settings on top of the built-in recipe)
+def sampler_phase(cfg: TrainConfig) -> TrainConfig:
+    """The recipe without its full-width phase: the sampler's epochs alone, which each variant changes in one
+    thing (the full-width variants put a phase back)."""
+    return replace(cfg, epochs=cfg.epochs - cfg.full_width_epochs, full_width_epochs=0)
+
+
+def _full_width_first(cfg: TrainConfig, _: Path) -> TrainConfig:
+    """As many full-width epochs first as the sampler then trains: twice the epochs in all."""
+    return replace(cfg, epochs=2 * cfg.epochs, full_width_epochs=cfg.epochs)
+
+
+VARIANTS: Dict[str, tuple] = {  # name -> (label, settings on top of the recipe's sampler phase)
+    'built-in': ('built-in recipe', None),  # the comparison's HydraViT run
     'uniform': ('uniform (paper)', lambda cfg, _: replace(cfg, sampler='uniform')),
     'weighted': ('weighted 10:1 to small k', _weighted),
-    'sandwich': ('sandwich (built-in)', None),  # the comparison's HydraViT run
+    'sandwich': ('sandwich', lambda cfg, _: cfg),
     'sandwich-3': ('sandwich, 3 random k', lambda cfg, _: replace(cfg, num_random=3)),
     'all': ('all k each step', lambda cfg, _: replace(cfg, sampler='all')),
     'distill': ('sandwich + in-place distill', lambda cfg, _: replace(cfg, inplace_distill=True)),
     'separate-heads': ('sandwich + classifier per k', lambda cfg, _: replace(cfg, separate_heads=True)),
-    'full-width-1': ('1 full-width epoch, then sandwich', lambda cfg, _: replace(cfg, full_width_epochs=1)),
-    'full-width-2': ('2 full-width epochs, then sandwich', lambda cfg, _: replace(cfg, full_width_epochs=2)),
+    'full-width-1': ('1 of the epochs full width, then sandwich', lambda cfg, _: replace(cfg, full_width_epochs=1)),
+    'full-width-2': ('2 of the epochs full width, then sandwich', lambda cfg, _: replace(cfg, full_width_epochs=2)),
+    'full-width-first': ('as many full-width epochs first, then sandwich', _full_width_first),
     'init-small': ('sandwich + init from separate k=3', _init_from_separate),
     'init-large': ('sandwich + init from separate k=12', _init_from_widest_separate),
     'init-small-3': ('sandwich, 3 random k + init from separate k=3',
@@ -98,7 +112,8 @@ def ablation_runs(variants: Sequence[str], recipe: TrainConfig, compare_dir: Pat
     runs = {}
     for name in variants:
         label, variant = VARIANTS[name]
-        cfg = finished('hydravit') if variant is None else run_config(variant(recipe, compare_dir), out_dir, name)
+        cfg = (finished('hydravit') if variant is None
+               else run_config(variant(sampler_phase(recipe), compare_dir), out_dir, name))
         if cfg.seed != recipe.seed:
             raise SystemExit(f'{compare_dir}: its runs have seed {cfg.seed}, the ablation seed {recipe.seed}')
         runs[name] = Run(label, cfg)
