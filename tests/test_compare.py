@@ -84,6 +84,9 @@ def test_a_comparison_gives_the_full_width_phase_to_every_method_that_can_take_i
     phase = {name: method_config(base, name, tmp_path, CompareOptions(base.heads)).full_width_epochs
              for name in ('hydravit', 'sortednet', 'matformer', 'dynabert', 'separate')}
     assert phase == dict(hydravit=2, sortednet=2, matformer=2, dynabert=0, separate=0)
+    assert method_config(base, 'dynabert', tmp_path, CompareOptions(base.heads)).teacher_epochs == 2  # its own phase
+    given = CompareOptions(base.heads, teacher_epochs=1)
+    assert method_config(base, 'dynabert', tmp_path, given).teacher_epochs == 1
 
 
 def test_the_full_width_phase_trains_only_the_largest_k_then_hands_over_to_the_sampler(tmp_path):

@@ -136,7 +136,9 @@ def test_a_recipes_full_width_phase_keeps_its_share_of_other_epochs_and_leaves_m
     assert load_train_config(recipe, epochs=3).full_width_epochs == 1  # rounded down: never the whole run
     assert load_train_config(recipe, epochs=1).full_width_epochs == 0
     assert load_train_config(recipe, epochs=4, full_width_epochs=3).full_width_epochs == 3  # as given
-    assert load_train_config(recipe, method='dynabert').full_width_epochs == 0
+    dynabert = load_train_config(recipe, method='dynabert', epochs=8)
+    assert (dynabert.full_width_epochs, dynabert.teacher_epochs) == (0, 4)  # its teacher phase is the recipe's
+    assert load_train_config(recipe, method='dynabert', teacher_epochs=1).teacher_epochs == 1
     assert load_train_config(recipe, method='separate').full_width_epochs == 0
     assert load_train_config(recipe, method='sortednet').full_width_epochs == 5
     with pytest.raises(ValueError, match=r'full_width_epochs must be in 0\.\.3'):

@@ -254,7 +254,9 @@ class DynaBERT(NestingMethod):
 
     @classmethod
     def compare_config(cls, base: TrainConfig, options: CompareOptions) -> TrainConfig:
-        return replace(super().compare_config(base, options), teacher_epochs=options.teacher_epochs)
+        """The teacher trains for ``--teacher-epochs``, else for the recipe's full-width phase, if it has one."""
+        teacher = options.teacher_epochs if options.teacher_epochs is not None else base.full_width_epochs or None
+        return replace(super().compare_config(base, options), teacher_epochs=teacher)
 
     def _start_width_adaptive(self, trainer: TrainerView) -> None:
         """Reorder heads, neurons and channels by importance, then freeze a copy as the teacher.

@@ -64,15 +64,18 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 
 def _scaled_full_width_phase(recipe: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
     """The recipe's full-width phase, fitted to overrides that do not set it: the same share of other
-    ``epochs`` (``--epochs 1`` keeps none), and none for a method that has no such phase."""
+    ``epochs`` (``--epochs 1`` keeps none); for DynaBERT its teacher phase, for other methods without one none."""
     phase = int(recipe.get('full_width_epochs') or 0)
     if not phase or 'full_width_epochs' in overrides:
         return {}
-    if 'method' in overrides and not method_class(overrides['method']).allows_full_width_epochs:
-        return {'full_width_epochs': 0}
     if 'epochs' in overrides:
-        return {'full_width_epochs': phase * int(overrides['epochs']) // int(recipe.get('epochs') or 1)}
-    return {}
+        phase = phase * int(overrides['epochs']) // int(recipe.get('epochs') or 1)
+    method = method_class(overrides['method']) if 'method' in overrides else None
+    if method is not None and not method.allows_full_width_epochs:
+        keep = phase and method.has_teacher_phase and 'teacher_epochs' not in overrides
+        teacher = {'teacher_epochs': phase} if keep else {}
+        return {'full_width_epochs': 0, **teacher}
+    return {'full_width_epochs': phase}
 
 
 def load_train_config(path: Optional[str | os.PathLike] = None, **overrides: Any) -> TrainConfig:
