@@ -44,6 +44,8 @@ TINY_FLAGS = {
     'info': [],
     'cascade': ['--max-val-samples', '256', '--no-timing', '-b', '64', *ONE_THREAD],
 }
+# a README flag that the tiny --epochs would refuse -> what replaces its value after them
+TINY_PHASES = {'--full-width-epochs': ['--full-width-epochs', '1']}
 # a resumed run takes its settings from its args.yaml: nothing is appended
 NO_TINY_FLAGS_WITH = ('--resume',)
 # an exit status 2 that is a correct answer, not a failure: the message it must come with
@@ -180,6 +182,7 @@ def test_every_readme_command_runs_as_written(scratch, capsys):
                 status = 0
             else:
                 tiny = [] if any(f in argv for f in NO_TINY_FLAGS_WITH) else TINY_FLAGS[_subcommand(argv)]
+                tiny = [*tiny, *(arg for flag, args in TINY_PHASES.items() if flag in argv and tiny for arg in args)]
                 capsys.readouterr()
                 status = main([*argv, *tiny])
                 refusal = EXPECTED_REFUSALS.get(_subcommand(argv))
