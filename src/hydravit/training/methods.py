@@ -129,8 +129,14 @@ class NestingMethod:
         return replace(base, method=cls.name, sampler=sampler,
                        head_weights=base.head_weights if sampler == 'weighted' else None,
                        inplace_distill=base.inplace_distill and cls.allows_inplace_distill,
-                       separate_heads=base.separate_heads and cls.allows_separate_heads, teacher_epochs=None,
-                       full_width_epochs=base.full_width_epochs if cls.allows_full_width_epochs else 0)
+                       separate_heads=base.separate_heads and cls.allows_separate_heads,
+                       **{'teacher_epochs': None, **cls.full_width_phase(base.full_width_epochs)})
+
+    @classmethod
+    def full_width_phase(cls, epochs: int) -> Dict[str, Any]:
+        """The settings that give a recipe's full-width phase of ``epochs`` to this method: as it is where the
+        method allows one, else none."""
+        return {'full_width_epochs': epochs if cls.allows_full_width_epochs else 0}
 
 
 METHODS: Dict[str, Type[NestingMethod]] = {}
@@ -255,8 +261,13 @@ class DynaBERT(NestingMethod):
     @classmethod
     def compare_config(cls, base: TrainConfig, options: CompareOptions) -> TrainConfig:
         """The teacher trains for ``--teacher-epochs``, else for the recipe's full-width phase, if it has one."""
-        teacher = options.teacher_epochs if options.teacher_epochs is not None else base.full_width_epochs or None
-        return replace(super().compare_config(base, options), teacher_epochs=teacher)
+        cfg = super().compare_config(base, options)
+        return cfg if options.teacher_epochs is None else replace(cfg, teacher_epochs=options.teacher_epochs)
+
+    @classmethod
+    def full_width_phase(cls, epochs: int) -> Dict[str, Any]:
+        """A recipe's full-width phase becomes the teacher's (None, the default, where there is none)."""
+        return {'full_width_epochs': 0, 'teacher_epochs': epochs or None}
 
     def _start_width_adaptive(self, trainer: TrainerView) -> None:
         """Reorder heads, neurons and channels by importance, then freeze a copy as the teacher.

@@ -64,17 +64,15 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 
 def _scaled_full_width_phase(recipe: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
     """The recipe's full-width phase, fitted to overrides that do not set it: the same share of other
-    ``epochs`` (``--epochs 1`` keeps none); for DynaBERT its teacher phase, for other methods without one none."""
+    ``epochs`` (``--epochs 1`` keeps none), given to an overriding ``method`` as it takes one
+    (:meth:`NestingMethod.full_width_phase`; explicit overrides still win)."""
     phase = int(recipe.get('full_width_epochs') or 0)
     if not phase or 'full_width_epochs' in overrides:
         return {}
     if 'epochs' in overrides:
         phase = phase * int(overrides['epochs']) // int(recipe.get('epochs') or 1)
-    method = method_class(overrides['method']) if 'method' in overrides else None
-    if method is not None and not method.allows_full_width_epochs:
-        keep = phase and method.has_teacher_phase and 'teacher_epochs' not in overrides
-        teacher = {'teacher_epochs': phase} if keep else {}
-        return {'full_width_epochs': 0, **teacher}
+    if 'method' in overrides:
+        return method_class(overrides['method']).full_width_phase(phase)
     return {'full_width_epochs': phase}
 
 
