@@ -43,6 +43,18 @@ def _weighted(cfg: TrainConfig, _: Path) -> TrainConfig:
     return replace(cfg, sampler='weighted', heads=ks, head_weights=[float(len(ks) - i) for i in range(len(ks))])
 
 
+def _distill_late(cfg: TrainConfig, _: Path) -> TrainConfig:
+    """In-place distillation once the largest k has trained an epoch, mixed half and half with the labels."""
+    return replace(cfg, inplace_distill=True, distill_start_epoch=1.0, distill_weight=0.5)
+
+
+def _middle_weighted(cfg: TrainConfig, _: Path) -> TrainConfig:
+    """The sandwich's random k drawn with triangular weights peaking at the centre of the range."""
+    ks = sorted(cfg.heads or create_model(cfg.model).k_choices)
+    centre = (len(ks) - 1) / 2
+    return replace(cfg, heads=ks, head_weights=[float(round(centre + 1 - abs(i - centre))) for i in range(len(ks))])
+
+
 def _separate_vit(compare_dir: Path, widest: bool) -> str:
     """The comparison's separately trained smallest (or widest) ViT as a timm state dict file."""
     separate = load_model(compare_dir / 'separate' / 'last.safetensors')
@@ -86,6 +98,9 @@ VARIANTS: Dict[str, tuple] = {  # name -> (label, settings on top of the recipe'
     'sandwich-3': ('sandwich, 3 random k', lambda cfg, _: replace(cfg, num_random=3)),
     'all': ('all k each step', lambda cfg, _: replace(cfg, sampler='all')),
     'distill': ('sandwich + in-place distill', lambda cfg, _: replace(cfg, inplace_distill=True)),
+    'distill-late': ('sandwich + in-place distill from epoch 1, half labels', _distill_late),
+    'middle-weighted': ('sandwich, middle k drawn towards the centre', _middle_weighted),
+    'warmup-1': ('sandwich, 1 warm-up epoch', lambda cfg, _: replace(cfg, warmup_epochs=1.0)),
     'separate-heads': ('sandwich + classifier per k', lambda cfg, _: replace(cfg, separate_heads=True)),
     'full-width-1': ('1 of the epochs full width, then sandwich', lambda cfg, _: replace(cfg, full_width_epochs=1)),
     'full-width-2': ('2 of the epochs full width, then sandwich', lambda cfg, _: replace(cfg, full_width_epochs=2)),

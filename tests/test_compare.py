@@ -61,6 +61,10 @@ def test_a_method_brings_its_update_scheme_and_rejects_what_it_cannot_honour():
         (dict(method='separate', full_width_epochs=1), r'--full-width-epochs is not available with --method separate'),
         (dict(full_width_epochs=5, epochs=5), r'full_width_epochs must be in 0\.\.4 .*got 5'),
         (dict(full_width_epochs=-1), r'full_width_epochs must be >= 0, got -1'),
+        (dict(inplace_distill=True, distill_weight=0.0), r'distill_weight must be in \(0, 1\] .*got 0\.0'),
+        (dict(inplace_distill=True, distill_weight=1.5), r'distill_weight must be in \(0, 1\] .*got 1\.5'),
+        (dict(inplace_distill=True, distill_start_epoch=5, epochs=5), r'distill_start_epoch must be in \[0, 5\)'),
+        (dict(distill_weight=0.5), r'--distill-start-epoch and --distill-weight .* need --inplace-distill'),
         (dict(method='slimmable'), r"unknown method 'slimmable': choose one of hydravit, sortednet, matformer, "
                                    r'dynabert, separate'),
     ]:
@@ -77,6 +81,20 @@ def test_sortednet_in_a_comparison_draws_as_many_subnets_per_step_as_the_recipe(
     assert method_config(base, 'separate', tmp_path, CompareOptions(base.heads)).sampler == 'all'
     assert method_config(base, 'matformer', tmp_path, CompareOptions(base.heads)).sampler == 'sandwich'
     assert method_config(base, 'hydravit', tmp_path, CompareOptions(base.heads)).output == str(tmp_path)
+
+
+def test_a_comparison_keeps_the_recipes_distillation_and_middle_weights_where_a_method_can_use_them(tmp_path):
+    base = load_train_config(None, sampler='sandwich', heads=[3, 6, 9, 12], head_weights=[1, 2, 3, 1],
+                             inplace_distill=True, distill_start_epoch=1.0, distill_weight=0.5)
+    configs = {name: method_config(base, name, tmp_path, CompareOptions(base.heads))
+               for name in ('hydravit', 'sortednet', 'matformer', 'dynabert', 'separate')}
+    for name in ('hydravit', 'sortednet', 'matformer'):
+        assert (configs[name].distill_start_epoch, configs[name].distill_weight) == (1.0, 0.5), name
+    for name in ('dynabert', 'separate'):  # they refuse in-place distillation: its settings go with it
+        cfg = configs[name]
+        assert (cfg.inplace_distill, cfg.distill_start_epoch, cfg.distill_weight) == (False, 0.0, 1.0), name
+    assert configs['hydravit'].head_weights == configs['matformer'].head_weights == [1, 2, 3, 1]
+    assert configs['sortednet'].head_weights is None  # its random draws take no weights
 
 
 def test_a_comparison_gives_the_full_width_phase_to_every_method_that_can_take_it(tmp_path):

@@ -56,6 +56,31 @@ def test_sandwich_always_trains_largest_and_smallest_plus_distinct_middle_ks():
         assert probabilities[k] == pytest.approx(3 / 8 / 5)
 
 
+def test_weighted_sandwich_inclusion_probabilities_match_a_hand_computed_example():
+    # middle k 4, 5, 6 with weights 1, 2, 1, two drawn per step without replacement:
+    # P(5) = 1/2 + 2 * (1/4 * 2/3) = 5/6; P(4) = 1/4 + 1/2 * 1/2 + 1/4 * 1/3 = 7/12 = P(6)
+    sampler = create_sampler('sandwich', [3, 4, 5, 6, 7], num_random=2, weights=[9, 1, 2, 1, 9])
+    per_step = 4
+    assert sampler.probabilities() == pytest.approx({3: 1 / per_step, 4: 7 / 12 / per_step, 5: 5 / 6 / per_step,
+                                                     6: 7 / 12 / per_step, 7: 1 / per_step})
+    counts = _counts(sampler)
+    assert counts[3] == counts[7] == STEPS
+    _assert_binomial({k: counts[k] for k in (4, 5, 6)}, {4: 7 / 12, 5: 5 / 6, 6: 7 / 12}, STEPS)
+
+
+def test_weighted_sandwich_favours_the_weighted_middle_and_never_draws_weight_zero():
+    weights = [1, 0, 1, 2, 3, 3, 2, 1, 1, 1]  # k = 4 never; 7 and 8 three times as often as 5 or 10
+    sampler = create_sampler('sandwich', KS, seed=5, weights=weights)
+    counts = _counts(sampler)
+    assert counts[4] == 0 and counts[3] == counts[12] == STEPS
+    middle = {k: w / sum(weights[1:-1]) for k, w in zip(KS[1:-1], weights[1:-1], strict=True)}
+    _assert_binomial({k: counts[k] for k in middle}, middle, STEPS)
+    assert sampler.probabilities()[7] == pytest.approx(middle[7] / 3)
+    for step in range(200):  # still distinct, largest first
+        ks = sampler.ks_for_step(1, step)
+        assert ks == sorted(set(ks), reverse=True)
+
+
 def test_sandwich_edge_cases():
     assert create_sampler('sandwich', [4, 9], num_random=0).ks_for_step(0, 0) == [9, 4]
     assert create_sampler('sandwich', [6], num_random=0).ks_for_step(0, 0) == [6]
@@ -123,7 +148,10 @@ def test_per_rank_sampling_differs_across_ranks_but_is_reproducible(name):
     (dict(name='weighted', weights=[1, 2]), r'got 2 weights \[1\.0, 2\.0\] for 3 k choices .*give one weight per k'),
     (dict(name='weighted', weights=[1, -1, 1]), r'weights must be finite and >= 0, got \[1\.0, -1\.0, 1\.0\]'),
     (dict(name='weighted', weights=[0, 0, 0]), r'weights are all zero'),
-    (dict(name='uniform', weights=[1, 1, 1]), r"used only by the weighted sampler, not 'uniform'"),
+    (dict(name='uniform', weights=[1, 1, 1]), r"used only by the weighted and sandwich samplers, not 'uniform'"),
+    (dict(name='sandwich', weights=[1, 0, 1]),
+     r'draws 1 of the middle k \[6\] per step, but only 0 of them have a weight > 0'),
+    (dict(name='sandwich', weights=[1, 1]), r'got 2 weights .* for 3 k choices'),
     (dict(name='sandwich', num_random=-1), r'num_random \(--num-random\) must be an integer in 0\.\.1 .*got -1'),
     (dict(name='sandwich', num_random=2), r'num_random \(--num-random\) must be an integer in 0\.\.1 .*got 2'),
     (dict(name='sandwich', k_choices=[3, 4], num_random=1),

@@ -314,8 +314,14 @@ class _Tensors(torch.utils.data.TensorDataset):
     classes = [str(i) for i in range(10)]
 
 
-@pytest.mark.parametrize('distill', [False, True])
-def test_several_k_per_step_accumulate_gradients_into_one_optimizer_step(tmp_path, randomize, distill):
+@pytest.mark.parametrize('distill, start, weight, epoch, batch, soft_share', [
+    (False, 0.0, 1.0, 0, 0, 0.0),  # labels only
+    (True, 0.0, 1.0, 0, 0, 1.0),  # the slimmable rule: soft labels only
+    (True, 1.5, 0.5, 1, 0, 0.0),  # before --distill-start-epoch: labels only
+    (True, 1.5, 0.5, 1, 1, 0.5),  # from it on (epoch 1, batch 1 of 2): half soft labels, half labels
+])
+def test_several_k_per_step_accumulate_gradients_into_one_optimizer_step(tmp_path, randomize, distill, start,
+                                                                         weight, epoch, batch, soft_share):
     from hydravit.training.distributed import DistEnv
     from hydravit.training.trainer import Trainer
 
@@ -323,8 +329,10 @@ def test_several_k_per_step_accumulate_gradients_into_one_optimizer_step(tmp_pat
     data = _Tensors(torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g))
     cfg = load_train_config(None, model='hydravit_test_patch4_16', heads=[2, 4], sampler='all', batch_size=8,
                             opt='momentum', momentum=0.0, weight_decay=0.0, lr=0.1, warmup_epochs=0, smoothing=0.0,
-                            inplace_distill=distill, scale=None, ratio=None, output=str(tmp_path))
+                            inplace_distill=distill, distill_start_epoch=start, distill_weight=weight,
+                            scale=None, ratio=None, output=str(tmp_path))
     trainer = Trainer(cfg, DistEnv(), datasets=(data, data))
+    trainer.epoch = epoch
     randomize(trainer.model)
     model = trainer.model
     reference = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -334,13 +342,14 @@ def test_several_k_per_step_accumulate_gradients_into_one_optimizer_step(tmp_pat
     for k in (4, 2):
         model.zero_grad()
         logits = model(images, k=k)
-        loss = (torch.sum(-teacher * torch.log_softmax(logits, -1), -1).mean() if distill and k == 2
-                else torch.nn.functional.cross_entropy(logits, target))
+        labels_loss = torch.nn.functional.cross_entropy(logits, target)
+        soft_loss = torch.sum(-teacher * torch.log_softmax(logits, -1), -1).mean()
+        loss = soft_share * soft_loss + (1 - soft_share) * labels_loss if k == 2 else labels_loss
         loss.backward()
         for n, p in model.named_parameters():
             expected[n] += p.grad
     model.zero_grad()
-    ks, _ = trainer.train_update([(images, target)], start=0)
+    ks, _ = trainer.train_update([(images, target)], start=batch)
     assert sorted(ks) == [2, 4]
     assert trainer.num_updates == 1
     for n, p in model.named_parameters():

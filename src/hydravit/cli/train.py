@@ -42,7 +42,8 @@ OPTIONS: List[Tuple[Tuple[str, ...], Dict[str, Any], str]] = [
      + '; '.join(f'{m.name}: {m.summary}' for m in METHODS.values())),
     (('--heads',), dict(type=int, nargs='+'), "the set of k to train (becomes the model's k choices)"),
     (('--sampler',), {}, 'uniform | weighted | sandwich | random | all'),
-    (('--head-weights',), dict(type=float, nargs='+'), 'one sampling weight per k of --heads (weighted sampler)'),
+    (('--head-weights',), dict(type=float, nargs='+'), 'one sampling weight per k of --heads (weighted sampler; '
+     'sandwich: how its random k are drawn, the largest and smallest train every step)'),
     (('--num-random',), dict(type=int), 'sandwich: random k per step besides largest and smallest; '
      'random: k per step'),
     (('--teacher-epochs',), dict(type=int), 'dynabert: epochs of full-width training before reordering '
@@ -53,6 +54,10 @@ OPTIONS: List[Tuple[Tuple[str, ...], Dict[str, Any], str]] = [
     (('--importance-samples',), dict(type=int), 'dynabert: training images that score head/neuron importance'),
     (('--k-per-rank',), dict(action=BOOL), "each process draws its own k (the reference code's behaviour)"),
     (('--inplace-distill',), dict(action=BOOL), "smaller k of a step learn from the largest k's output"),
+    (('--distill-start-epoch',), dict(type=float), 'in-place distillation starts at this epoch (may be '
+     'fractional); before it every k learns from the labels (default 0)'),
+    (('--distill-weight',), dict(type=float), "in-place distillation: the largest k's soft labels' share of a "
+     "smaller k's loss, in (0, 1]; the rest is the labels' cross-entropy (default 1)"),
     # optimisation
     (('-b', '--batch-size'), dict(type=int), 'batch size per process'),
     (('--validation-batch-size',), dict(type=int), 'evaluation batch size (default: --batch-size)'),

@@ -94,6 +94,8 @@ class TrainConfig:
     num_random: int = 1
     k_per_rank: bool = False
     inplace_distill: bool = False
+    distill_start_epoch: float = 0.0  # in-place distillation from here on (before: labels only)
+    distill_weight: float = 1.0  # the soft labels' share of a smaller k's loss; the rest is the labels' cross-entropy
     separate_heads: bool = False
     teacher_epochs: Optional[int] = None
     full_width_epochs: int = 0  # the largest k alone first, on a schedule of its own (training.schedule)
@@ -122,6 +124,7 @@ class TrainConfig:
         if self.full_width_epochs >= self.epochs:
             raise ValueError(f'full_width_epochs must be in 0..{self.epochs - 1} (below epochs, so that every k '
                              f'trains), got {self.full_width_epochs}')
+        self._check_distill()
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise ValueError(f'threads must be an integer >= 1, got {self.threads!r}')
@@ -151,6 +154,17 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and len(value) != 2:
                 raise ValueError(f'{name} takes two numbers (min max), got {value!r}')
+
+    def _check_distill(self) -> None:
+        if not 0.0 < self.distill_weight <= 1.0:
+            raise ValueError(f"distill_weight must be in (0, 1] (the soft labels' share of the loss), "
+                             f'got {self.distill_weight}')
+        if not 0.0 <= self.distill_start_epoch < self.epochs:
+            raise ValueError(f'distill_start_epoch must be in [0, {self.epochs}) (an epoch of the run), '
+                             f'got {self.distill_start_epoch}')
+        if not self.inplace_distill and (self.distill_start_epoch or self.distill_weight != 1.0):
+            raise ValueError('--distill-start-epoch and --distill-weight set up in-place distillation: '
+                             'they need --inplace-distill')
 
     def compile_options(self) -> Optional[CompileOptions]:
         """The torch.compile settings, or None when the run is eager."""

@@ -28,7 +28,7 @@ from .config import TrainConfig
 from .distributed import DistEnv, all_reduce_tensor
 from .importance import measure_importance, permutation_from_importance, permute_optimizer_state, reorder_model
 from .loaders import EpochSeededDataset, rng_preserving
-from .samplers import SubnetSampler, create_sampler
+from .samplers import SAMPLERS, SubnetSampler, create_sampler
 
 __all__ = ['NestingMethod', 'CompareOptions', 'TrainerView', 'METHODS', 'register_method', 'method_class',
            'create_method', 'default_methods', 'HydraViTMethod', 'SortedNet', 'MatFormer', 'DynaBERT',
@@ -126,9 +126,11 @@ class NestingMethod:
     def compare_config(cls, base: TrainConfig, options: CompareOptions) -> TrainConfig:
         """``base`` set up for this method in a comparison: same recipe, the method's own update scheme."""
         sampler = cls.sampler or base.sampler
+        distill = base.inplace_distill and cls.allows_inplace_distill
         return replace(base, method=cls.name, sampler=sampler,
-                       head_weights=base.head_weights if sampler == 'weighted' else None,
-                       inplace_distill=base.inplace_distill and cls.allows_inplace_distill,
+                       head_weights=base.head_weights if SAMPLERS[sampler].uses_weights else None,
+                       inplace_distill=distill, distill_start_epoch=base.distill_start_epoch if distill else 0.0,
+                       distill_weight=base.distill_weight if distill else 1.0,
                        separate_heads=base.separate_heads and cls.allows_separate_heads,
                        **{'teacher_epochs': None, **cls.full_width_phase(base.full_width_epochs)})
 

@@ -6,17 +6,19 @@ the same step (the all-reduced gradient belongs to one k) and a resumed run need
 
 * ``uniform``: one k per step, uniformly (the paper).
 * ``weighted``: one k per step, with probability proportional to ``weights`` (one per k choice).
-* ``sandwich``: the largest and the smallest k plus ``num_random`` distinct others, largest first.
+* ``sandwich``: the largest and the smallest k plus ``num_random`` distinct others, largest first; with
+  ``weights``, those others are drawn in proportion to their weights (e.g. towards the middle k).
 * ``random``: ``num_random`` distinct k drawn uniformly, largest first (SortedNet's update: the sampled
   sub-models' gradients are accumulated before one optimiser step).
 * ``all``: every k each step, largest first.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import random
-from typing import Dict, List, Optional, Sequence, Tuple, Type
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple, Type
 
 from ..models.kchoices import check_k_choices, is_int
 
@@ -39,6 +41,7 @@ def _check_index(name: str, value: int) -> None:
 class SubnetSampler:
     """Base class: subclasses draw the ks of one step from the :class:`random.Random` they are given."""
     name = ''
+    uses_weights = False  # takes --head-weights
 
     def __init__(self, k_choices: Sequence[int], *, seed: int = 0, per_rank: bool = False) -> None:
         self.k_choices = _validate_k_choices(k_choices)
@@ -86,33 +89,36 @@ class UniformSampler(SubnetSampler):
         return {k: 1.0 / len(self.k_choices) for k in self.k_choices}
 
 
+def _validate_weights(weights: Sequence[float], k_choices: Tuple[int, ...]) -> Tuple[float, ...]:
+    """One finite weight >= 0 per k choice, not all zero."""
+    values = [float(w) for w in weights]
+    if len(values) != len(k_choices):
+        raise ValueError(f'got {len(values)} weights {values} for {len(k_choices)} k choices '
+                         f'{list(k_choices)}: give one weight per k')
+    if any(not math.isfinite(w) or w < 0 for w in values):
+        raise ValueError(f'weights must be finite and >= 0, got {values}')
+    if sum(values) <= 0:
+        raise ValueError(f'weights are all zero {values}: at least one must be > 0')
+    return tuple(values)
+
+
 class WeightedSampler(SubnetSampler):
     """One k per step, drawn with probability proportional to its weight (e.g. to favour small subnets)."""
     name = 'weighted'
+    uses_weights = True
 
     def __init__(self, k_choices: Sequence[int], weights: Optional[Sequence[float]], *, seed: int = 0,
                  per_rank: bool = False) -> None:
         super().__init__(k_choices, seed=seed, per_rank=per_rank)
-        self.weights = self._validate_weights(weights)  # None is refused there, naming --head-weights
+        if weights is None:
+            raise ValueError(f'the weighted sampler needs weights (--head-weights): '
+                             f'one per k in {list(self.k_choices)}')
+        self.weights = _validate_weights(weights, self.k_choices)
 
     @classmethod
     def from_options(cls, k_choices: Sequence[int], *, seed: int, weights: Optional[Sequence[float]],
                      num_random: int, per_rank: bool) -> SubnetSampler:
         return cls(k_choices, weights, seed=seed, per_rank=per_rank)
-
-    def _validate_weights(self, weights: Optional[Sequence[float]]) -> Tuple[float, ...]:
-        if weights is None:
-            raise ValueError(f'the weighted sampler needs weights (--head-weights): '
-                             f'one per k in {list(self.k_choices)}')
-        values = [float(w) for w in weights]
-        if len(values) != len(self.k_choices):
-            raise ValueError(f'got {len(values)} weights {values} for {len(self.k_choices)} k choices '
-                             f'{list(self.k_choices)}: give one weight per k')
-        if any(not math.isfinite(w) or w < 0 for w in values):
-            raise ValueError(f'weights must be finite and >= 0, got {values}')
-        if sum(values) <= 0:
-            raise ValueError(f'weights are all zero {values}: at least one must be > 0')
-        return tuple(values)
 
     def _draw(self, rng: random.Random) -> List[int]:
         return rng.choices(self.k_choices, weights=self.weights)
@@ -137,11 +143,16 @@ class _NumRandomSampler(SubnetSampler):
 
 
 class SandwichSampler(_NumRandomSampler):
-    """The largest and smallest k plus ``num_random`` distinct others per step (the sandwich rule)."""
+    """The largest and smallest k plus ``num_random`` distinct others per step (the sandwich rule).
+
+    With ``weights`` (one per k choice) the others are drawn one after another in proportion to their weights,
+    without replacement; the weights of the largest and smallest k are unused, as those train at every step.
+    """
     name = 'sandwich'
+    uses_weights = True
 
     def __init__(self, k_choices: Sequence[int], num_random: int = 1, *, seed: int = 0,
-                 per_rank: bool = False) -> None:
+                 per_rank: bool = False, weights: Optional[Sequence[float]] = None) -> None:
         super().__init__(k_choices, num_random, seed=seed, per_rank=per_rank)
         ordered = sorted(self.k_choices)
         self.largest, self.smallest, self.middle = ordered[-1], ordered[0], tuple(ordered[1:-1])
@@ -149,16 +160,58 @@ class SandwichSampler(_NumRandomSampler):
             raise ValueError(f'num_random (--num-random) must be an integer in 0..{len(self.middle)} (the k choices '
                              f'{ordered} have {len(self.middle)} between the largest and the smallest), '
                              f'got {num_random!r}')
+        self.weights = None if weights is None else _validate_weights(weights, self.k_choices)
+        self.middle_weights = (None if self.weights is None else
+                               tuple(dict(zip(self.k_choices, self.weights, strict=True))[k] for k in self.middle))
+        if self.middle_weights is not None and sum(w > 0 for w in self.middle_weights) < num_random:
+            raise ValueError(f'the sandwich draws {num_random} of the middle k {list(self.middle)} per step, but only '
+                             f'{sum(w > 0 for w in self.middle_weights)} of them have a weight > 0')
+
+    @classmethod
+    def from_options(cls, k_choices: Sequence[int], *, seed: int, weights: Optional[Sequence[float]],
+                     num_random: int, per_rank: bool) -> SubnetSampler:
+        return cls(k_choices, num_random, seed=seed, per_rank=per_rank, weights=weights)
 
     def _draw(self, rng: random.Random) -> List[int]:
-        picked = sorted(rng.sample(self.middle, self.num_random), reverse=True)
-        return [self.largest] + picked + ([self.smallest] if self.smallest != self.largest else [])
+        if self.middle_weights is None:
+            picked = rng.sample(self.middle, self.num_random)
+        else:
+            remaining = dict(zip(self.middle, self.middle_weights, strict=True))
+            picked = []
+            for _ in range(self.num_random):
+                k = rng.choices(list(remaining), weights=list(remaining.values()))[0]
+                picked.append(k)
+                del remaining[k]
+        smallest = [self.smallest] if self.smallest != self.largest else []
+        return [self.largest] + sorted(picked, reverse=True) + smallest
 
     def probabilities(self) -> Dict[int, float]:
         per_step = len(self.ks_for_step(0, 0))
-        share = {k: (self.num_random / len(self.middle) if self.middle else 0.0) / per_step for k in self.middle}
+        weights = self.middle_weights or (1.0,) * len(self.middle)
+        drawn = _inclusion_probabilities(dict(zip(self.middle, weights, strict=True)), self.num_random)
+        share = {k: drawn[k] / per_step for k in self.middle}
         share[self.largest] = share[self.smallest] = 1.0 / per_step
         return {k: share[k] for k in self.k_choices}
+
+
+def _inclusion_probabilities(weights: Dict[int, float], draws: int) -> Dict[int, float]:
+    """P(k is among ``draws`` successive weighted draws without replacement), exactly, for every k."""
+    @functools.cache
+    def walk(remaining: FrozenSet[int], left: int) -> Tuple[Tuple[int, float], ...]:
+        total = sum(weights[k] for k in remaining)
+        if left == 0 or total <= 0:
+            return ()
+        out: Dict[int, float] = {}
+        for k in remaining:
+            p = weights[k] / total
+            if p > 0:
+                out[k] = out.get(k, 0.0) + p
+                for j, q in walk(remaining - {k}, left - 1):
+                    out[j] = out.get(j, 0.0) + p * q
+        return tuple(out.items())
+
+    found = dict(walk(frozenset(weights), draws))
+    return {k: found.get(k, 0.0) for k in weights}
 
 
 class RandomSubsetSampler(_NumRandomSampler):
@@ -198,12 +251,14 @@ def create_sampler(name: str, k_choices: Sequence[int], *, seed: int = 0, weight
                    num_random: int = 1, per_rank: bool = False) -> SubnetSampler:
     """The sampler called ``name`` (one of :data:`SAMPLERS`).
 
-    ``weights`` is for ``weighted`` only and ``num_random`` for ``sandwich`` and ``random`` (elsewhere ignored);
+    ``weights`` is for ``weighted`` and ``sandwich`` only and ``num_random`` for ``sandwich`` and ``random``
+    (elsewhere ignored);
     ``per_rank=True`` gives each rank its own draws (the paper code's per-GPU sampling).
     """
     if name not in SAMPLERS:
         raise ValueError(f'unknown sampler {name!r}: choose one of {", ".join(SAMPLERS)}')
-    if weights is not None and name != 'weighted':
-        raise ValueError(f'weights (--head-weights) are used only by the weighted sampler, not {name!r}')
+    if weights is not None and not SAMPLERS[name].uses_weights:
+        users = ' and '.join(n for n, cls in SAMPLERS.items() if cls.uses_weights)
+        raise ValueError(f'weights (--head-weights) are used only by the {users} samplers, not {name!r}')
     return SAMPLERS[name].from_options(k_choices, seed=seed, weights=weights, num_random=num_random,
                                        per_rank=per_rank)

@@ -356,14 +356,17 @@ class Trainer:
             ks = self.method.ks_for_step(self, start + i)
             self.step_ks = ks
             soft_target = self.method.distill_target(self, images)
+            soft_weight = 1.0  # a method's own teacher replaces the labels
+            distill_now = soft_target is None and len(ks) > 1 and self._inplace_distilling(start + i)
             for j, k in enumerate(ks):
                 last = i == len(window) - 1 and j == len(ks) - 1
                 if isinstance(self.optimizer, ActiveSliceAdamW):  # the largest k of the step, before its update
                     self.optimizer.active_k = k if i == j == 0 else max(k, self.optimizer.active_k or k)
-                loss, logits = self._backward(images, target, soft_target, k, len(window), last)
+                loss, logits = self._backward(images, target, (soft_target, soft_weight), k, len(window), last)
                 trained.append((k, loss, logits.detach(), target))
-                if self.cfg.inplace_distill and soft_target is None and len(ks) > 1:
+                if distill_now and soft_target is None:  # the step's largest k teaches the others
                     soft_target = torch.softmax(logits.detach().float(), dim=-1)
+                    soft_weight = self.cfg.distill_weight
                 step_losses.append(loss)
         finite = self.guard.finish_step(self.epoch, start, self.num_updates + 1)
         self._after_optimizer_step(applied=finite)
@@ -377,18 +380,28 @@ class Trainer:
             self.epoch_nonfinite += 1
         return ks, loss
 
-    def _backward(self, images: torch.Tensor, target: torch.Tensor, soft_target: Optional[torch.Tensor], k: int,
-                  micro_batches: int, last: bool) -> Tuple[float, torch.Tensor]:
+    def _inplace_distilling(self, batch: int) -> bool:
+        """Whether this batch's smaller k learn from its largest: with --inplace-distill, from
+        --distill-start-epoch on (a teacher that has barely trained only adds noise to their labels)."""
+        progress = self.epoch + batch / self.batches_per_epoch
+        return self.cfg.inplace_distill and progress >= self.cfg.distill_start_epoch
+
+    def _backward(self, images: torch.Tensor, target: torch.Tensor, soft: Tuple[Optional[torch.Tensor], float],
+                  k: int, micro_batches: int, last: bool) -> Tuple[float, torch.Tensor]:
         """Forward and backward at k; the step's last call also steps the optimizer. Returns (loss, logits).
 
-        The losses of a step's k are summed (slimmable/US-Nets); micro-batches are averaged.
+        ``soft`` is (soft target, its share of the loss): no soft target, or a share below 1, keeps the labels'
+        loss for the rest. The losses of a step's k are summed (slimmable/US-Nets); micro-batches are averaged.
         """
+        soft_target, soft_weight = soft
         no_sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
         with no_sync:
             with self.autocast():
                 logits = self.train_forward(images, k=k)
                 loss = (self.criterion(logits, target) if soft_target is None
-                        else self.distill_loss(logits, soft_target))
+                        else self.distill_loss(logits, soft_target) if soft_weight == 1.0
+                        else soft_weight * self.distill_loss(logits, soft_target)
+                        + (1.0 - soft_weight) * self.criterion(logits, target))
             self.loss_scaler(loss / micro_batches, self.optimizer, clip_grad=self.cfg.clip_grad,
                              clip_mode=self.cfg.clip_mode, parameters=self.model.parameters(), need_update=last)
         value = float(loss.detach())
