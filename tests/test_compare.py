@@ -65,6 +65,8 @@ def test_a_method_brings_its_update_scheme_and_rejects_what_it_cannot_honour():
         (dict(inplace_distill=True, distill_weight=1.5), r'distill_weight must be in \(0, 1\] .*got 1\.5'),
         (dict(inplace_distill=True, distill_start_epoch=5, epochs=5), r'distill_start_epoch must be in \[0, 5\)'),
         (dict(distill_weight=0.5), r'--distill-start-epoch and --distill-weight .* need --inplace-distill'),
+        (dict(heads=[3, 6], loss_weights=[1.0]), r'--loss-weights has 1 weights for 2 --heads \[3, 6\]'),
+        (dict(heads=[3, 6], loss_weights=[1.0, 0.0]), r'--loss-weights must be finite and > 0, got \[1\.0, 0\.0\]'),
         (dict(method='slimmable'), r"unknown method 'slimmable': choose one of hydravit, sortednet, matformer, "
                                    r'dynabert, separate'),
     ]:
@@ -84,7 +86,8 @@ def test_sortednet_in_a_comparison_draws_as_many_subnets_per_step_as_the_recipe(
 
 
 def test_a_comparison_keeps_the_recipes_distillation_and_middle_weights_where_a_method_can_use_them(tmp_path):
-    base = load_train_config(None, sampler='sandwich', heads=[3, 6, 9, 12], head_weights=[1, 2, 3, 1],
+    base = load_train_config(None, sampler='sandwich', heads=[12, 3, 6, 9], head_weights=[1, 1, 2, 3],
+                             loss_weights=[4, 1, 2, 3],
                              inplace_distill=True, distill_start_epoch=1.0, distill_weight=0.5)
     configs = {name: method_config(base, name, tmp_path, CompareOptions(base.heads))
                for name in ('hydravit', 'sortednet', 'matformer', 'dynabert', 'separate')}
@@ -95,6 +98,8 @@ def test_a_comparison_keeps_the_recipes_distillation_and_middle_weights_where_a_
         assert (cfg.inplace_distill, cfg.distill_start_epoch, cfg.distill_weight) == (False, 0.0, 1.0), name
     assert configs['hydravit'].head_weights == configs['matformer'].head_weights == [1, 2, 3, 1]
     assert configs['sortednet'].head_weights is None  # its random draws take no weights
+    assert configs['hydravit'].heads == [3, 6, 9, 12]  # sorted, each weight kept with its k
+    assert configs['sortednet'].loss_weights == configs['separate'].loss_weights == [1, 2, 3, 4]
 
 
 def test_a_comparison_gives_the_full_width_phase_to_every_method_that_can_take_it(tmp_path):

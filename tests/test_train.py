@@ -314,14 +314,15 @@ class _Tensors(torch.utils.data.TensorDataset):
     classes = [str(i) for i in range(10)]
 
 
-@pytest.mark.parametrize('distill, start, weight, epoch, batch, soft_share', [
-    (False, 0.0, 1.0, 0, 0, 0.0),  # labels only
-    (True, 0.0, 1.0, 0, 0, 1.0),  # the slimmable rule: soft labels only
-    (True, 1.5, 0.5, 1, 0, 0.0),  # before --distill-start-epoch: labels only
-    (True, 1.5, 0.5, 1, 1, 0.5),  # from it on (epoch 1, batch 1 of 2): half soft labels, half labels
+@pytest.mark.parametrize('distill, start, weight, epoch, batch, soft_share, factors', [
+    (False, 0.0, 1.0, 0, 0, 0.0, None),  # labels only
+    (False, 0.0, 1.0, 0, 0, 0.0, [3.0, 0.5]),  # --loss-weights: k = 2 counts 3 times, k = 4 half
+    (True, 0.0, 1.0, 0, 0, 1.0, None),  # the slimmable rule: soft labels only
+    (True, 1.5, 0.5, 1, 0, 0.0, None),  # before --distill-start-epoch: labels only
+    (True, 1.5, 0.5, 1, 1, 0.5, None),  # from it on (epoch 1, batch 1 of 2): half soft labels, half labels
 ])
 def test_several_k_per_step_accumulate_gradients_into_one_optimizer_step(tmp_path, randomize, distill, start,
-                                                                         weight, epoch, batch, soft_share):
+                                                                         weight, epoch, batch, soft_share, factors):
     from hydravit.training.distributed import DistEnv
     from hydravit.training.trainer import Trainer
 
@@ -330,7 +331,7 @@ def test_several_k_per_step_accumulate_gradients_into_one_optimizer_step(tmp_pat
     cfg = load_train_config(None, model='hydravit_test_patch4_16', heads=[2, 4], sampler='all', batch_size=8,
                             opt='momentum', momentum=0.0, weight_decay=0.0, lr=0.1, warmup_epochs=0, smoothing=0.0,
                             inplace_distill=distill, distill_start_epoch=start, distill_weight=weight,
-                            scale=None, ratio=None, output=str(tmp_path))
+                            loss_weights=factors, scale=None, ratio=None, output=str(tmp_path))
     trainer = Trainer(cfg, DistEnv(), datasets=(data, data))
     trainer.epoch = epoch
     randomize(trainer.model)
@@ -345,7 +346,7 @@ def test_several_k_per_step_accumulate_gradients_into_one_optimizer_step(tmp_pat
         labels_loss = torch.nn.functional.cross_entropy(logits, target)
         soft_loss = torch.sum(-teacher * torch.log_softmax(logits, -1), -1).mean()
         loss = soft_share * soft_loss + (1 - soft_share) * labels_loss if k == 2 else labels_loss
-        loss.backward()
+        (loss * dict(zip([2, 4], factors or [1.0, 1.0], strict=True))[k]).backward()
         for n, p in model.named_parameters():
             expected[n] += p.grad
     model.zero_grad()

@@ -44,6 +44,8 @@ OPTIONS: List[Tuple[Tuple[str, ...], Dict[str, Any], str]] = [
     (('--sampler',), {}, 'uniform | weighted | sandwich | random | all'),
     (('--head-weights',), dict(type=float, nargs='+'), 'one sampling weight per k of --heads (weighted sampler; '
      'sandwich: how its random k are drawn, the largest and smallest train every step)'),
+    (('--loss-weights',), dict(type=float, nargs='+'), "one factor > 0 per k of --heads (or of the model's k "
+     "choices): each k's loss is multiplied by it in a step's sum (default 1 each)"),
     (('--num-random',), dict(type=int), 'sandwich: random k per step besides largest and smallest; '
      'random: k per step'),
     (('--teacher-epochs',), dict(type=int), 'dynabert: epochs of full-width training before reordering '

@@ -91,6 +91,7 @@ class TrainConfig:
     heads: Optional[List[int]] = None
     sampler: str = 'uniform'
     head_weights: Optional[List[float]] = None
+    loss_weights: Optional[List[float]] = None  # one per k: its loss's factor in a step's sum (default 1 each)
     num_random: int = 1
     k_per_rank: bool = False
     inplace_distill: bool = False
@@ -137,13 +138,9 @@ class TrainConfig:
             check_k_choices(self.eval_heads, what='--eval-heads')
         if self.heads is not None:
             check_k_choices(self.heads, what='--heads')
-            if self.head_weights is not None:
-                if len(self.head_weights) != len(self.heads):
-                    raise ValueError(f'--head-weights has {len(self.head_weights)} weights for {len(self.heads)} '
-                                     f'--heads {self.heads}: give one weight per k')
-                # the model sorts its k choices: keep each weight with its k
-                pairs = sorted(zip(self.heads, self.head_weights, strict=True))
-                self.heads, self.head_weights = [k for k, _ in pairs], [w for _, w in pairs]
+            self._sort_heads_with_their_weights()
+        if self.loss_weights is not None and any(not math.isfinite(w) or w <= 0 for w in self.loss_weights):
+            raise ValueError(f'--loss-weights must be finite and > 0, got {self.loss_weights}')
         if self.torchcompile_mode is not None and self.torchcompile is None:
             raise ValueError('--torchcompile-mode needs --torchcompile (the backend, e.g. inductor)')
         self.compile_options()  # validates backend and mode
@@ -154,6 +151,20 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and len(value) != 2:
                 raise ValueError(f'{name} takes two numbers (min max), got {value!r}')
+
+    def _sort_heads_with_their_weights(self) -> None:
+        """The model sorts its k choices: keep each per-k weight with its k."""
+        assert self.heads is not None
+        order = sorted(range(len(self.heads)), key=self.heads.__getitem__)
+        for name in ('head_weights', 'loss_weights'):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if len(values) != len(self.heads):
+                raise ValueError(f'--{name.replace("_", "-")} has {len(values)} weights for {len(self.heads)} '
+                                 f'--heads {self.heads}: give one weight per k')
+            setattr(self, name, [values[i] for i in order])
+        self.heads = [self.heads[i] for i in order]
 
     def _check_distill(self) -> None:
         if not 0.0 < self.distill_weight <= 1.0:

@@ -349,4 +349,6 @@ class WidthOnly(NestingMethod):
             raise ValueError(f'--method width has none of the k {list(options.k_choices)}: '
                              f'it needs k in {list(allowed)}')
         weights = [cfg.head_weights[i] for i in keep] if cfg.head_weights else None
-        return replace(cfg, heads=[options.k_choices[i] for i in keep], head_weights=weights)
+        loss_weights = [cfg.loss_weights[i] for i in keep] if cfg.loss_weights else None
+        return replace(cfg, heads=[options.k_choices[i] for i in keep], head_weights=weights,
+                       loss_weights=loss_weights)

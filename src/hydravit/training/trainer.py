@@ -115,6 +115,17 @@ def _output_folder(cfg: TrainConfig, data_config: Dict[str, Any]) -> Path:
     return Path(get_outdir(cfg.output, name, inc=True))
 
 
+
+def _loss_weights(cfg: TrainConfig, k_choices: Sequence[int]) -> Dict[int, float]:
+    """Each k's factor in a step's summed loss: --loss-weights, one per k choice, else 1."""
+    if cfg.loss_weights is None:
+        return {k: 1.0 for k in k_choices}
+    if len(cfg.loss_weights) != len(k_choices):
+        raise ValueError(f'--loss-weights has {len(cfg.loss_weights)} weights for the {len(k_choices)} k choices '
+                         f'{list(k_choices)}: give one weight per k')
+    return dict(zip(sorted(k_choices), cfg.loss_weights, strict=True))
+
+
 class Trainer:
     """One training run; ``fit()`` returns the per-k results. Build it through :func:`train`."""
 
@@ -169,6 +180,7 @@ class Trainer:
         self._check_eval_metric()
         self.sampler = create_sampler(cfg.sampler, self.model.k_choices, seed=cfg.seed, weights=cfg.head_weights,
                                       num_random=cfg.num_random, per_rank=cfg.k_per_rank)
+        self.loss_weights = _loss_weights(cfg, self.model.k_choices)
         self.train_set = EpochSeededDataset(train_set, cfg.seed)
         self.batches_per_epoch = len(self.train_set) // (cfg.batch_size * env.world_size)
         if self.batches_per_epoch < 1:
@@ -391,7 +403,8 @@ class Trainer:
         """Forward and backward at k; the step's last call also steps the optimizer. Returns (loss, logits).
 
         ``soft`` is (soft target, its share of the loss): no soft target, or a share below 1, keeps the labels'
-        loss for the rest. The losses of a step's k are summed (slimmable/US-Nets); micro-batches are averaged.
+        loss for the rest. The losses of a step's k are summed (slimmable/US-Nets), each times its --loss-weights
+        factor; micro-batches are averaged. The returned loss is the unweighted one.
         """
         soft_target, soft_weight = soft
         no_sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
@@ -402,7 +415,7 @@ class Trainer:
                         else self.distill_loss(logits, soft_target) if soft_weight == 1.0
                         else soft_weight * self.distill_loss(logits, soft_target)
                         + (1.0 - soft_weight) * self.criterion(logits, target))
-            self.loss_scaler(loss / micro_batches, self.optimizer, clip_grad=self.cfg.clip_grad,
+            self.loss_scaler(loss * self.loss_weights[k] / micro_batches, self.optimizer, clip_grad=self.cfg.clip_grad,
                              clip_mode=self.cfg.clip_mode, parameters=self.model.parameters(), need_update=last)
         value = float(loss.detach())
         self.guard.record_loss(value, k)
