@@ -9,7 +9,7 @@ top-1 per k next to the separate ViTs of a finished ``hydravit compare`` run, wi
 Every variant changes one thing in the recipe's sampler phase (the built-in recipe without its full-width
 phase; ``--variants`` picks some): the paper's uniform sampler, weighted sampling favouring small k, the
 sandwich rule, sandwich with 3 random k instead of 1, every k each step (the separate ViTs' compute),
-in-place distillation (from the start, or from epoch 1 mixed with the labels), the sandwich's random k
+in-place distillation (from the start, or after a fifth of the epochs mixed with the labels), the sandwich's random k
 drawn towards the middle of the range or their losses counted twice, a longer warm-up, one classifier per
 k, 1 or 2 of the epochs at full width first, as many full-width epochs first as the sandwich rule then
 trains (twice the epochs), and sandwich starting from the separately trained k=3 ViT (DeiT-Ti-style init)
@@ -46,8 +46,9 @@ def _weighted(cfg: TrainConfig, _: Path) -> TrainConfig:
 
 
 def _distill_late(cfg: TrainConfig, _: Path) -> TrainConfig:
-    """In-place distillation once the largest k has trained an epoch, mixed half and half with the labels."""
-    return replace(cfg, inplace_distill=True, distill_start_epoch=1.0, distill_weight=0.5)
+    """In-place distillation once the largest k has trained a fifth of the epochs (1 of the built-in 5), mixed
+    half and half with the labels."""
+    return replace(cfg, inplace_distill=True, distill_start_epoch=cfg.epochs / 5, distill_weight=0.5)
 
 
 def _middle_weighted(cfg: TrainConfig, _: Path) -> TrainConfig:
@@ -106,7 +107,7 @@ VARIANTS: Dict[str, tuple] = {  # name -> (label, settings on top of the recipe'
     'sandwich-3': ('sandwich, 3 random k', lambda cfg, _: replace(cfg, num_random=3)),
     'all': ('all k each step', lambda cfg, _: replace(cfg, sampler='all')),
     'distill': ('sandwich + in-place distill', lambda cfg, _: replace(cfg, inplace_distill=True)),
-    'distill-late': ('sandwich + in-place distill from epoch 1, half labels', _distill_late),
+    'distill-late': ('sandwich + in-place distill after 1/5 of the epochs, half labels', _distill_late),
     'middle-weighted': ('sandwich, middle k drawn towards the centre', _middle_weighted),
     'middle-loss-2': ('sandwich, middle k losses counted twice', _middle_loss_twice),
     'warmup-1': ('sandwich, 1 warm-up epoch', lambda cfg, _: replace(cfg, warmup_epochs=1.0)),
