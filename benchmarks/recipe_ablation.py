@@ -8,16 +8,16 @@ top-1 per k next to the separate ViTs of a finished ``hydravit compare`` run, wi
 
 Every variant changes one thing in the recipe's sampler phase (the built-in recipe without its full-width
 phase; ``--variants`` picks some): the paper's uniform sampler, weighted sampling favouring small k, the
-sandwich rule, sandwich with 3 random k instead of 1, every k each step (the separate ViTs' compute),
-in-place distillation (from the start, or after a fifth of the epochs mixed with the labels), the sandwich's random k
-drawn towards the middle of the range or their losses counted twice, a longer warm-up, one classifier per
-k, 1 or 2 of the epochs at full width first, as many full-width epochs first as the sandwich rule then
-trains (twice the epochs), and sandwich starting from the separately trained k=3 ViT (DeiT-Ti-style init)
-or k=12 ViT (the paper's DeiT-B init; both cost that ViT's training on top). ``built-in`` is the
+sandwich rule, sandwich with 3 random k instead of 1, every k each step (the separate ViTs' compute), in-place
+distillation (from the start, or after a fifth of the epochs mixed with the labels), the sandwich's random k
+drawn towards the middle of the range or their losses counted twice, a longer warm-up (1 or 2 epochs), one
+classifier per k, 1 or 2 of the epochs at full width first, as many full-width epochs first as the sandwich
+rule then trains (twice the epochs), and sandwich starting from the separately trained k=3 ViT (DeiT-Ti-style
+init) or k=12 ViT (the paper's DeiT-B init; both cost that ViT's training on top). ``built-in`` is the
 comparison's own HydraViT run. One more run is not a HydraViT recipe: DynaBERT starting from, and distilled
 from, the separately trained k=12 ViT, i.e. with the trained teacher it is published with. With ``--seeds N``
-every variant trains once per seed and the report gives every gap to the separate ViTs with its 95 %
-interval, paired by seed. Finished variants are reused; an interrupted one resumes.
+every variant trains once per seed and the report gives every gap to the separate ViTs with its 95 % interval,
+paired by seed. Finished variants are reused; an interrupted one resumes.
 """
 from __future__ import annotations
 
@@ -111,6 +111,7 @@ VARIANTS: Dict[str, tuple] = {  # name -> (label, settings on top of the recipe'
     'middle-weighted': ('sandwich, middle k drawn towards the centre', _middle_weighted),
     'middle-loss-2': ('sandwich, middle k losses counted twice', _middle_loss_twice),
     'warmup-1': ('sandwich, 1 warm-up epoch', lambda cfg, _: replace(cfg, warmup_epochs=1.0)),
+    'warmup-2': ('sandwich, 2 warm-up epochs', lambda cfg, _: replace(cfg, warmup_epochs=2.0)),
     'separate-heads': ('sandwich + classifier per k', lambda cfg, _: replace(cfg, separate_heads=True)),
     'full-width-1': ('1 of the epochs full width, then sandwich', lambda cfg, _: replace(cfg, full_width_epochs=1)),
     'full-width-2': ('2 of the epochs full width, then sandwich', lambda cfg, _: replace(cfg, full_width_epochs=2)),
