@@ -44,8 +44,9 @@ TINY_FLAGS = {
     'info': [],
     'cascade': ['--max-val-samples', '256', '--no-timing', '-b', '64', *ONE_THREAD],
 }
-# a README flag that the tiny --epochs would refuse -> what replaces its value after them
-TINY_PHASES = {'--full-width-epochs': ['--full-width-epochs', '1']}
+# a README flag that the tiny --epochs or --heads would refuse -> what replaces its value after them
+TINY_PHASES = {'--full-width-epochs': ['--full-width-epochs', '1'], '--head-weights': ['--head-weights', '1', '2', '1'],
+               '--loss-weights': ['--loss-weights', '1', '2', '1']}
 # a resumed run takes its settings from its args.yaml: nothing is appended
 NO_TINY_FLAGS_WITH = ('--resume',)
 # an exit status 2 that is a correct answer, not a failure: the message it must come with
