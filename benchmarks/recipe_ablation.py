@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import yaml
 from safetensors.torch import save_file
@@ -40,8 +40,13 @@ Variant = Callable[[TrainConfig, Path], TrainConfig]
 TITLE = 'HydraViT recipes against separately trained ViTs'
 
 
+def _k_choices(cfg: TrainConfig) -> List[int]:
+    """The run's k, ascending: --heads, else the model's k choices."""
+    return sorted(cfg.heads or create_model(cfg.model).k_choices)
+
+
 def _weighted(cfg: TrainConfig, _: Path) -> TrainConfig:
-    ks = sorted(cfg.heads or create_model(cfg.model).k_choices)
+    ks = _k_choices(cfg)
     return replace(cfg, sampler='weighted', heads=ks, head_weights=[float(len(ks) - i) for i in range(len(ks))])
 
 
@@ -53,14 +58,14 @@ def _distill_late(cfg: TrainConfig, _: Path) -> TrainConfig:
 
 def _middle_weighted(cfg: TrainConfig, _: Path) -> TrainConfig:
     """The sandwich's random k drawn with triangular weights peaking at the centre of the range."""
-    ks = sorted(cfg.heads or create_model(cfg.model).k_choices)
+    ks = _k_choices(cfg)
     centre = (len(ks) - 1) / 2
     return replace(cfg, heads=ks, head_weights=[float(round(centre + 1 - abs(i - centre))) for i in range(len(ks))])
 
 
 def _middle_loss_twice(cfg: TrainConfig, _: Path) -> TrainConfig:
     """Every k between the largest and the smallest counts twice in a step's summed loss."""
-    ks = sorted(cfg.heads or create_model(cfg.model).k_choices)
+    ks = _k_choices(cfg)
     return replace(cfg, heads=ks, loss_weights=[1.0 if k in (ks[0], ks[-1]) else 2.0 for k in ks])
 
 

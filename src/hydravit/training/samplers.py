@@ -160,12 +160,14 @@ class SandwichSampler(_NumRandomSampler):
             raise ValueError(f'num_random (--num-random) must be an integer in 0..{len(self.middle)} (the k choices '
                              f'{ordered} have {len(self.middle)} between the largest and the smallest), '
                              f'got {num_random!r}')
-        self.weights = None if weights is None else _validate_weights(weights, self.k_choices)
-        self.middle_weights = (None if self.weights is None else
-                               tuple(dict(zip(self.k_choices, self.weights, strict=True))[k] for k in self.middle))
-        if self.middle_weights is not None and sum(w > 0 for w in self.middle_weights) < num_random:
-            raise ValueError(f'the sandwich draws {num_random} of the middle k {list(self.middle)} per step, but only '
-                             f'{sum(w > 0 for w in self.middle_weights)} of them have a weight > 0')
+        self.middle_weights: Optional[Tuple[float, ...]] = None
+        if weights is not None:
+            by_k = dict(zip(self.k_choices, _validate_weights(weights, self.k_choices), strict=True))
+            self.middle_weights = tuple(by_k[k] for k in self.middle)
+            drawable = sum(w > 0 for w in self.middle_weights)
+            if drawable < num_random:
+                raise ValueError(f'the sandwich draws {num_random} of the middle k {list(self.middle)} per step, but '
+                                 f'only {drawable} of them have a weight > 0')
 
     @classmethod
     def from_options(cls, k_choices: Sequence[int], *, seed: int, weights: Optional[Sequence[float]],

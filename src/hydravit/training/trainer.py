@@ -398,6 +398,14 @@ class Trainer:
         progress = self.epoch + batch / self.batches_per_epoch
         return self.cfg.inplace_distill and progress >= self.cfg.distill_start_epoch
 
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor, soft_target: Optional[torch.Tensor],
+              soft_weight: float) -> torch.Tensor:
+        """The labels' loss, the soft targets' loss, or ``soft_weight`` of the latter and the rest of the former."""
+        if soft_target is None:
+            return self.criterion(logits, target)
+        soft = self.distill_loss(logits, soft_target)
+        return soft if soft_weight == 1.0 else soft_weight * soft + (1.0 - soft_weight) * self.criterion(logits, target)
+
     def _backward(self, images: torch.Tensor, target: torch.Tensor, soft: Tuple[Optional[torch.Tensor], float],
                   k: int, micro_batches: int, last: bool) -> Tuple[float, torch.Tensor]:
         """Forward and backward at k; the step's last call also steps the optimizer. Returns (loss, logits).
@@ -411,10 +419,7 @@ class Trainer:
         with no_sync:
             with self.autocast():
                 logits = self.train_forward(images, k=k)
-                loss = (self.criterion(logits, target) if soft_target is None
-                        else self.distill_loss(logits, soft_target) if soft_weight == 1.0
-                        else soft_weight * self.distill_loss(logits, soft_target)
-                        + (1.0 - soft_weight) * self.criterion(logits, target))
+                loss = self._loss(logits, target, soft_target, soft_weight)
             self.loss_scaler(loss * self.loss_weights[k] / micro_batches, self.optimizer, clip_grad=self.cfg.clip_grad,
                              clip_mode=self.cfg.clip_mode, parameters=self.model.parameters(), need_update=last)
         value = float(loss.detach())
