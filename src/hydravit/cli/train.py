@@ -3,8 +3,8 @@
 Settings come from the recipe, then from the flags given on the command line. The recipe is ``--config``
 (a YAML file, a timm train.py args file, or a named recipe: fmnist, timm, hydravit-paper); without it the
 built-in Fashion-MNIST recipe for a run of the built-in model on Fashion-MNIST, timm train.py's defaults for
-any other (``--resume``: the run's own ``args.yaml``). Multi-process:
-``torchrun --nproc_per_node N -m hydravit train ...``.
+any other (``--resume``: the run's own ``args.yaml``). Multi-process on one machine: ``--nproc-per-node N``
+(this command starts the processes), or ``torchrun --nproc_per_node N -m hydravit train ...``.
 """
 from __future__ import annotations
 
@@ -128,8 +128,12 @@ OPTIONS: List[Tuple[Tuple[str, ...], Dict[str, Any], str]] = [
     (('--checkpoint-interval-steps',), dict(type=int), 'also checkpoint every N optimizer steps (0 = per epoch)'),
     (('--seed',), dict(type=int), 'random seed'),
     (('--device',), {}, 'cpu or cuda'),
+    (('--nproc-per-node', '--nproc_per_node'), dict(type=positive_int, dest='nproc_per_node'),
+     "local processes joined by DDP, started by this command (torchrun's flag; CPU: the cores are shared "
+     'out, see --threads); --batch-size is per process, as in timm'),
     (('--threads',), dict(type=positive_int),
-     "torch CPU threads, >= 1 (default: the recipe's, else torch's); recorded in args.yaml: the weights depend on it"),
+     "torch CPU threads per process, >= 1 (default: the recipe's, else torch's, split between --nproc-per-node "
+     'processes); recorded in args.yaml: the weights depend on it'),
 ]
 
 

@@ -83,7 +83,8 @@ class TrainConfig:
     log_interval: int = 50
     val_interval: int = 1
     device: str = 'cpu'
-    threads: Optional[int] = None  # torch CPU threads; recorded in args.yaml: the weights depend on it
+    nproc_per_node: int = 1  # local processes joined by DDP (training.launch); batch_size is per process
+    threads: Optional[int] = None  # torch CPU threads per process; recorded in args.yaml: the weights depend on it
     max_train_samples: Optional[int] = None
     max_val_samples: Optional[int] = None
     skip_bad_images: bool = False
@@ -112,7 +113,10 @@ class TrainConfig:
     max_nonfinite_steps: int = 0
 
     def __post_init__(self) -> None:
-        for name in ('batch_size', 'epochs', 'grad_accum_steps', 'val_interval', 'log_interval', 'importance_samples'):
+        if isinstance(self.nproc_per_node, bool) or not isinstance(self.nproc_per_node, int):
+            raise ValueError(f'nproc_per_node must be an integer >= 1 (processes), got {self.nproc_per_node!r}')
+        for name in ('batch_size', 'epochs', 'grad_accum_steps', 'val_interval', 'log_interval', 'importance_samples',
+                     'nproc_per_node'):
             if getattr(self, name) < 1:
                 raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
         if self.lr_base_size < 1:

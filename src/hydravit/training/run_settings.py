@@ -16,11 +16,11 @@ from .config import TrainConfig
 __all__ = ['FREE_SETTINGS', 'FIXED_SETTINGS', 'SCHEDULE_SETTINGS', 'OPTIMIZER_SETTINGS', 'WORLD_SIZE',
            'settings_differences', 'check_resume', 'describe_differences']
 
-# where the run is written and how it is watched: free to change on resume
+# where the run is written, how it is watched and launched (the world size itself is compared): free on resume
 FREE_SETTINGS = frozenset({'resume', 'resume_override', 'output', 'experiment', 'workers', 'log_interval', 'device',
                            'report', 'validation_batch_size', 'checkpoint_interval_steps', 'data_dir',
                            'skip_bad_images', 'initial_checkpoint', 'max_nonfinite_steps', 'torchcompile',
-                           'torchcompile_mode', 'grad_checkpointing'})
+                           'torchcompile_mode', 'grad_checkpointing', 'nproc_per_node'})
 # what the saved weights and optimizer state are: never changed by a resume
 FIXED_SETTINGS = frozenset({'model', 'method', 'heads', 'separate_heads', 'num_classes', 'img_size', 'dataset', 'opt',
                             'opt_eps', 'opt_betas', 'model_ema'})

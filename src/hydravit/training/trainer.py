@@ -45,6 +45,7 @@ from ..storage.run_folder import (
 )
 from .config import AMP_DTYPES, TrainConfig, effective_lr
 from .distributed import DistEnv, all_gather, all_reduce_sum, check_replicas_in_sync, init_distributed
+from .launch import inside_launched_process, launch_local
 from .loaders import EpochSeededDataset, build_datasets, rng_preserving, run_data_config, train_loader, val_loader
 from .methods import create_method
 from .model_setup import build_model
@@ -524,7 +525,11 @@ def train(cfg: TrainConfig, datasets: Optional[Tuple[Dataset, Dataset]] = None) 
 
     ``datasets`` = (train, val) replaces the ``dataset``/``data_dir`` settings: any map-style data sets
     yielding (image tensor, label) with the model's input shape (the train set needs ``num_classes``).
+    ``nproc_per_node`` > 1 outside torchrun starts that many local processes (:mod:`hydravit.training.launch`;
+    ``datasets`` must then be picklable).
     """
+    if cfg.nproc_per_node > 1 and not inside_launched_process():
+        return launch_local(train, cfg, datasets)
     env = init_distributed(cfg.device)
     try:
         return Trainer(cfg, env, datasets).fit()
