@@ -1,0 +1,92 @@
+"""Local multi-process training (``nproc_per_node``): the same steps as one process, errors and logs in the caller."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hydravit.training.config import TrainConfig
+from hydravit.training.launch import _check_processes, default_threads_per_process
+from hydravit.training.recipe import load_train_config
+from hydravit.training.trainer import train
+
+from helpers import FMNIST, needs_fmnist
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+
+def tiny_config(tmp_path, experiment: str, **overrides) -> TrainConfig:
+    base = dict(dataset='fashion-mnist', data_dir=str(FMNIST), max_train_samples=256, max_val_samples=128,
+                heads=[2, 3, 4], lr=3e-3, warmup_epochs=0, epochs=1, log_interval=1000, output=str(tmp_path),
+                report=False, sampler='sandwich', experiment=experiment, threads=1)
+    return load_train_config(None, **{**base, **overrides})
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_two_local_processes_train_as_one_process_of_the_global_batch(tmp_path, caplog):
+    """Each step of 2 x 16 images sees the 32 images and the mean gradient of a 1-process step of 32.
+
+    SGD, because Adam's first steps are about the sign of each gradient: float rounding of a near-zero gradient
+    there moves a weight by a whole learning rate, and no tolerance separates that from a wrong batch.
+    """
+    caplog.set_level(logging.INFO, logger='hydravit')
+    sgd = dict(opt='sgd', lr=0.05, momentum=0.9)
+    one = train(tiny_config(tmp_path, 'one', batch_size=32, nproc_per_node=1, **sgd))
+    two = train(tiny_config(tmp_path, 'two', batch_size=16, nproc_per_node=2, **sgd))
+    assert two.out_dir == tmp_path / 'two'  # rank 0's result comes back to the caller
+    assert [r['k'] for r in two.results] == [2, 3, 4]
+    a, b = load_file(tmp_path / 'one' / 'last.safetensors'), load_file(tmp_path / 'two' / 'last.safetensors')
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+    moved = load_file(tmp_path / 'two' / 'last.safetensors')['head.weight']
+    assert not torch.equal(moved, torch.zeros_like(moved))
+    for r1, r2 in zip(one.results, two.results, strict=True):  # the halves of the validation set are summed
+        assert r2['top1'] == pytest.approx(r1['top1'], abs=1.0)
+    args = load_train_config(tmp_path / 'two' / 'args.yaml')
+    assert (args.nproc_per_node, args.threads) == (2, 1)
+    # rank 0's log lines reach the caller's loggers once; rank 1 logs only warnings
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum('weights identical on all 2 processes' in m for m in messages) == 1, messages
+    assert sum(m.startswith('starting 2 local processes') for m in messages) == 1, messages
+
+
+@needs_fmnist
+def test_a_worker_error_reaches_the_caller_as_raised(tmp_path):
+    missing = tmp_path / 'no-such-folder'
+    with pytest.raises((ValueError, FileNotFoundError)) as single:
+        train(tiny_config(tmp_path, 'one', data_dir=str(missing), nproc_per_node=1))
+    with pytest.raises(type(single.value), match=re.escape(str(single.value))):
+        train(tiny_config(tmp_path, 'two', data_dir=str(missing), nproc_per_node=2))
+    assert not (tmp_path / 'two').exists()
+
+
+@pytest.mark.parametrize('value', [0, -1, 2.5, True, '2'])
+def test_nproc_per_node_must_be_a_positive_integer(value):
+    with pytest.raises(ValueError, match=r'nproc_per_node must be .*>= 1'):
+        TrainConfig(nproc_per_node=value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the refusal on a machine without CUDA')
+def test_more_gpu_processes_than_gpus_are_refused_before_starting():
+    with pytest.raises(ValueError, match=r'nproc_per_node 2 needs 2 GPUs .* has 0: give --nproc-per-node 1\.\.1'):
+        _check_processes(TrainConfig(nproc_per_node=2, device='cuda'))
+
+
+def test_each_process_gets_an_equal_share_of_the_cores(monkeypatch):
+    monkeypatch.setattr('hydravit.training.launch.available_cores', lambda: 8)
+    assert [default_threads_per_process(n) for n in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+
+
+def test_cli_refuses_a_bad_process_count():
+    proc = subprocess.run([sys.executable, '-m', 'hydravit', 'train', '--nproc-per-node', '0'], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, 'OMP_WAIT_POLICY': 'PASSIVE'})
+    assert proc.returncode == 2
+    assert re.search(r'--nproc-per-node.*must be >= 1, got 0', proc.stderr), proc.stderr
