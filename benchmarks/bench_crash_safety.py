@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tests'))
 
 from crash_harness import differences, faulted_then_resumed, read_trace, run_train  # noqa: E402
 
-ARGS = ['--dataset', 'fashion-mnist', '--max-train-samples', '64', '--max-val-samples', '32', '-b', '16',
+ARGS = ['--nproc-per-node', '1',  # one process: the faults are injected into its own file operations
+        '--dataset', 'fashion-mnist', '--max-train-samples', '64', '--max-val-samples', '32', '-b', '16',
         '--heads', '2', '3', '--sampler', 'uniform', '--lr', '3e-3', '--warmup-epochs', '0', '--epochs', '2',
         '--val-interval', '1', '--checkpoint-interval-steps', '2', '--model-ema', '--model-ema-decay', '0.9',
         '--no-report', '--log-interval', '1000']

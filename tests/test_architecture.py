@@ -141,7 +141,8 @@ def test_a_new_method_is_one_class_and_one_registration(tmp_path):
     try:
         cfg = load_train_config(None, model='hydravit_test_patch4_16', method='smallest-only', epochs=2, heads=[2, 4],
                                 num_random=0, batch_size=8, warmup_epochs=0, weight_decay=0.0, output=str(tmp_path),
-                                experiment='run', report=False)
+                                experiment='run', report=False,
+                                nproc_per_node=1)  # the method is registered in this process only
         torch.manual_seed(cfg.seed)  # the trainer's initial weights
         before = create_model('hydravit_test_patch4_16', num_classes=10, k_choices=(2, 4)).state_dict()
         result = train(cfg, datasets=(_tiny_data(), _tiny_data()))

@@ -95,7 +95,7 @@ def test_a_run_records_the_thread_count_it_used(tmp_path):
     try:
         cfg = load_train_config(None, model='hydravit_test_patch4_16', heads=[2, 4], sampler='all', batch_size=8,
                                 epochs=1, warmup_epochs=0, output=str(tmp_path), experiment='run', report=False,
-                                threads=1)
+                                threads=1, nproc_per_node=1)  # this process's torch threads are checked
         train(cfg, datasets=(data, data))
         assert torch.get_num_threads() == 1
         assert RunFolder(tmp_path / 'run').args.read_text().count('threads: 1') == 1

@@ -14,7 +14,8 @@ from helpers import FMNIST, needs_fmnist
 ARGS = ['--dataset', 'fashion-mnist', '--data-dir', str(FMNIST), '--max-train-samples', '64', '--max-val-samples',
         '32', '-b', '16', '--heads', '2', '3', '--sampler', 'uniform', '--lr', '3e-3', '--warmup-epochs', '0',
         '--epochs', '2', '--val-interval', '1', '--checkpoint-interval-steps', '2', '--model-ema',
-        '--model-ema-decay', '0.9', '--no-report', '--log-interval', '1000']
+        '--model-ema-decay', '0.9', '--no-report', '--log-interval', '1000',
+        '--nproc-per-node', '1']  # one process: the faults are injected into its own file operations
 
 
 @pytest.fixture(scope='module')

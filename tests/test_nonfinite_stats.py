@@ -51,7 +51,8 @@ def _config(out: Path):
     return load_train_config(None, model='hydravit_test_patch4_16', heads=[2, 4], sampler='all', batch_size=BATCH,
                              epochs=2, lr=3e-3, warmup_epochs=0, val_interval=1, log_interval=1000, output=str(out),
                              experiment='run', report=False, smoothing=0.0, hflip=0.0, no_aug=True, workers=0,
-                             checkpoint_interval_steps=2, max_nonfinite_steps=4)
+                             checkpoint_interval_steps=2, max_nonfinite_steps=4,
+                             nproc_per_node=1)  # one process: the poisoned steps are counted for its batches
 
 
 def _summary(folder: Path):

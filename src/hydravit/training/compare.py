@@ -27,6 +27,7 @@ from ..storage.provenance import with_identity
 from ..storage.results import markdown_table, read_results, write_results
 from ..storage.run_folder import RunFolder
 from .config import TrainConfig
+from .launch import default_threads_per_process
 from .methods import CompareOptions, NestingMethod, default_methods, method_class
 from .preflight import check_before_training
 from .run_settings import describe_differences, settings_differences
@@ -190,11 +191,19 @@ def _runs_table(runs: Sequence[Run]) -> List[str]:
              'train_minutes': run.train_seconds / 60 if run.train_seconds else None,
              'k': ' '.join(str(r['k']) for r in run.results), 'folder': str(run.folder)} for run in runs]
     c = runs[0].config
-    threads = c.threads or torch.get_num_threads()
-    return ['## Runs', '', f'{c.model} on {c.dataset}, {c.epochs} epochs, batch {c.batch_size}, seed {c.seed}, '
-            f'{threads} threads, {c.max_val_samples or "all"} validation samples (train_minutes: empty when the run '
+    return ['## Runs', '', f'{c.model} on {c.dataset}, {c.epochs} epochs, {_process_layout(c)}, seed {c.seed}, '
+            f'{c.max_val_samples or "all"} validation samples (train_minutes: empty when the run '
             'was reused; benchmark: extracted subnetworks, median of 3 interleaved rounds)', '',
             markdown_table(rows), '']
+
+
+def _process_layout(cfg: TrainConfig) -> str:
+    """The batch and the threads of a run, per process where it ran several (the weights depend on both)."""
+    procs = cfg.nproc_per_node
+    if procs == 1:
+        return f'batch {cfg.batch_size}, {cfg.threads or torch.get_num_threads()} threads'
+    threads = cfg.threads or default_threads_per_process(procs)
+    return f'batch {cfg.batch_size} x {procs} processes of {threads} thread(s)'
 
 
 def _separate_gap_lines(runs: Sequence[Run], separate: Run) -> List[str]:

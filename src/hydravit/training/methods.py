@@ -75,6 +75,8 @@ class NestingMethod:
     allows_separate_heads: ClassVar[bool] = True
     has_teacher_phase: ClassVar[bool] = False  # trains the full width first for --teacher-epochs
     allows_full_width_epochs: ClassVar[bool] = True  # --full-width-epochs: only the largest k trains first
+    # every k reads (a slice of) every parameter; False: DDP must look for the parameters a step left unused
+    shares_every_parameter: ClassVar[bool] = True
     _why_no_distill: ClassVar[str] = ''  # the reasons, where a method allows neither
     _why_no_heads: ClassVar[str] = ''
     _why_no_full_width: ClassVar[str] = ''
@@ -302,6 +304,7 @@ class SeparateViTsMethod(NestingMethod):
     name, label, nesting, sampler = 'separate', 'Separate ViTs', 'separate', 'all'
     summary = 'one ordinary ViT per k, each trained on its own (the DeiT-Ti/S/B reference)'
     is_baseline = True
+    shares_every_parameter = False
     allows_inplace_distill, allows_separate_heads, allows_full_width_epochs = False, False, False
     _why_no_distill = "the smaller ViTs would learn from the largest one's output"
     _why_no_heads = 'every k has its own ViT already'

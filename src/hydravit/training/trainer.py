@@ -221,9 +221,11 @@ class Trainer:
         self.criterion = (SoftTargetCrossEntropy() if self.mixup else LabelSmoothingCrossEntropy(cfg.smoothing)
                           if cfg.smoothing > 0 else torch.nn.CrossEntropyLoss())
         self.distill_loss = SoftTargetCrossEntropy()
-        # every parameter is used at every k (sliced views), except the other k's classifiers with separate heads
+        # a shared-weight method uses every parameter at every k (sliced views), except the other k's classifiers
+        # with separate heads; separate ViTs use one k's ViT per pass (DDP then finds those a step left unused)
+        unused = cfg.separate_heads or not self.method.shares_every_parameter
         self.ddp = (DistributedDataParallel(self.model, device_ids=[env.device] if env.device.type == 'cuda' else None,
-                                            find_unused_parameters=cfg.separate_heads) if env.distributed else None)
+                                            find_unused_parameters=unused) if env.distributed else None)
         # torch.compile: one graph per k (models.compiled); the EMA copy is evaluated through its own
         compile_options = cfg.compile_options()
         self.train_forward: Callable[..., torch.Tensor] = (
