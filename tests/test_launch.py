@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -90,3 +91,47 @@ def test_cli_refuses_a_bad_process_count():
                           text=True, timeout=120, env={**os.environ, 'OMP_WAIT_POLICY': 'PASSIVE'})
     assert proc.returncode == 2
     assert re.search(r'--nproc-per-node.*must be >= 1, got 0', proc.stderr), proc.stderr
+
+
+def _children(pid: int) -> set:
+    path = f'/proc/{pid}/task/{pid}/children'
+    try:
+        with open(path) as f:
+            return {int(p) for p in f.read().split()}
+    except FileNotFoundError:
+        return set()
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a killed orphan may wait for a parent that never reaps it)."""
+    try:
+        with open(f'/proc/{pid}/status') as f:
+            return not any(line.startswith('State:') and 'Z' in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+@needs_fmnist
+@pytest.mark.skipif(not os.path.exists('/proc/self/task'), reason='reads the process tree from Linux /proc')
+def test_killing_the_launcher_takes_its_workers_down(tmp_path):
+    args = ['--dataset', 'fashion-mnist', '--data-dir', str(FMNIST), '--max-train-samples', '2048', '--epochs', '50',
+            '--no-report', '--nproc-per-node', '2', '--threads', '1', '--output', str(tmp_path)]
+    launcher = subprocess.Popen([sys.executable, '-m', 'hydravit', 'train', *args], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env={**os.environ, 'OMP_WAIT_POLICY': 'PASSIVE'})
+    try:
+        deadline, workers = time.monotonic() + 90, set()
+        while time.monotonic() < deadline and not list(tmp_path.glob('*/args.yaml')):  # rank 0 is training
+            workers |= _children(launcher.pid)
+            time.sleep(0.2)
+        workers |= _children(launcher.pid)
+        assert len(workers) >= 2, 'the launcher started no workers'
+        launcher.kill()
+        launcher.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_running(p) for p in workers):
+            time.sleep(0.1)
+        assert not [p for p in workers if _running(p)], 'workers outlived their launcher'
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()

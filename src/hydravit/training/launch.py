@@ -11,14 +11,11 @@ WARNING), re-raises the first worker's error as it was raised there, and returns
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import logging.handlers
 import os
 import pickle
 import queue
-import signal
 import socket
 import threading
 from dataclasses import replace
@@ -35,7 +32,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar('T')
 LOOPBACK = '127.0.0.1'
 JOIN_POLL_S = 1.0
-PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
 def inside_launched_process() -> bool:
@@ -74,21 +70,9 @@ def _check_processes(cfg: TrainConfig) -> None:
                        nproc, available_cores())
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Linux: this process is killed when the launcher dies, even by SIGKILL (no orphan keeps training)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6', use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # no prctl here: the workers end with the run or on their own errors
-        return
-    if os.getppid() != parent_pid:  # the launcher died before the request took effect
-        os._exit(1)
-
-
 def _worker(rank: int, fn: Callable[..., Any], cfg: TrainConfig, args: Tuple[Any, ...], port: int,
-            log_queue: Any, results: Any, log_level: int, parent_pid: int) -> None:
+            log_queue: Any, results: Any, log_level: int) -> None:
     """One process of the run: torchrun's environment, the parent's log level, ``fn(cfg, *args)``."""
-    _die_with_parent(parent_pid)
     os.environ.update(MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port), WORLD_SIZE=str(cfg.nproc_per_node),
                       RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(cfg.nproc_per_node))
     package_logger = logging.getLogger('hydravit')
@@ -138,7 +122,8 @@ def launch_local(fn: Callable[..., T], cfg: TrainConfig, *args: Any) -> T:
     """``fn(cfg, *args)`` in ``cfg.nproc_per_node`` new local processes; rank 0's return value.
 
     ``fn`` and ``args`` must be picklable (processes are spawned, never forked: a forked OpenMP runtime can hang).
-    Each process gets ``cfg.threads`` threads, by default an equal share of the cores.
+    Each process gets ``cfg.threads`` threads, by default an equal share of the cores. torch's spawn asks Linux to
+    interrupt the workers when the launcher dies, even by SIGKILL, so no orphan goes on writing the run folder.
     """
     _check_processes(cfg)
     cfg = replace(cfg, threads=cfg.threads or default_threads_per_process(cfg.nproc_per_node))
@@ -149,8 +134,7 @@ def launch_local(fn: Callable[..., T], cfg: TrainConfig, *args: Any) -> T:
     level = logging.getLogger('hydravit').getEffectiveLevel()
     logger.info('starting %d local processes of %d thread(s) each (DDP, batch size %d per process)',
                 cfg.nproc_per_node, cfg.threads, cfg.batch_size)
-    processes = mp.start_processes(_worker, args=(fn, cfg, args, _free_loopback_port(), log_queue, results, level,
-                                         os.getpid()),
+    processes = mp.start_processes(_worker, args=(fn, cfg, args, _free_loopback_port(), log_queue, results, level),
                                    nprocs=cfg.nproc_per_node, join=False, start_method='spawn')
     outcomes: List[Tuple[str, int, Any]] = []
     try:
