@@ -44,7 +44,8 @@ def image_folder(root: Path, classes, per_class: int = 3) -> Path:
 def tiny_config(tmp_path: Path, data_dir: Path, **overrides):
     base = dict(model=TINY, dataset='imagefolder', data_dir=str(data_dir), batch_size=10, epochs=1, heads=[2, 4],
                 lr=3e-3, warmup_epochs=0, val_interval=1, log_interval=1000, output=str(tmp_path), report=False,
-                sampler='uniform', experiment='run', smoothing=0.0, hflip=0.0, no_aug=True)
+                sampler='uniform', experiment='run', smoothing=0.0, hflip=0.0, no_aug=True,
+                nproc_per_node=1)  # the steps these tests count are those of one process of 10 images
     return load_train_config(None, **{**base, **overrides})
 
 

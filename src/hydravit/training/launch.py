@@ -11,6 +11,7 @@ WARNING), re-raises the first worker's error as it was raised there, and returns
 """
 from __future__ import annotations
 
+import faulthandler
 import logging
 import logging.handlers
 import os
@@ -73,6 +74,7 @@ def _check_processes(cfg: TrainConfig) -> None:
 def _worker(rank: int, fn: Callable[..., Any], cfg: TrainConfig, args: Tuple[Any, ...], port: int,
             log_queue: Any, results: Any, log_level: int) -> None:
     """One process of the run: torchrun's environment, the parent's log level, ``fn(cfg, *args)``."""
+    faulthandler.enable()  # a worker killed by a signal leaves its Python stack on stderr
     os.environ.update(MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port), WORLD_SIZE=str(cfg.nproc_per_node),
                       RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(cfg.nproc_per_node))
     package_logger = logging.getLogger('hydravit')

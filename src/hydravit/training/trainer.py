@@ -534,7 +534,10 @@ def train(cfg: TrainConfig, datasets: Optional[Tuple[Dataset, Dataset]] = None) 
         return launch_local(train, cfg, datasets)
     env = init_distributed(cfg.device)
     try:
-        return Trainer(cfg, env, datasets).fit()
+        result = Trainer(cfg, env, datasets).fit()
+        if env.distributed:  # rank 0 writes the results last: no process tears the group down before it is done
+            dist.barrier()
+        return result
     finally:
         if env.owns_group and dist.is_initialized():
             dist.destroy_process_group()
