@@ -87,7 +87,8 @@ def test_select_on_gmacs_says_nothing_was_timed_and_a_run_folder_gives_its_valid
     data = Tensors(torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g))
     val = Tensors(torch.randn(12, 3, 16, 16, generator=g), torch.randint(0, 10, (12,), generator=g))
     cfg = load_train_config(None, model=TINY, heads=[2, 4], sampler='all', batch_size=8, epochs=1, warmup_epochs=0,
-                            output=str(tmp_path), experiment='run', report=False)
+                            output=str(tmp_path), experiment='run', report=False,
+                            nproc_per_node=1)  # its data set is a local class: it stays in this process
     train(cfg, datasets=(data, val))
     assert [int(r['num_samples']) for r in read_results(tmp_path / 'run' / 'results.csv')] == [12, 12]
     assert main(['select', '--checkpoint', str(tmp_path / 'run'), '--gmacs', '1']) == 0

@@ -42,7 +42,7 @@ def quick_config(tmp_path: Path, **overrides):
     base = dict(dataset='fashion-mnist', data_dir=str(FMNIST), max_train_samples=256, max_val_samples=128,
                 batch_size=32, heads=[2, 3, 4], lr=3e-3, warmup_epochs=0, val_interval=1, log_interval=1000,
                 output=str(tmp_path), report=False, sampler='uniform',
-                experiment='run')
+                experiment='run', nproc_per_node=1)  # the steps these tests count are one process's
     return load_train_config(None, **{**base, **overrides})
 
 

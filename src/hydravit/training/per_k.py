@@ -51,8 +51,10 @@ class PerKTrainingStats:
             row[f'train_top1_k{k}'] = 100.0 * correct / n if n else None
         return row
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {'ks': list(self.ks), 'sums': {str(k): list(v) for k, v in self.sums.items()}}
+    def state_dict(self, env: Optional[DistEnv] = None) -> Dict[str, Any]:
+        """The sums so far, over every process of ``env`` (a collective there): restore them on one process."""
+        flat = all_reduce_sum([v for k in self.ks for v in self.sums[k]], env or DistEnv())
+        return {'ks': list(self.ks), 'sums': {str(k): flat[3 * i:3 * i + 3] for i, k in enumerate(self.ks)}}
 
     def load_state_dict(self, state: Optional[Dict[str, Any]]) -> None:
         """Restore the sums of a run stopped mid-epoch (None, from an older checkpoint: start from zero)."""

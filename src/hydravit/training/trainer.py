@@ -9,6 +9,7 @@ functions of (seed, epoch, index), and the remaining RNG states are saved.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -254,8 +255,10 @@ class Trainer:
             self.scheduler.load_state_dict(state['scheduler'])
         self.loss_scaler.load_state_dict(state['scaler'])
         self.epoch, self.step, self.num_updates = state['epoch'], state['step'], state['num_updates']
-        self.loss_sum, self.loss_count = state['loss_sum'], state['loss_count']
-        self.per_k.load_state_dict(state.get('per_k'))
+        # the epoch's running sums were saved as totals over the processes: one process carries them on
+        main = self.env.is_main
+        self.loss_sum, self.loss_count = (state['loss_sum'], state['loss_count']) if main else (0.0, 0)
+        self.per_k.load_state_dict(state.get('per_k') if main else None)
         self.best_metric, self.best_epoch = state['best_metric'], state['best_epoch']
         self.generation = state.get(GENERATION_KEY)
         self.legacy_updates = None if GENERATION_KEY in state else self.num_updates  # a folder from before generations
@@ -274,10 +277,11 @@ class Trainer:
                         self.num_updates)
 
     def _state(self) -> Dict[str, Any]:
+        loss_sum, loss_count = all_reduce_sum([self.loss_sum, self.loss_count], self.env)  # every process's steps
         return dict(epoch=self.epoch, step=self.step, num_updates=self.num_updates,
                     optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                     scaler=self.loss_scaler.state_dict(), rng=all_gather(capture_rng(), self.env),
-                    loss_sum=self.loss_sum, loss_count=self.loss_count, per_k=self.per_k.state_dict(),
+                    loss_sum=loss_sum, loss_count=int(loss_count), per_k=self.per_k.state_dict(self.env),
                     best_metric=self.best_metric,
                     best_epoch=self.best_epoch, world_size=self.env.world_size, batch_size=self.cfg.batch_size,
                     nonfinite_steps=self.guard.skipped, epoch_nonfinite_steps=self.epoch_nonfinite,
@@ -541,3 +545,6 @@ def train(cfg: TrainConfig, datasets: Optional[Tuple[Dataset, Dataset]] = None) 
     finally:
         if env.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+            # the trainer's DDP holds the group inside reference cycles: free them now, not at interpreter exit,
+            # where the group's C++ threads aborted a process that had finished its work
+            gc.collect()
