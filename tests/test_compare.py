@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 def quick(tmp_path: Path, **overrides):
     base = dict(dataset='fashion-mnist', data_dir=str(FMNIST), max_train_samples=256, max_val_samples=128,
                 batch_size=32, heads=[2, 4], lr=3e-3, warmup_epochs=0, epochs=1, log_interval=1000,
-                output=str(tmp_path), report=False, sampler='sandwich', num_random=0)
+                output=str(tmp_path), report=False, sampler='sandwich', num_random=0, nproc_per_node=1)
     return load_train_config(None, **{**base, **overrides})
 
 
@@ -134,7 +134,8 @@ def test_every_method_trains_and_its_checkpoint_extracts_exactly(tmp_path, metho
         dict(sampler='all') if method == 'separate' else \
         dict(teacher_epochs=0) if method == 'dynabert' else {}  # one epoch: no room for a teacher phase
     ks = [3, 6] if method == 'width' else [2, 4]  # 16-channel heads over 12: width has k in 3, 6, 9, 12 only
-    result = train(quick(tmp_path, method=method, heads=ks, **scheme))
+    # two DDP processes: every method's steps must keep the replicas identical (checked at each epoch's end)
+    result = train(quick(tmp_path, method=method, heads=ks, nproc_per_node=2, batch_size=16, **scheme))
     model = load_model(result.out_dir / 'last.safetensors').eval()
     assert model.config.nesting == METHODS[method].nesting
     assert isinstance(model, SeparateViTs) == (method == 'separate')

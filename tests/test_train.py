@@ -138,9 +138,12 @@ def _wait_for_mid_epoch_checkpoint(proc: subprocess.Popen, run: Path, timeout: f
 @pytest.mark.parametrize('method', [[], ['--method', 'dynabert', '--teacher-epochs', '1']],
                          ids=['hydravit', 'dynabert'])
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, method):
-    """DynaBERT is killed after its reordering: the resumed run must reload the same teacher."""
+    """DynaBERT is killed after its reordering: the resumed run must reload the same teacher.
+
+    Two local processes: killing the launcher takes both down, and the epoch's running loss, saved as the sum over
+    both, comes back once (tests/test_crash_safety.py kills single-process runs)."""
     args = [*QUICK, *method, '--epochs', '2', '--checkpoint-interval-steps', '1', '--model-ema', '--model-ema-decay',
-            '0.9', '--output', str(tmp_path)]
+            '0.9', '--output', str(tmp_path), '--nproc-per-node', '2']
     full = run_cli(*args, '--experiment', 'full')
     killed = run_cli(*args, '--experiment', 'killed')
     state = _wait_for_mid_epoch_checkpoint(killed, tmp_path / 'killed')

@@ -2,7 +2,7 @@
 
 Why on a CPU: a small ViT's training step is a chain of small operations, and one process with two OpenMP
 threads spends much of it synchronising them; two one-thread processes with DDP on gloo keep both cores busy
-(about twice the images per second on 2 cores, ``benchmarks/README.md``). As with torchrun and timm, the batch
+(1.75x the images per second on 2 cores, ``benchmarks/README.md``). As with torchrun and timm, the batch
 size is per process: with the same global batch (``batch_size x nproc_per_node``) every optimizer step sees the
 same images and the averaged gradient of a single-process run, so the two differ only by float rounding.
 
