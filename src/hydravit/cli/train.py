@@ -149,7 +149,7 @@ class OfficialFlag(argparse.Action):
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser('train', help='train a HydraViT (default: Fashion-MNIST on CPU, ~10 min)',
+    p = sub.add_parser('train', help='train a HydraViT (default: Fashion-MNIST on CPU, ~7 min on 2 cores)',
                        description=__doc__.splitlines()[0], argument_default=SUPPRESS, allow_abbrev=False)
     p.add_argument('-c', '--config', help='YAML recipe with timm-style keys or a timm train.py args.yaml, or one of '
                    f'{", ".join(NAMED_CONFIGS)} (default: {BUILTIN_RECIPE} for the built-in model on Fashion-MNIST, '
