@@ -48,7 +48,7 @@ def parse(*argv):
 
 def test_only_the_builtin_run_gets_the_builtin_recipe():
     builtin = parse()
-    assert (builtin.sampler, builtin.lr, builtin.no_aug) == ('sandwich', 0.002, True)
+    assert (builtin.sampler, builtin.lr, builtin.no_aug) == ('sandwich', 0.003, True)
     assert parse('--dataset', 'fashion-mnist', '--epochs', '1').sampler == 'sandwich'  # still the built-in run
     other = parse('--model', 'hydravit_base_patch16_224', '--dataset', 'imagefolder', '--data-dir', '/data')
     # timm train.py's defaults: SGD, lr 0.1 per 256 images, weight decay 2e-5, colour jitter 0.4, smoothing 0.1
