@@ -43,7 +43,7 @@ class PerKTrainingStats:
 
     def columns(self, env: DistEnv) -> Dict[str, Optional[float]]:
         """``train_loss_k<N>`` (mean loss) and ``train_top1_k<N>`` (%) of every k, summed over processes."""
-        flat = all_reduce_sum([v for k in self.ks for v in self.sums[k]], env)
+        flat = self._totals(env)
         row: Dict[str, Optional[float]] = {}
         for i, k in enumerate(self.ks):
             loss, correct, n = flat[3 * i:3 * i + 3]
@@ -51,9 +51,13 @@ class PerKTrainingStats:
             row[f'train_top1_k{k}'] = 100.0 * correct / n if n else None
         return row
 
+    def _totals(self, env: DistEnv) -> List[float]:
+        """(loss, correct, images) of every k in order, summed over the processes of ``env``."""
+        return all_reduce_sum([v for k in self.ks for v in self.sums[k]], env)
+
     def state_dict(self, env: Optional[DistEnv] = None) -> Dict[str, Any]:
         """The sums so far, over every process of ``env`` (a collective there): restore them on one process."""
-        flat = all_reduce_sum([v for k in self.ks for v in self.sums[k]], env or DistEnv())
+        flat = self._totals(env or DistEnv())
         return {'ks': list(self.ks), 'sums': {str(k): flat[3 * i:3 * i + 3] for i, k in enumerate(self.ks)}}
 
     def load_state_dict(self, state: Optional[Dict[str, Any]]) -> None:
