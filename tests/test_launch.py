@@ -13,7 +13,13 @@ import torch
 from safetensors.torch import load_file
 
 from hydravit.training.config import TrainConfig
-from hydravit.training.launch import _check_processes, default_threads_per_process
+from hydravit.training.launch import (
+    _check_processes,
+    available_cores,
+    default_threads_per_process,
+    node_threads,
+    torch_threads,
+)
 from hydravit.training.recipe import load_train_config
 from hydravit.training.trainer import train
 
@@ -40,7 +46,7 @@ def test_two_local_processes_train_as_one_process_of_the_global_batch(tmp_path, 
     caplog.set_level(logging.INFO, logger='hydravit')
     sgd = dict(opt='sgd', lr=0.05, momentum=0.9)
     one = train(tiny_config(tmp_path, 'one', batch_size=32, nproc_per_node=1, **sgd))
-    two = train(tiny_config(tmp_path, 'two', batch_size=16, nproc_per_node=2, **sgd))
+    two = train(tiny_config(tmp_path, 'two', batch_size=16, nproc_per_node=2, report=True, **sgd))
     assert two.out_dir == tmp_path / 'two'  # rank 0's result comes back to the caller
     assert [r['k'] for r in two.results] == [2, 3, 4]
     a, b = load_file(tmp_path / 'one' / 'last.safetensors'), load_file(tmp_path / 'two' / 'last.safetensors')
@@ -53,6 +59,9 @@ def test_two_local_processes_train_as_one_process_of_the_global_batch(tmp_path, 
         assert r2['top1'] == pytest.approx(r1['top1'], abs=1.0)
     args = load_train_config(tmp_path / 'two' / 'args.yaml')
     assert (args.nproc_per_node, args.threads) == (2, 1)
+    # rank 0 timed the report with both processes' threads (rank 1 waits idle), and says so
+    report = (tmp_path / 'two' / 'report' / 'report.md').read_text()
+    assert f'with {min(2, available_cores())} thread(s)' in report, report
     # rank 0's log lines reach the caller's loggers once; rank 1 logs only warnings
     messages = [r.getMessage() for r in caplog.records]
     assert sum('weights identical on all 2 processes' in m for m in messages) == 1, messages
@@ -84,6 +93,23 @@ def test_more_gpu_processes_than_gpus_are_refused_before_starting():
 def test_each_process_gets_an_equal_share_of_the_cores(monkeypatch):
     monkeypatch.setattr('hydravit.training.launch.available_cores', lambda: 8)
     assert [default_threads_per_process(n) for n in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+
+
+def test_one_process_may_use_the_threads_of_its_whole_node(monkeypatch):
+    monkeypatch.setattr('hydravit.training.launch.available_cores', lambda: 8)
+    monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    assert node_threads(3) == 3  # alone: its own threads
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
+    assert [node_threads(n) for n in (1, 3, 4, 6)] == [2, 6, 8, 8]  # capped at the cores it may run on
+
+
+def test_torch_threads_restores_the_count_after_the_block():
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match='inside'):
+        with torch_threads(before + 1):
+            assert torch.get_num_threads() == before + 1
+            raise RuntimeError('inside')
+    assert torch.get_num_threads() == before
 
 
 def test_cli_refuses_a_bad_process_count():

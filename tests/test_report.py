@@ -5,7 +5,7 @@ import struct
 import pytest
 
 from hydravit.cli import main
-from hydravit.evaluation.report import join_results, plot_accuracy, write_report
+from hydravit.evaluation.report import bench_conditions, join_results, plot_accuracy, write_report
 from hydravit.storage.results import read_results, result_label, write_results
 
 
@@ -67,6 +67,16 @@ def test_write_report_from_saved_results(tmp_path):
     with pytest.raises(ValueError,
                        match=r"benchmark labels \['other'\] match no evaluation label \['hydra', 'sorted'\]"):
         write_report({'hydra': a, 'sorted': b}, {'other': bench}, tmp_path / 'bad')
+
+
+def test_a_report_says_what_its_speeds_were_measured_with(tmp_path):
+    cpu = [{**r, 'device': 'cpu', 'threads': 3, 'infer_batch_size': 64} for r in bench_rows()]
+    md = write_report({'hydra': eval_rows()}, {'hydra': cpu}, tmp_path / 'cpu')['markdown'].read_text()
+    assert 'Speed measured on cpu, in mode sliced/timm, at batch 64 (latency: batch 1), with 3 thread(s).' in md
+    gpu = [{**r, 'device': 'cuda:0', 'threads': 3, 'infer_batch_size': 256} for r in bench_rows()]
+    assert bench_conditions(gpu) == 'on cuda:0, in mode sliced/timm, at batch 256 (latency: batch 1)'  # no threads
+    md = write_report({'hydra': eval_rows()}, None, tmp_path / 'none')['markdown'].read_text()
+    assert 'Speed measured' not in md  # nothing was timed
 
 
 def test_plot_rejects_unknown_axis_and_empty_series(tmp_path):

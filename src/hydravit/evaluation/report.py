@@ -7,14 +7,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from ..models.config import HydraViTConfig
 from ..models.costs import add_costs
 from ..storage.checkpoint import atomic_write
 from ..storage.results import Row, format_table, markdown_table, units_of, write_results
 
-__all__ = ['plot_accuracy', 'plot_per_k_curves', 'join_results', 'write_report', 'PLOT_AXES']
+__all__ = ['bench_conditions', 'plot_accuracy', 'plot_per_k_curves', 'join_results', 'write_report', 'PLOT_AXES']
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
@@ -42,6 +42,21 @@ def join_results(eval_rows: Sequence[Row], bench_rows: Sequence[Row] = (), bench
                       if c in bench})
         joined.append({**row, **extra})
     return joined
+
+
+def bench_conditions(bench_rows: Iterable[Row]) -> str:
+    """``'on cpu, in mode sliced, at batch 256 (latency: batch 1), with 2 thread(s)'``: what a benchmark's
+    speeds depend on, so a report's throughput is never compared with one taken under other conditions."""
+    rows = list(bench_rows)
+
+    def values(key: str) -> str:
+        return '/'.join(str(v) for v in dict.fromkeys(r[key] for r in rows if r.get(key) is not None))
+    on_cpu = all(str(r.get('device', 'cpu')).startswith('cpu') for r in rows)
+    parts = [f'on {values("device")}' if values('device') else '',
+             f'in mode {values("mode")}' if values('mode') else '',
+             f'at batch {values("infer_batch_size")} (latency: batch 1)' if values('infer_batch_size') else '',
+             f'with {values("threads")} thread(s)' if values('threads') and on_cpu else '']
+    return ', '.join(p for p in parts if p)
 
 
 def _spread(rows: Sequence[Row], x: str, xs: Sequence[float]) -> Optional[List[List[float]]]:
@@ -190,6 +205,8 @@ def write_report(eval_rows_by_label: Mapping[str, Sequence[Row]],
                                                  error_bars=error_bars)
     units = f'Units: {units_of(columns)}.'
     text = [f'# {title}', '', markdown_table(table, columns), '', units, '']
+    measured = bench_conditions(row for rows in bench_rows_by_label.values() for row in rows)
+    text += [f'Speed measured {measured}.', ''] if measured else []
     if curves:
         curve_table = [{'curve': label, **r} for label, rows in curves.items() for r in rows]
         curve_columns = [c for c in ('curve', 'label', 'stages', 'top1', 'gmacs', 'infer_samples_per_sec',

@@ -19,15 +19,17 @@ import pickle
 import queue
 import socket
 import threading
+from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Callable, List, Tuple, TypeVar
+from typing import Any, Callable, Iterator, List, Tuple, TypeVar
 
 import torch
 import torch.multiprocessing as mp
 
 from .config import TrainConfig
 
-__all__ = ['launch_local', 'inside_launched_process', 'default_threads_per_process', 'available_cores']
+__all__ = ['launch_local', 'inside_launched_process', 'default_threads_per_process', 'available_cores',
+           'node_threads', 'torch_threads']
 
 logger = logging.getLogger(__name__)
 T = TypeVar('T')
@@ -51,6 +53,24 @@ def available_cores() -> int:
 def default_threads_per_process(nproc: int) -> int:
     """An equal share of the cores for each of ``nproc`` processes (at least one thread)."""
     return max(1, available_cores() // nproc)
+
+
+def node_threads(threads_per_process: int) -> int:
+    """The threads of every process of this node together: what one process may use while the others wait
+    (torchrun and :func:`launch_local` set ``LOCAL_WORLD_SIZE``), capped at the cores it may run on."""
+    local_processes = int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
+    return max(1, min(threads_per_process * local_processes, available_cores()))
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` inside the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _free_loopback_port() -> int:

@@ -12,6 +12,7 @@ from ..models.costs import cost_row
 from ..models.factory import UniversalModel
 from ..storage.results import write_results
 from ..storage.run_folder import RunFolder
+from .launch import torch_threads
 
 __all__ = ['PerK', 'summary_row', 'metric_value', 'results_table', 'write_run_results', 'TRAIN_CURVES_FILE']
 
@@ -57,9 +58,11 @@ def results_table(model: UniversalModel, rows: PerK) -> List[Row]:
 
 
 def write_run_results(run: RunFolder, results: Sequence[Row], model: UniversalModel, *, label: str, title: str,
-                      device: torch.device, report: bool, summary: Sequence[Row] = ()) -> None:
+                      device: torch.device, report: bool, summary: Sequence[Row] = (),
+                      bench_threads: Optional[int] = None) -> None:
     """``results.csv``, its accuracy-vs-GMACs plot, every k's training loss over the epochs of ``summary``
-    and (``report``) the accuracy-cost report of the run."""
+    and (``report``) the accuracy-cost report of the run, its speeds timed with ``bench_threads`` CPU threads
+    (default: torch's current count)."""
     write_results(results, run.path, run.results.stem)
     if any(key.startswith('train_loss_k') for row in summary for key in row):
         curves = plot_per_k_curves(summary, run.path / TRAIN_CURVES_FILE, f'{title}: training loss per k')
@@ -71,9 +74,10 @@ def write_run_results(run: RunFolder, results: Sequence[Row], model: UniversalMo
     logger.info('results: %s, %s', run.results, run.plot)
     if report:
         # as `hydravit benchmark` times: interleaved rounds (every k in each), median, the spread as error bars
-        bench = benchmark_subnets(model, [r['k'] for r in results], modes=('sliced',), device=device, rounds=5,
-                                  min_seconds=0.1, latency_iters=3, measure_memory=False, flop_count=False,
-                                  interleave_ks=True)
+        with torch_threads(bench_threads or torch.get_num_threads()):
+            bench = benchmark_subnets(model, [r['k'] for r in results], modes=('sliced',), device=device,
+                                      rounds=5, min_seconds=0.1, latency_iters=3, measure_memory=False,
+                                      flop_count=False, interleave_ks=True)
         paths = write_report(series, {name: bench for name in series}, run.report, config=model.config,
                              title=title)
         logger.info('report: %s', ', '.join(str(p) for p in paths.values()))

@@ -46,7 +46,7 @@ from ..storage.run_folder import (
 )
 from .config import AMP_DTYPES, TrainConfig, effective_lr
 from .distributed import DistEnv, all_gather, all_reduce_sum, check_replicas_in_sync, init_distributed
-from .launch import inside_launched_process, launch_local
+from .launch import inside_launched_process, launch_local, node_threads
 from .loaders import EpochSeededDataset, build_datasets, rng_preserving, run_data_config, train_loader, val_loader
 from .methods import create_method
 from .model_setup import build_model
@@ -326,8 +326,13 @@ class Trainer:
             results = with_identity(results, self.model, self.run.weights('last'))
             write_run_results(self.run, results, self.model, label=self.method.label, device=self.env.device,
                               title=f'{self.cfg.model} on {self.cfg.dataset}', report=self.cfg.report,
-                              summary=self.summary)
+                              summary=self.summary, bench_threads=self._report_threads())
         return TrainResult(self.out_dir, results, self.summary, self.best_metric, self.best_epoch)
+
+    def _report_threads(self) -> int:
+        """Rank 0 times the report while this node's other processes wait at the closing barrier: on CPU it
+        uses their threads too, so the report's speeds are those of the whole job's cores, as in one process."""
+        return node_threads(self.cfg.threads or torch.get_num_threads()) if self.env.device.type == 'cpu' else 1
 
     def train_epoch(self) -> float:
         """One epoch (or its remainder after a resume); the mean training loss over all processes."""
