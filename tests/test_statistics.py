@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from hydravit.evaluation.statistics import mean_interval, paired_interval, t_quantile
+from hydravit.evaluation.statistics import mean_interval, paired_interval, seeds_to_exclude_zero, t_quantile
 from hydravit.training.compare import Run, paired_gaps, seed_statistics, write_seed_comparison
 from hydravit.training.config import TrainConfig
 
@@ -44,6 +44,17 @@ def test_paired_gap_by_hand():
         paired_interval([1.0], [1.0, 2.0])
 
 
+def test_seeds_a_gap_would_need_by_hand():
+    # mean 0.3, std 0.3: t(0.975, n-1) / sqrt(n) < 1 first at n = 7 (6: 2.5706 / 2.4495 = 1.049; 7: 2.4469 / 2.6458)
+    assert seeds_to_exclude_zero(0.3, 0.3) == 7
+    assert seeds_to_exclude_zero(-0.3, 0.3) == 7  # the sign does not matter
+    assert seeds_to_exclude_zero(0.3, 0.0) == 2
+    assert seeds_to_exclude_zero(0.0, 0.3) is None and seeds_to_exclude_zero(0.001, 1.0, limit=50) is None
+    assert paired_interval([80.3, 80.6, 80.0], [80.0, 80.0, 80.0]).seeds_to_exclude_zero() == 7  # 0.3 ± 0.3
+    with pytest.raises(ValueError, match='std must be >= 0'):
+        seeds_to_exclude_zero(0.3, -1.0)
+
+
 def _rows(values, gmacs=(1.0, 2.0, 4.0)):
     return [dict(k=k, gmacs=g, top1=v) for k, g, v in zip((3, 6, 12), gmacs, values, strict=True)]
 
@@ -77,7 +88,8 @@ def test_seed_report_has_intervals_gaps_and_error_bars(tmp_path):
     text = paths['markdown'].read_text()
     assert '71.00 ± 1.00' not in text and '70.00 ± 1.00 [67.52, 72.48]' in text  # HydraViT k=3
     assert 'Separate ViTs minus each run at equal k, paired by seed' in text
-    assert '2.00 ± 1.00 [-0.48, 4.48]' in text  # k=3: differences 2, 3, 1
+    # k=3: differences 2, 3, 1; t(0.975, n-1) / sqrt(n) < 2 first at n = 4 (3.1824 / 2)
+    assert '| 2.00 ± 1.00 [-0.48, 4.48] | no | 4 |' in text, text
     with open(tmp_path / 'report' / 'seeds.csv', newline='') as f:
         rows = {(r['method'], int(r['k'])): r for r in csv.DictReader(f)}
     assert float(rows[('Separate ViTs', 3)]['top1_std']) == pytest.approx(2.0)

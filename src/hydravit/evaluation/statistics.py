@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
-__all__ = ['Interval', 't_quantile', 'mean_interval', 'paired_interval']
+__all__ = ['Interval', 't_quantile', 'mean_interval', 'paired_interval', 'seeds_to_exclude_zero']
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,10 @@ class Interval:
     def excludes_zero(self) -> bool:
         """Whether the interval lies wholly on one side of 0 (the gap is larger than the seed noise)."""
         return self.n > 1 and (self.low > 0 or self.high < 0)
+
+    def seeds_to_exclude_zero(self, limit: int = 1000) -> Optional[int]:
+        """See :func:`seeds_to_exclude_zero`, for this interval's mean, std and confidence."""
+        return seeds_to_exclude_zero(self.mean, self.std, self.confidence, limit)
 
     def columns(self, name: str) -> Dict[str, float]:
         """``name_mean``, ``name_std``, ``name_ci_low``, ``name_ci_high`` and ``name_n`` for a table row."""
@@ -118,3 +122,22 @@ def paired_interval(a: Sequence[float], b: Sequence[float], confidence: float = 
     if len(a) != len(b):
         raise ValueError(f'paired values need equal counts, got {len(a)} and {len(b)}')
     return mean_interval([x - y for x, y in zip(a, b, strict=True)], confidence)
+
+
+def seeds_to_exclude_zero(mean: float, std: float, confidence: float = 0.95, limit: int = 1000) -> Optional[int]:
+    """The fewest seeds whose t-interval would exclude 0 if their mean and std were ``mean`` and ``std``.
+
+    A planning figure, not a power analysis: it says how many seeds a gap of the measured size needs before
+    it can be told from seed noise. None where no count up to ``limit`` would do (a mean of 0, or too small).
+    """
+    if std < 0:
+        raise ValueError(f'std must be >= 0, got {std}')
+    if mean == 0:
+        return None
+    if std == 0:
+        return 2
+    quantile = 0.5 + confidence / 2.0
+    for n in range(2, limit + 1):
+        if t_quantile(quantile, n - 1) * std / math.sqrt(n) < abs(mean):
+            return n
+    return None

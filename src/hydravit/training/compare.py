@@ -290,8 +290,17 @@ def paired_gaps(reference_per_seed: Sequence[Sequence[Row]], other_per_seed: Seq
         row: Row = {'k': k}
         if equal != 'k':
             row[equal] = gaps[0][equal]
-        out.append({**row, **interval.columns('gap'), 'excludes_zero': interval.excludes_zero()})
+        out.append({**row, **interval.columns('gap'), 'excludes_zero': interval.excludes_zero(),
+                    'seeds_to_exclude_zero': interval.seeds_to_exclude_zero()})
     return out
+
+
+def _seeds_needed(gap: Row) -> str:
+    """How many seeds a gap still within the noise would need to leave it, were its mean and std to hold."""
+    if gap['excludes_zero'] or gap['gap_n'] < 2:
+        return ''
+    needed = gap['seeds_to_exclude_zero']
+    return '> 1000' if needed is None else str(needed)
 
 
 def _interval_cell(row: Row, name: str) -> str:
@@ -340,11 +349,14 @@ def write_seed_comparison(per_seed: Mapping[int, Mapping[str, Run]], out_dir: st
             for g in paired_gaps(results[ref], results[name], equal):
                 gap_rows.append({'run': label[name], 'k': g['k'], **({equal: g[equal]} if equal != 'k' else {}),
                                  'gap (p.p.)': _interval_cell(g, 'gap'),
-                                 'beyond the noise': 'yes' if g['excludes_zero'] else 'no'})
+                                 'beyond the noise': 'yes' if g['excludes_zero'] else 'no',
+                                 'seeds it would need': _seeds_needed(g)})
         if gap_rows:
             what = 'at equal k' if equal == 'k' else f'at equal {equal} ({label[ref]} interpolated)'
             lines += [f'## {label[ref]} minus each run {what}, paired by seed (p.p.)', '',
-                      markdown_table(gap_rows), '']
+                      markdown_table(gap_rows), '',
+                      'seeds it would need: the fewest seeds whose 95 % interval would exclude 0 if the mean and '
+                      'std of the gap stayed as measured (a planning figure, not a power analysis).', '']
     out_dir = Path(out_dir)
     flat = [{'method': label[name], **r} for name in names for r in stats[name]]
     write_results(flat, out_dir / 'report', 'seeds', verbose=False)
