@@ -3,7 +3,8 @@
 Runs trained by different commands (the main job per seed, one ``compare --methods separate`` per seed, ...) are
 put together as if one comparison had trained them: per method and k the mean, std and 95 % t-interval of
 top-1, and every gap paired by seed (``hydravit.training.compare.write_seed_comparison``). Each folder's
-``args.yaml`` must name the method and seed it is given for.
+``args.yaml`` must name the method and seed it is given for. ``METHOD/VARIANT`` puts two recipes of one method
+side by side (e.g. ``hydravit/lr3e-3``); each variant is paired by seed with ``hydravit`` and the separate ViTs.
 
     python benchmarks/seed_report.py -o output/seeds \\
         --run hydravit:42=/work/runs/main --run separate:42=output/separate42/separate ...
@@ -23,15 +24,17 @@ from hydravit.training.methods import method_class
 
 
 def parse_run(spec: str) -> tuple[str, int, Path]:
-    """``METHOD:SEED=FOLDER`` -> (method, seed, folder)."""
+    """``METHOD[/VARIANT]:SEED=FOLDER`` -> (name, seed, folder); a variant tells two runs of one method apart."""
     key, sep, folder = spec.partition('=')
-    method, colon, seed = key.partition(':')
+    name, colon, seed = key.partition(':')
     if not (sep and colon and folder and seed.lstrip('-').isdigit()):
-        raise SystemExit(f'--run {spec!r}: expected METHOD:SEED=FOLDER, e.g. hydravit:42=/work/runs/main')
-    return method, int(seed), Path(folder)
+        raise SystemExit(f'--run {spec!r}: expected METHOD[/VARIANT]:SEED=FOLDER, e.g. hydravit:42=/work/runs/main '
+                         'or hydravit/lr3e-3:42=/work/runs/lr')
+    return name, int(seed), Path(folder)
 
 
-def load_run(method: str, seed: int, folder: Path) -> Run:
+def load_run(name: str, seed: int, folder: Path) -> Run:
+    method, _, variant = name.partition('/')
     run = RunFolder(folder)
     if not run.is_finished():
         raise SystemExit(f'{folder}: not a finished run (no {run.results.name})')
@@ -39,7 +42,8 @@ def load_run(method: str, seed: int, folder: Path) -> Run:
     if config.method != method or config.seed != seed:
         raise SystemExit(f'{folder}: its args.yaml says method {config.method!r}, seed {config.seed}; '
                          f'given as {method}:{seed}')
-    return Run(method_class(method).label, config, results=read_results(run.results))
+    label = method_class(method).label + (f' ({variant})' if variant else '')
+    return Run(label, config, results=read_results(run.results))
 
 
 def main() -> None:
