@@ -117,6 +117,8 @@ VARIANTS: Dict[str, tuple] = {  # name -> (label, settings on top of the recipe'
     'middle-loss-2': ('sandwich, middle k losses counted twice', _middle_loss_twice),
     'warmup-1': ('sandwich, 1 warm-up epoch', lambda cfg, _: replace(cfg, warmup_epochs=1.0)),
     'warmup-2': ('sandwich, 2 warm-up epochs', lambda cfg, _: replace(cfg, warmup_epochs=2.0)),
+    'lr-2e-3': ('sandwich, lr 0.002 (the rate before 2026-12-07)', lambda cfg, _: replace(cfg, lr=0.002)),
+    'k-per-rank': ('sandwich, a middle k per process', lambda cfg, _: replace(cfg, k_per_rank=True)),
     'separate-heads': ('sandwich + classifier per k', lambda cfg, _: replace(cfg, separate_heads=True)),
     'full-width-1': ('1 of the epochs full width, then sandwich', lambda cfg, _: replace(cfg, full_width_epochs=1)),
     'full-width-2': ('2 of the epochs full width, then sandwich', lambda cfg, _: replace(cfg, full_width_epochs=2)),
