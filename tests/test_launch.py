@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -143,8 +144,10 @@ def _running(pid: int) -> bool:
 def test_killing_the_launcher_takes_its_workers_down(tmp_path):
     args = ['--dataset', 'fashion-mnist', '--data-dir', str(FMNIST), '--max-train-samples', '2048', '--epochs', '50',
             '--no-report', '--nproc-per-node', '2', '--threads', '1', '--output', str(tmp_path)]
+    # started with SIGINT ignored, as a shell starts a background job (`hydravit train ... &`)
     launcher = subprocess.Popen([sys.executable, '-m', 'hydravit', 'train', *args], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env={**os.environ, 'OMP_WAIT_POLICY': 'PASSIVE'})
+                                stderr=subprocess.DEVNULL, env={**os.environ, 'OMP_WAIT_POLICY': 'PASSIVE'},
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         deadline, workers = time.monotonic() + 90, set()
         while time.monotonic() < deadline and not list(tmp_path.glob('*/args.yaml')):  # rank 0 is training

@@ -11,13 +11,16 @@ WARNING), re-raises the first worker's error as it was raised there, and returns
 """
 from __future__ import annotations
 
+import ctypes
 import faulthandler
 import logging
 import logging.handlers
 import os
 import pickle
 import queue
+import signal
 import socket
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import replace
@@ -35,6 +38,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar('T')
 LOOPBACK = '127.0.0.1'
 JOIN_POLL_S = 1.0
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
 def inside_launched_process() -> bool:
@@ -91,9 +95,24 @@ def _check_processes(cfg: TrainConfig) -> None:
                        nproc, available_cores())
 
 
+def _die_with_launcher(launcher_pid: int) -> None:
+    """SIGKILL this worker when the launcher dies (Linux; the run folder's writes are atomic, so that is safe).
+
+    torch's spawn asks for SIGINT, which Python ignores where the launcher was started with SIGINT ignored, as a
+    shell does for a background job (``hydravit train ... &``): the workers would go on training as orphans.
+    """
+    if not sys.platform.startswith('linux'):
+        return
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        logger.warning('could not tie this worker to its launcher (prctl errno %d)', ctypes.get_errno())
+    if os.getppid() != launcher_pid:  # the launcher died before the request took effect
+        os._exit(1)
+
+
 def _worker(rank: int, fn: Callable[..., Any], cfg: TrainConfig, args: Tuple[Any, ...], port: int,
-            log_queue: Any, results: Any, log_level: int) -> None:
+            log_queue: Any, results: Any, log_level: int, launcher_pid: int) -> None:
     """One process of the run: torchrun's environment, the parent's log level, ``fn(cfg, *args)``."""
+    _die_with_launcher(launcher_pid)
     faulthandler.enable()  # a worker killed by a signal leaves its Python stack on stderr
     os.environ.update(MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port), WORLD_SIZE=str(cfg.nproc_per_node),
                       RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(cfg.nproc_per_node))
@@ -144,8 +163,8 @@ def launch_local(fn: Callable[..., T], cfg: TrainConfig, *args: Any) -> T:
     """``fn(cfg, *args)`` in ``cfg.nproc_per_node`` new local processes; rank 0's return value.
 
     ``fn`` and ``args`` must be picklable (processes are spawned, never forked: a forked OpenMP runtime can hang).
-    Each process gets ``cfg.threads`` threads, by default an equal share of the cores. torch's spawn asks Linux to
-    interrupt the workers when the launcher dies, even by SIGKILL, so no orphan goes on writing the run folder.
+    Each process gets ``cfg.threads`` threads, by default an equal share of the cores. Each worker asks Linux to
+    kill it when the launcher dies, even by SIGKILL, so no orphan goes on writing the run folder.
     """
     _check_processes(cfg)
     cfg = replace(cfg, threads=cfg.threads or default_threads_per_process(cfg.nproc_per_node))
@@ -156,7 +175,8 @@ def launch_local(fn: Callable[..., T], cfg: TrainConfig, *args: Any) -> T:
     level = logging.getLogger('hydravit').getEffectiveLevel()
     logger.info('starting %d local processes of %d thread(s) each (DDP, batch size %d per process)',
                 cfg.nproc_per_node, cfg.threads, cfg.batch_size)
-    processes = mp.start_processes(_worker, args=(fn, cfg, args, _free_loopback_port(), log_queue, results, level),
+    processes = mp.start_processes(_worker, args=(fn, cfg, args, _free_loopback_port(), log_queue, results, level,
+                                                  os.getpid()),
                                    nprocs=cfg.nproc_per_node, join=False, start_method='spawn')
     outcomes: List[Tuple[str, int, Any]] = []
     try:
