@@ -132,12 +132,16 @@ def seeds_to_exclude_zero(mean: float, std: float, confidence: float = 0.95, lim
     """
     if std < 0:
         raise ValueError(f'std must be >= 0, got {std}')
-    if mean == 0:
-        return None
-    if std == 0:
-        return 2
     quantile = 0.5 + confidence / 2.0
-    for n in range(2, limit + 1):
-        if t_quantile(quantile, n - 1) * std / math.sqrt(n) < abs(mean):
-            return n
-    return None
+
+    def excludes_zero(n: int) -> bool:
+        return t_quantile(quantile, n - 1) * std / math.sqrt(n) < abs(mean)
+
+    if limit < 2 or not excludes_zero(limit):
+        return None
+    # the half width shrinks as n grows (smaller t quantile, larger sqrt(n)): bisect for the first n that does
+    too_few, enough = 1, limit
+    while enough - too_few > 1:
+        mid = (too_few + enough) // 2
+        too_few, enough = (too_few, mid) if excludes_zero(mid) else (mid, enough)
+    return enough
