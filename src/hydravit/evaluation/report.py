@@ -48,15 +48,15 @@ def bench_conditions(bench_rows: Iterable[Row]) -> str:
     """``'on cpu, in mode sliced, at batch 256 (latency: batch 1), with 2 thread(s)'``: what a benchmark's
     speeds depend on, so a report's throughput is never compared with one taken under other conditions."""
     rows = list(bench_rows)
-
-    def values(key: str) -> str:
-        return '/'.join(str(v) for v in dict.fromkeys(r[key] for r in rows if r.get(key) is not None))
     on_cpu = all(str(r.get('device', 'cpu')).startswith('cpu') for r in rows)
-    parts = [f'on {values("device")}' if values('device') else '',
-             f'in mode {values("mode")}' if values('mode') else '',
-             f'at batch {values("infer_batch_size")} (latency: batch 1)' if values('infer_batch_size') else '',
-             f'with {values("threads")} thread(s)' if values('threads') and on_cpu else '']
-    return ', '.join(p for p in parts if p)
+    phrases = {'device': 'on {}', 'mode': 'in mode {}', 'infer_batch_size': 'at batch {} (latency: batch 1)',
+               'threads': 'with {} thread(s)' if on_cpu else None}
+    parts = []
+    for key, phrase in phrases.items():
+        values = '/'.join(str(v) for v in dict.fromkeys(r[key] for r in rows if r.get(key) is not None))
+        if values and phrase:
+            parts.append(phrase.format(values))
+    return ', '.join(parts)
 
 
 def _spread(rows: Sequence[Row], x: str, xs: Sequence[float]) -> Optional[List[List[float]]]:

@@ -329,10 +329,11 @@ class Trainer:
                               summary=self.summary, bench_threads=self._report_threads())
         return TrainResult(self.out_dir, results, self.summary, self.best_metric, self.best_epoch)
 
-    def _report_threads(self) -> int:
+    def _report_threads(self) -> Optional[int]:
         """Rank 0 times the report while this node's other processes wait at the closing barrier: on CPU it
-        uses their threads too, so the report's speeds are those of the whole job's cores, as in one process."""
-        return node_threads(self.cfg.threads or torch.get_num_threads()) if self.env.device.type == 'cpu' else 1
+        uses their threads too, so the report's speeds are those of the whole job's cores, as in one process.
+        None (torch's count unchanged) on a GPU."""
+        return node_threads(torch.get_num_threads()) if self.env.device.type == 'cpu' else None
 
     def train_epoch(self) -> float:
         """One epoch (or its remainder after a resume); the mean training loss over all processes."""
