@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import csv
 import logging
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from hydravit.cli import main
+from hydravit.evaluation.robustness import CorruptionSuite
 from hydravit.models.separate import SeparateViTs
 from hydravit.models.subnet import extract_subnet
 from hydravit.storage.checkpoint import load_model
+from hydravit.storage.results import read_results
 from hydravit.training.compare import compare_methods, gaps_at_equal_cost, gaps_at_equal_k, method_config
 from hydravit.training.distributed import DistEnv
 from hydravit.training.methods import METHODS, CompareOptions, DynaBERT, default_methods
@@ -246,3 +250,40 @@ def test_compare_trains_every_method_alike_and_reports_them_on_one_plot(tmp_path
     compare_methods(base, ['separate'], out, benchmark=False)
     assert any('finished earlier' in m for m in caplog.messages)
     assert (out / 'separate' / 'last.safetensors').stat().st_mtime_ns == stamp
+
+
+@needs_fmnist
+def test_compare_scores_every_method_on_the_same_corrupted_sets_and_reuses_the_scores(tmp_path, caplog):
+    base = quick(tmp_path, max_train_samples=128, max_val_samples=64)
+    out = tmp_path / 'compare'
+    suite = CorruptionSuite(('gaussian_noise', 'contrast'), (1,), seed=3, max_samples=32)
+    compare_methods(base, ['hydravit', 'separate'], out, benchmark=False, corruptions=suite)
+    scores = {m: read_results(out / m / 'robustness.csv') for m in ('hydravit', 'separate')}
+    for rows in scores.values():
+        assert sorted((r['k'], r['corruption']) for r in rows) == [
+            (k, c) for k in (2, 4) for c in ('contrast', 'gaussian_noise', 'none')]
+        assert {r['num_samples'] for r in rows} == {32} and {r['corruption_seed'] for r in rows} == {3}
+        clean = {r['k']: r['top1'] for r in rows if r['corruption'] == 'none'}
+        assert all(r['drop'] == pytest.approx(clean[r['k']] - r['top1'], abs=1e-4) for r in rows)
+    text = (out / 'report' / 'report.md').read_text()
+    section = text[text.index('## Robustness per k'):]
+    assert '2 corruption(s) (gaussian_noise, contrast) at severities [1], corruption seed 3, 32 test images' in section
+    assert '| HydraViT | 2 |' in section and '| Separate ViTs | 4 |' in section
+    assert (out / 'report' / 'corrupted_accuracy_vs_gmacs.png').stat().st_size > 0
+    stamp = (out / 'hydravit' / 'robustness.csv').stat().st_mtime_ns
+    caplog.set_level(logging.INFO, logger='hydravit')
+    compare_methods(base, ['hydravit'], out, benchmark=False, corruptions=suite)
+    assert any('robustness scored earlier' in m for m in caplog.messages)
+    assert (out / 'hydravit' / 'robustness.csv').stat().st_mtime_ns == stamp
+    compare_methods(base, ['hydravit'], out, benchmark=False,
+                    corruptions=CorruptionSuite(('contrast',), (1, 5), seed=3, max_samples=32))  # another suite
+    assert sorted({(r['corruption'], r['severity']) for r in read_results(out / 'hydravit' / 'robustness.csv')}) == [
+        ('contrast', 1), ('contrast', 5), ('none', 0)]
+
+
+def test_compare_rejects_a_bad_corruption_before_training(tmp_path, capsys):
+    for flags, message in ((['--corruptions', 'fog'], r"unknown corruption\(s\) \['fog'\]: choose from all, "),
+                           (['--corruptions', 'all', '--severities', '0'], r'severities \[0\]: choose from \[1, 2')):
+        assert main(['compare', '-o', str(tmp_path / 'cmp'), *flags]) == 2
+        assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / 'cmp').exists()

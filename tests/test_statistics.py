@@ -94,3 +94,38 @@ def test_seed_report_has_intervals_gaps_and_error_bars(tmp_path):
         rows = {(r['method'], int(r['k'])): r for r in csv.DictReader(f)}
     assert float(rows[('Separate ViTs', 3)]['top1_std']) == pytest.approx(2.0)
     assert paths['plot_gmacs'].stat().st_size > 0
+
+
+def _robustness(k_clean_noise):
+    """evaluate_corruptions-shaped rows: per k its clean top-1 and its top-1 under noise at severities 1 and 3."""
+    rows = []
+    for k, gmacs, clean, noisy in k_clean_noise:
+        rows.append(dict(k=k, gmacs=gmacs, top1=clean, corruption='none', severity=0, drop=0.0, num_samples=100,
+                         corruption_seed=0))
+        rows += [dict(k=k, gmacs=gmacs, top1=v, corruption='gaussian_noise', severity=s, drop=clean - v,
+                      num_samples=100, corruption_seed=0) for s, v in zip((1, 3), noisy, strict=True)]
+    return rows
+
+
+def test_seed_report_gives_robustness_intervals_and_paired_gaps_under_corruption(tmp_path):
+    def run(method, label, values, noisy):
+        cfg = TrainConfig(model='hydravit_test_patch4_16', method=method, output=str(tmp_path), experiment=method)
+        rob = _robustness([(3, 1.0, values[0], noisy[0]), (6, 2.0, values[1], noisy[1])])
+        return Run(label, cfg, results=_rows([*values, 85.0])[:2], robustness=rob)
+    # HydraViT k=3 under noise: (60+d, 50+d) -> corrupted top-1 55+d, drop 15; separate: 58+2d, 48+2d -> 53+2d
+    per_seed = {s: {'hydravit': run('hydravit', 'HydraViT', [70.0 + d, 80.0], [(60.0 + d, 50.0 + d), (70.0, 60.0)]),
+                    'separate': run('separate', 'Separate ViTs', [72.0, 81.0],
+                                    [(58.0 + 2 * d, 48.0 + 2 * d), (71.0, 61.0)])}
+                for s, d in ((1, 0.0), (2, 1.0), (3, -1.0))}
+    text = write_seed_comparison(per_seed, tmp_path)['markdown'].read_text()
+    robust = text[text.index('## Robustness over seeds'):]
+    assert '1 corruption(s) (gaussian_noise) at severities [1, 3], corruption seed 0, 100 test images' in robust
+    assert '| HydraViT | 55.00 ± 1.00 [52.52, 57.48] | 65.00 ± 0.00 [65.00, 65.00] |' in robust  # corrupted top-1
+    assert '| Separate ViTs | 53.00 ± 2.00 [48.03, 57.97] |' in robust
+    assert '| HydraViT | 15.00 ± 0.00 [15.00, 15.00] |' in robust  # the mean drop: the same every seed
+    # separate minus HydraViT under corruption at k=3: -2 + d per seed = -2, -1, -3 -> -2 ± 1
+    gaps = robust[robust.index('Separate ViTs minus each run at equal k under corruption'):]
+    assert '| HydraViT | 3 | -2.00 ± 1.00 [-4.48, 0.48] | no |' in gaps, gaps
+    assert (tmp_path / 'report' / 'corrupted_accuracy_vs_gmacs.png').stat().st_size > 0
+    per_seed[2]['separate'].robustness = []  # one run not scored: no robustness over seeds at all
+    assert '## Robustness over seeds' not in write_seed_comparison(per_seed, tmp_path)['markdown'].read_text()

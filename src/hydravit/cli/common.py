@@ -1,4 +1,5 @@
-"""What every CPU-heavy subcommand shares: ``--threads`` and the OpenMP wait policy, old flag spellings, progress.
+"""What several subcommands share: ``--threads`` and the OpenMP wait policy, the corruption flags, old flag
+spellings, progress.
 
 OpenMP's default wait policy lets idle worker threads spin; on a machine shared with other processes the
 spinning threads compete for the cores the work needs and throughput collapses (``benchmarks/README.md``:
@@ -14,12 +15,16 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar
 
 import torch
 
+if TYPE_CHECKING:
+    from ..evaluation.robustness import CorruptionSuite
+
 __all__ = ['positive_int', 'add_threads', 'apply_threads', 'process_env', 'reexec_with_env', 'add_alias',
-           'progress', 'add_omp_flag', 'describe_os_error', 'safe_message', 'check_writable', 'PASSIVE_OMP']
+           'progress', 'add_omp_flag', 'add_corruption_flags', 'corruption_suite', 'describe_os_error',
+           'safe_message', 'check_writable', 'PASSIVE_OMP']
 
 logger = logging.getLogger('hydravit.cli')
 PASSIVE_OMP = {'OMP_WAIT_POLICY': 'PASSIVE'}
@@ -37,6 +42,34 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f'must be >= 1, got {value}')
     return value
+
+
+def add_corruption_flags(parser: argparse.ArgumentParser, *, samples: bool = False) -> None:
+    """``--corruptions`` (scoring under corruptions is on when given), ``--severities``, ``--corruption-seed``
+    and, with ``samples``, ``--corruption-samples``; :func:`corruption_suite` reads them."""
+    from ..data.corruptions import CORRUPTIONS
+
+    parser.add_argument('--corruptions', nargs='+', metavar='NAME', default=None,
+                        help=f"also score every k under these corruptions ('all' or any of {', '.join(CORRUPTIONS)}); "
+                             'the results get corruption, severity and drop (clean minus corrupted top-1) columns')
+    parser.add_argument('--severities', type=int, nargs='+', default=[1, 3, 5],
+                        help='corruption severities, 1..5 (default: %(default)s)')
+    parser.add_argument('--corruption-seed', type=int, default=0,
+                        help='seed of the corruptions (same seed, same corrupted images) (default: %(default)s)')
+    if samples:
+        parser.add_argument('--corruption-samples', type=positive_int, default=None,
+                            help='score the corruptions on a fixed random subset of this many test images (each k, '
+                                 'corruption and severity is one pass over it; default: the whole test set)')
+
+
+def corruption_suite(args: argparse.Namespace) -> Optional[CorruptionSuite]:
+    """The suite :func:`add_corruption_flags` asked for; ``None`` without ``--corruptions``."""
+    from ..evaluation.robustness import CorruptionSuite
+
+    if not args.corruptions:
+        return None
+    return CorruptionSuite(tuple(args.corruptions), tuple(args.severities), args.corruption_seed,
+                           getattr(args, 'corruption_samples', None))
 
 
 def add_threads(parser: argparse.ArgumentParser) -> None:

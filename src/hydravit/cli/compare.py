@@ -10,7 +10,7 @@ from typing import Any, Dict
 
 from ..training.compare import compare_methods
 from ..training.methods import METHODS, default_methods
-from .common import add_omp_flag, check_writable
+from .common import add_corruption_flags, add_omp_flag, check_writable, corruption_suite
 from .train import OPTIONS, SUPPRESS, add_official_flags, config_from_args
 
 # train flags that name one run: a comparison sets them per method
@@ -37,6 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--bench-batch-size', type=int, default=256, help='inference batch size (default: %(default)s)')
     p.add_argument('--memory', action='store_true', default=False,
                    help='also measure peak memory per k (a child process each)')
+    robustness = p.add_argument_group('robustness (every method scored alike on the same corrupted test sets)')
+    add_corruption_flags(robustness, samples=True)
     p.add_argument('-c', '--config', help='YAML recipe (default: built-in fmnist_cpu.yaml)')
     train_flags = p.add_argument_group('recipe overrides (hydravit train flags, applied to every method)')
     for flags, kwargs, help_text in OPTIONS:
@@ -49,18 +51,20 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     own = ('methods', 'output', 'separate_ks', 'quick', 'no_benchmark', 'bench_batch_size', 'memory', 'teacher_epochs',
-           'omp_active', 'seeds')
+           'omp_active', 'seeds', 'corruptions', 'severities', 'corruption_seed', 'corruption_samples')
     settings: Dict[str, Any] = {name: getattr(args, name, None) for name in own}
     recipe = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in own})
     if settings['quick']:
         for name, value in QUICK.items():
             if not hasattr(recipe, name):
                 setattr(recipe, name, value)
+    suite = corruption_suite(args)  # a bad corruption or severity fails before any training
     base = config_from_args(recipe)
     check_writable(settings['output'])
     compare_methods(base, settings['methods'], settings['output'], separate_ks=settings['separate_ks'],
                     teacher_epochs=settings['teacher_epochs'], seeds=settings['seeds'],
                     benchmark=not settings['no_benchmark'],
                     bench_batch_size=settings['bench_batch_size'],
-                    bench_seconds=0.05 if settings['quick'] else 0.2, measure_memory=settings['memory'])
+                    bench_seconds=0.05 if settings['quick'] else 0.2, measure_memory=settings['memory'],
+                    corruptions=suite)
     return 0

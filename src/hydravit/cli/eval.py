@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-from timm.data import resolve_data_config
 
 from ..cascade import (
     collect_logits,
@@ -20,13 +19,10 @@ from ..cascade import (
     sweep_policies,
     time_points,
 )
-from ..data.corruptions import CORRUPTIONS, SEVERITIES, parse_corruptions
-from ..data.datasets import load_dataset
-from ..data.transforms import build_transform
 from ..evaluation.benchmark import benchmark_subnets
-from ..evaluation.evaluate import EVAL_MODES, evaluate_dataset, load_for_eval
+from ..evaluation.evaluate import EVAL_MODES, eval_dataset, evaluate_dataset, load_for_eval
 from ..evaluation.report import write_report
-from ..evaluation.robustness import drop_table, evaluate_corruptions
+from ..evaluation.robustness import CorruptionSuite, drop_table, robustness_section
 from ..models.factory import UniversalModel
 from ..models.kchoices import parse_ks
 from ..storage.checkpoint import atomic_write
@@ -34,14 +30,22 @@ from ..storage.provenance import IDENTITY_COLUMNS, with_identity
 from ..storage.results import (
     RESULT_FORMATS,
     format_table,
-    markdown_table,
     results_format,
     table_context,
     write_results,
 )
 from ..storage.run_folder import resolve_checkpoint, training_metadata
 from . import add_ema_choice
-from .common import add_alias, add_threads, apply_threads, check_writable, positive_int, progress
+from .common import (
+    add_alias,
+    add_corruption_flags,
+    add_threads,
+    apply_threads,
+    check_writable,
+    corruption_suite,
+    positive_int,
+    progress,
+)
 from .compile_flags import add_compile_flags, compile_options_from_args
 
 logger = logging.getLogger(__name__)
@@ -84,13 +88,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument('--report', metavar='DIR', nargs='?', const='',
                    help='also write report.md, report.csv and the two Pareto plots into DIR '
                         '(default: a report folder next to the checkpoint)')
-    p.add_argument('--corruptions', nargs='+', metavar='NAME',
-                   help=f"also score every k under these corruptions ('all' or any of {', '.join(CORRUPTIONS)}); "
-                        'the results get corruption, severity and drop (clean minus corrupted top-1) columns')
-    p.add_argument('--severities', type=int, nargs='+', default=[1, 3, 5],
-                   help='corruption severities, 1..5 (default: %(default)s)')
-    p.add_argument('--corruption-seed', type=int, default=0,
-                   help='seed of the corruptions (same seed, same corrupted images) (default: %(default)s)')
+    add_corruption_flags(p)
     p.add_argument('--cascade', metavar='POLICY',
                    help='also score this cascade policy (JSON from hydravit cascade) and its threshold sweep; with '
                         '--report it is drawn on both plots (default with --report: the policy saved next to the '
@@ -102,11 +100,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def build_eval_dataset(model: UniversalModel, args: argparse.Namespace, class_names: Optional[List[str]]):
-    """The data set with the model's eval transform (pretrained_cfg via timm's resolve_data_config)."""
-    data_config = resolve_data_config({}, model=model)
-    return load_dataset(args.dataset, args.data_dir, split=args.split,
-                        transform=build_transform(data_config, is_training=False), max_samples=args.max_samples,
-                        num_classes=model.num_classes, class_names=class_names, class_map=args.class_map)
+    """The requested split through the model's eval transform."""
+    return eval_dataset(model, args.dataset, args.data_dir, args.split, max_samples=args.max_samples,
+                        class_names=class_names, class_map=args.class_map)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,9 +114,10 @@ def run(args: argparse.Namespace) -> int:
     trained = training_metadata(path)
     if args.dataset is None:
         args.dataset, args.data_dir = trained['dataset'] or 'fashion-mnist', args.data_dir or trained['data_dir']
+    suite = corruption_suite(args)  # a bad name or severity fails before the data set loads
     dataset = build_eval_dataset(model, args, trained['class_names'])
-    if args.corruptions:
-        return _run_corruptions(args, model, dataset, ks, path)
+    if suite is not None:
+        return _run_corruptions(args, suite, model, dataset, ks, path)
     rows = evaluate_dataset(model, dataset, ks, batch_size=args.batch_size, workers=args.workers,
                             device=args.device, amp_dtype=AMP_DTYPES.get(args.amp_dtype), mode=args.mode,
                             progress=progress, compile_options=compile_options_from_args(args))
@@ -179,30 +176,22 @@ def _write(args: argparse.Namespace, rows: List[Dict[str, Any]], model, ks, path
         logger.info('report: ' + ', '.join(str(p) for p in paths.values()))
 
 
-def _run_corruptions(args: argparse.Namespace, model: UniversalModel, dataset, ks, path: Path) -> int:
+def _run_corruptions(args: argparse.Namespace, suite: CorruptionSuite, model: UniversalModel, dataset, ks,
+                     path: Path) -> int:
     """Every k on the clean and the corrupted test sets; the drop per k and corruption as a table."""
-    names = parse_corruptions(args.corruptions)
-    bad = [s for s in args.severities if s not in SEVERITIES]
-    if bad:
-        raise ValueError(f'--severities {bad}: severities are {list(SEVERITIES)}')
-    data_config = resolve_data_config({}, model=model)
-    rows = evaluate_corruptions(model, dataset, ks, names, args.severities, mean=data_config['mean'],
-                                std=data_config['std'], seed=args.corruption_seed, batch_size=args.batch_size,
-                                workers=args.workers, device=args.device, amp_dtype=AMP_DTYPES.get(args.amp_dtype),
-                                mode=args.mode)
-    columns = ['corruption', 'severity', 'drop', *COLUMNS]
+    rows = suite.score(model, dataset, ks, batch_size=args.batch_size, workers=args.workers, device=args.device,
+                       amp_dtype=AMP_DTYPES.get(args.amp_dtype), mode=args.mode)
+    columns = ['corruption', 'severity', 'drop', *COLUMNS, 'corruption_seed']
     rows = [{c: {**r, 'checkpoint': str(path)}[c] for c in columns} for r in with_identity(rows, model, path)]
     table = drop_table(rows)
     if args.results_file:
         out = Path(args.results_file)
         logger.info(f'-> {write_results(rows, out.parent, out.stem, results_format(out, args.results_format))}')
-    logger.info('top-1 drop (p.p., clean minus corrupted, mean over severities %s):\n%s', args.severities,
+    logger.info('top-1 drop (p.p., clean minus corrupted, mean over severities %s):\n%s', list(suite.severities),
                 format_table(table))
     if args.report is not None:
         out_dir = Path(args.report) if args.report else path.parent / 'report'
-        text = ['# Robustness per k', '', f'{path}: top-1 drop in p.p. (clean minus corrupted) per corruption, mean '
-                f'over severities {args.severities}, corruption seed {args.corruption_seed}, '
-                f'{len(dataset)} test images.', '', markdown_table(table), '']
+        text = ['# Robustness', '', *robustness_section({path.name: table}, f'{path}: {suite.describe(len(dataset))}')]
         written = atomic_write(out_dir / 'robustness.md', lambda tmp: Path(tmp).write_text('\n'.join(text)))
         logger.info(f'report: {written}')
     return 0

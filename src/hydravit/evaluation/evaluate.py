@@ -14,6 +14,8 @@ from typing import Any, Callable, Dict, Iterable, List, Literal, Optional, Seque
 import torch
 import torch.nn.functional as F
 
+from ..data.datasets import LoadedDataset, load_dataset
+from ..data.transforms import build_transform
 from ..models.compiled import CompileOptions, compile_module, compile_universal
 from ..models.costs import add_costs
 from ..models.factory import UniversalModel
@@ -22,7 +24,8 @@ from ..models.subnet import extract_subnet
 from ..storage.checkpoint import load_model
 from ..storage.run_folder import preprocessing_config
 
-__all__ = ['evaluate_subnets', 'label_map', 'load_for_eval', 'evaluate_dataset', 'scored_classes', 'EVAL_MODES']
+__all__ = ['evaluate_subnets', 'label_map', 'load_for_eval', 'eval_dataset', 'evaluate_dataset', 'scored_classes',
+           'EVAL_MODES']
 
 EVAL_MODES = ('sliced', 'extracted')
 Mode = Literal['sliced', 'extracted']
@@ -191,6 +194,18 @@ def _load_with_ks(path: str | os.PathLike, ks: Optional[Sequence[int]], model_na
         warnings.warn(f'k {untrained} not in the trained set {list(model.k_choices)}: evaluating anyway', stacklevel=3)
         model = load_model(path, model_name=model_name, use_ema=use_ema, k_choices=tuple(range(1, h + 1)))
     return model, ks
+
+
+def eval_dataset(model: UniversalModel, name: str, data_dir: Optional[str] = None, split: str = 'val', *,
+                 max_samples: Optional[int] = None, class_names: Optional[Sequence[str]] = None,
+                 class_map: Optional[str] = None) -> LoadedDataset:
+    """One split of a data set through the model's eval transform (its ``pretrained_cfg``, via timm's
+    ``resolve_data_config``): what ``hydravit eval`` scores, and the trainer's validation too."""
+    from timm.data import resolve_data_config
+
+    transform = build_transform(resolve_data_config({}, model=model), is_training=False)
+    return load_dataset(name, data_dir, split=split, transform=transform, max_samples=max_samples,
+                        num_classes=model.num_classes, class_names=class_names, class_map=class_map)
 
 
 def scored_classes(dataset: object, num_classes: int) -> List[int]:

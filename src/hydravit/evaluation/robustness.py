@@ -1,15 +1,72 @@
 """Accuracy of every k under common corruptions, and how much of the clean accuracy each k loses."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ..data.corruptions import CorruptedDataset, parse_corruptions
+from timm.data import resolve_data_config
+
+from ..data.corruptions import SEVERITIES, CorruptedDataset, parse_corruptions
 from ..models.factory import UniversalModel
+from ..storage.results import markdown_table
 from .evaluate import evaluate_dataset
 
-__all__ = ['evaluate_corruptions', 'drop_table']
+__all__ = ['CorruptionSuite', 'evaluate_corruptions', 'describe_scored', 'drop_table', 'corrupted_accuracy',
+           'robustness_section']
 
 Row = Dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CorruptionSuite:
+    """The corrupted test sets to score a model on; the same suite gives the same corrupted images every run.
+
+    ``max_samples``: score on a fixed random subset of the test set of that size (every k x every
+    corruption x every severity is one pass over it); ``None``: the whole set.
+    """
+    corruptions: Tuple[str, ...] = ('all',)
+    severities: Tuple[int, ...] = (1, 3, 5)
+    seed: int = 0
+    max_samples: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, 'corruptions', tuple(parse_corruptions(self.corruptions)))
+        bad = [s for s in self.severities if s not in SEVERITIES]
+        if bad or not self.severities:
+            raise ValueError(f'corruption severities {list(self.severities)}: choose from {list(SEVERITIES)}')
+        object.__setattr__(self, 'severities', tuple(int(s) for s in self.severities))
+        if self.max_samples is not None and (isinstance(self.max_samples, bool) or self.max_samples < 1):
+            raise ValueError(f'corruption samples must be a positive int or None, got {self.max_samples!r}')
+
+    def describe(self, num_images: int) -> str:
+        return _describe(self.corruptions, self.severities, self.seed, num_images)
+
+    def matches(self, rows: Sequence[Row], num_images: int) -> bool:
+        """Whether ``rows`` (of :func:`evaluate_corruptions`) scored exactly this suite on ``num_images`` images."""
+        scored = {(r['corruption'], int(r['severity'])) for r in rows if r['corruption'] != 'none'}
+        wanted = {(c, s) for c in self.corruptions for s in self.severities}
+        return (scored == wanted and all(int(r['num_samples']) == num_images for r in rows)
+                and all(int(r.get('corruption_seed', -1)) == self.seed for r in rows))
+
+    def score(self, model: UniversalModel, dataset: Any, ks: Sequence[int], **eval_kwargs: Any) -> List[Row]:
+        """:func:`evaluate_corruptions` with the model's own normalisation, each row tagged with the seed."""
+        data_config = resolve_data_config({}, model=model)
+        rows = evaluate_corruptions(model, dataset, ks, self.corruptions, self.severities, mean=data_config['mean'],
+                                    std=data_config['std'], seed=self.seed, **eval_kwargs)
+        return [{**r, 'corruption_seed': self.seed} for r in rows]
+
+
+def _describe(corruptions: Sequence[str], severities: Sequence[int], seed: Any, num_images: Any) -> str:
+    return (f'{len(corruptions)} corruption(s) ({", ".join(corruptions)}) at severities {list(severities)}, '
+            f'corruption seed {seed}, {num_images} test images')
+
+
+def describe_scored(rows: Sequence[Row]) -> str:
+    """What rows of :func:`evaluate_corruptions` were scored on, in :meth:`CorruptionSuite.describe`'s words."""
+    corrupted = [r for r in rows if r['corruption'] != 'none']
+    return _describe(list(dict.fromkeys(r['corruption'] for r in corrupted)),
+                     sorted({int(r['severity']) for r in corrupted}), rows[0].get('corruption_seed', '?'),
+                     rows[0]['num_samples'])
 
 
 def evaluate_corruptions(model: UniversalModel, dataset: Any, ks: Sequence[int], corruptions: Sequence[str],
@@ -47,3 +104,20 @@ def drop_table(rows: Sequence[Row]) -> List[Row]:
         row['corrupted_top1'] = row['clean_top1'] - row['mean_drop']
         table.append(row)
     return table
+
+
+def corrupted_accuracy(table: Sequence[Row]) -> List[Row]:
+    """A :func:`drop_table` as accuracy rows (``k``, ``gmacs``, ``top1`` = top-1 averaged over the corrupted
+    sets), the shape the Pareto plots and the over-seeds statistics take."""
+    return [{'k': r['k'], 'gmacs': r['gmacs'], 'top1': r['corrupted_top1'], 'mean_drop': r['mean_drop']}
+            for r in table]
+
+
+def robustness_section(tables: Mapping[str, Sequence[Row]], context: str) -> List[str]:
+    """Markdown lines: per method (the mapping's keys) and k, the drop per corruption and on average."""
+    rows = [{'method': label, **r} for label, table in tables.items() for r in table]
+    if len(tables) == 1:
+        rows = [{c: v for c, v in r.items() if c != 'method'} for r in rows]
+    return ['## Robustness per k', '', f'{context}. Cells: top-1 drop in p.p. (clean minus corrupted), mean over '
+            'the severities; mean_drop over every corrupted set; corrupted_top1 = clean_top1 - mean_drop.', '',
+            markdown_table(rows), '']

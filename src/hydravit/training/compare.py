@@ -18,7 +18,15 @@ import numpy as np
 import torch
 
 from ..evaluation.benchmark import benchmark_subnets
-from ..evaluation.report import write_report
+from ..evaluation.evaluate import eval_dataset, load_for_eval
+from ..evaluation.report import plot_accuracy, write_report
+from ..evaluation.robustness import (
+    CorruptionSuite,
+    corrupted_accuracy,
+    describe_scored,
+    drop_table,
+    robustness_section,
+)
 from ..evaluation.statistics import mean_interval, paired_interval
 from ..models.factory import create_model
 from ..models.kchoices import check_k_choices, is_int
@@ -33,8 +41,9 @@ from .preflight import check_before_training
 from .run_settings import describe_differences, settings_differences
 from .trainer import train
 
-__all__ = ['Run', 'run_config', 'method_config', 'train_runs', 'compare_methods', 'write_comparison',
-           'gaps_at_equal_cost', 'gaps_at_equal_k', 'seed_statistics', 'paired_gaps', 'write_seed_comparison']
+__all__ = ['Run', 'run_config', 'method_config', 'train_runs', 'score_robustness', 'compare_methods',
+           'write_comparison', 'gaps_at_equal_cost', 'gaps_at_equal_k', 'seed_statistics', 'paired_gaps',
+           'write_seed_comparison']
 
 logger = logging.getLogger(__name__)
 Row = Dict[str, Any]
@@ -48,6 +57,7 @@ class Run:
     results: List[Row] = field(default_factory=list)
     train_seconds: Optional[float] = None  # None when it had finished before this comparison started
     benchmark: List[Row] = field(default_factory=list)
+    robustness: List[Row] = field(default_factory=list)  # per k, corruption and severity (score_robustness)
 
     @property
     def folder(self) -> Path:
@@ -108,14 +118,35 @@ def _benchmark(run: Run, batch_size: int, seconds: float, measure_memory: bool) 
     write_results(run.benchmark, run.folder, 'benchmark', verbose=False)
 
 
+def score_robustness(run: Run, suite: CorruptionSuite, batch_size: int = 256) -> None:
+    """Every k of a finished run on the suite's corrupted test sets, saved as ``robustness.csv`` in its folder
+    and reused while the suite and the number of test images stay the same."""
+    weights = RunFolder(run.folder).weights('last')
+    model, ks = load_for_eval(weights)
+    dataset = eval_dataset(model, run.config.dataset, run.config.data_dir, 'val',
+                           max_samples=suite.max_samples or run.config.max_val_samples)
+    saved = run.folder / 'robustness.csv'
+    if saved.is_file() and suite.matches(read_results(saved), len(dataset)):
+        logger.info('%s: robustness scored earlier on the same corrupted sets, reusing %s', run.label, saved)
+        run.robustness = read_results(saved)
+        return
+    logger.info('%s: scoring every k on %s', run.label, suite.describe(len(dataset)))
+    run.robustness = with_identity(suite.score(model, dataset, ks, batch_size=batch_size), model, weights)
+    write_results(run.robustness, run.folder, 'robustness', verbose=False)
+
+
 def train_runs(runs: Sequence[Run], *, benchmark: bool = True, bench_batch_size: int = 256,
-               bench_seconds: float = 0.2, measure_memory: bool = False) -> None:
-    """Train (or reuse) each run in turn, then time its subnetworks; fills the runs' results in place."""
+               bench_seconds: float = 0.2, measure_memory: bool = False,
+               corruptions: Optional[CorruptionSuite] = None) -> None:
+    """Train (or reuse) each run in turn, then time its subnetworks and score them under ``corruptions``;
+    fills the runs' results in place."""
     for i, run in enumerate(runs, start=1):
         logger.info('run %d of %d: %s -> %s', i, len(runs), run.label, run.folder)
         _train_or_reuse(run)
         if benchmark:
             _benchmark(run, bench_batch_size, bench_seconds, measure_memory)
+        if corruptions is not None:
+            score_robustness(run, corruptions, bench_batch_size)
 
 
 def compare_methods(base: TrainConfig, methods: Optional[Sequence[str]] = None, out_dir: str | Path = 'output/compare',
@@ -129,7 +160,8 @@ def compare_methods(base: TrainConfig, methods: Optional[Sequence[str]] = None, 
     ``out_dir/seed<S>/<method>`` (all methods of a seed share its data order and init seed) and reports mean,
     std and 95 % t-intervals per k, and gaps paired by seed (:func:`write_seed_comparison`); the runs of the
     first seed are returned.
-    ``bench`` goes to :func:`train_runs` (``benchmark``, ``bench_batch_size``, ``bench_seconds``, ``measure_memory``).
+    ``bench`` goes to :func:`train_runs` (``benchmark``, ``bench_batch_size``, ``bench_seconds``, ``measure_memory``,
+    ``corruptions``: a :class:`CorruptionSuite` that adds every method's robustness per k to the reports).
     """
     if not is_int(seeds) or seeds < 1:
         raise ValueError(f'--seeds must be a positive int, got {seeds!r}')
@@ -233,9 +265,18 @@ def _equal_cost_lines(reference: Run, other: Run, x: str = 'gmacs') -> List[str]
                              'gap': g['gap']} for g in gaps]), '']
 
 
+def _robustness_lines(runs: Sequence[Run], report_dir: Path) -> List[str]:
+    """Every scored run's drop per k and corruption, and its top-1 under corruption plotted against GMACs."""
+    tables = {run.label: drop_table(run.robustness) for run in runs}
+    plot = plot_accuracy({label: corrupted_accuracy(table) for label, table in tables.items()}, 'gmacs',
+                         report_dir / 'corrupted_accuracy_vs_gmacs.png', 'Top-1 under corruption vs GMACs')
+    return [*robustness_section(tables, describe_scored(runs[0].robustness)), f'![{plot.stem}]({plot.name})', '']
+
+
 def write_comparison(runs: Sequence[Run], out_dir: str | Path, *, title: str, separate: Optional[Run] = None,
                      reference: Optional[Run] = None) -> Dict[str, Path]:
-    """``out_dir/report``: the joined table, both Pareto plots, the runs, and the gaps.
+    """``out_dir/report``: the joined table, both Pareto plots, the runs, the gaps and, for runs scored
+    under corruptions, their robustness per k.
 
     Gaps: ``separate`` minus every HydraViT-shaped run at equal k; ``reference`` minus every other run
     (except ``separate``) at equal GMACs.
@@ -246,6 +287,9 @@ def write_comparison(runs: Sequence[Run], out_dir: str | Path, *, title: str, se
     for run in runs:
         if reference is not None and run not in (reference, separate):
             extra += _equal_cost_lines(reference, run)
+    scored = [run for run in runs if run.robustness]
+    if scored:
+        extra += _robustness_lines(scored, Path(out_dir) / 'report')
     paths = write_report({run.label: run.results for run in runs},
                          {run.label: run.benchmark for run in runs if run.benchmark},
                          Path(out_dir) / 'report', title=title, extra_sections=extra)
@@ -310,41 +354,32 @@ def _interval_cell(row: Row, name: str) -> str:
             f"[{row[f'{name}_ci_low']:.2f}, {row[f'{name}_ci_high']:.2f}]")
 
 
-def write_seed_comparison(per_seed: Mapping[int, Mapping[str, Run]], out_dir: str | Path, *,
-                          title: str = 'Nested-width methods compared') -> Dict[str, Path]:
-    """``out_dir/report``: per method and k the mean ± std [95 % t-interval] of top-1 over the seeds, Pareto
-    plots with those intervals as error bars, and every gap paired by seed with its interval.
-
-    Gaps: separate ViTs minus every run at equal k (where its k are HydraViT's shapes), HydraViT minus every
-    other run at equal GMACs (HydraViT interpolated).
-    """
-    seeds = sorted(per_seed)
-    names = list(per_seed[seeds[0]])
-    results = {name: [per_seed[s][name].results for s in seeds] for name in names}
-    label = {name: per_seed[seeds[0]][name].label for name in names}
-    stats = {name: seed_statistics(results[name]) for name in names}
-    first = per_seed[seeds[0]][names[0]].config
-    lines = ['## Over seeds', '',
-             f'{first.model} on {first.dataset}, {first.epochs} epochs, {len(seeds)} seeds '
-             f'({", ".join(map(str, seeds))}; '
-             'every method of a seed has the same data order and init seed). Cells: mean ± sample std [95 % '
-             't-interval] of top-1 (%).', '']
+def _interval_table(stats: Mapping[str, Sequence[Row]], label: Mapping[str, str], metric: str = 'top1') -> str:
+    """One row per method, one column per k: ``metric``'s mean ± std [95 % interval] over the seeds."""
     ks = sorted({r['k'] for rows in stats.values() for r in rows})
     table = []
-    for name in names:
-        by_k = {r['k']: r for r in stats[name]}
-        table.append({'method': label[name], **{f'k{k}': _interval_cell(by_k[k], 'top1') if k in by_k else '-'
+    for name, rows in stats.items():
+        by_k = {r['k']: r for r in rows}
+        table.append({'method': label[name], **{f'k{k}': _interval_cell(by_k[k], metric) if k in by_k else '-'
                                                 for k in ks}})
-    lines += [markdown_table(table), '']
-    baseline = next((n for n in names if per_seed[seeds[0]][n].method.is_baseline), None)
+    return markdown_table(table)
+
+
+def _paired_gap_lines(results: Mapping[str, Sequence[Sequence[Row]]], runs: Mapping[str, Run],
+                      what: str = '') -> List[str]:
+    """Separate ViTs minus every run of HydraViT's shapes at equal k, HydraViT minus every other run at equal
+    GMACs (interpolated): per point the gap's mean ± std [95 % interval] over the seeds, paired by seed."""
+    label = {name: run.label for name, run in runs.items()}
+    baseline = next((n for n, run in runs.items() if run.method.is_baseline), None)
+    lines: List[str] = []
     for ref, equal in ((baseline, 'k'), ('hydravit', 'gmacs')):
-        if ref not in results:
+        if ref is None or ref not in results:
             continue
         gap_rows = []
-        for name in names:
+        for name in results:
             if name == ref or (equal == 'gmacs' and name == baseline):
                 continue
-            if equal == 'k' and per_seed[seeds[0]][name].method.nesting not in ('hydravit', 'width'):
+            if equal == 'k' and runs[name].method.nesting not in ('hydravit', 'width'):
                 continue  # equal k is equal shape only for HydraViT's widths
             for g in paired_gaps(results[ref], results[name], equal):
                 gap_rows.append({'run': label[name], 'k': g['k'], **({equal: g[equal]} if equal != 'k' else {}),
@@ -352,15 +387,61 @@ def write_seed_comparison(per_seed: Mapping[int, Mapping[str, Run]], out_dir: st
                                  'beyond the noise': 'yes' if g['excludes_zero'] else 'no',
                                  'seeds it would need': _seeds_needed(g)})
         if gap_rows:
-            what = 'at equal k' if equal == 'k' else f'at equal {equal} ({label[ref]} interpolated)'
-            lines += [f'## {label[ref]} minus each run {what}, paired by seed (p.p.)', '',
+            at = 'at equal k' if equal == 'k' else f'at equal {equal} ({label[ref]} interpolated)'
+            lines += [f'## {label[ref]} minus each run {at}{what}, paired by seed (p.p.)', '',
                       markdown_table(gap_rows), '',
                       'seeds it would need: the fewest seeds whose 95 % interval would exclude 0 if the mean and '
                       'std of the gap stayed as measured (a planning figure, not a power analysis).', '']
+    return lines
+
+
+def _seed_robustness_lines(per_seed: Mapping[int, Mapping[str, Run]], report_dir: Path) -> List[str]:
+    """Top-1 under corruption and the mean drop per method and k over the seeds, the paired gaps of the
+    former, and its Pareto plot with error bars; nothing unless every run was scored."""
+    seeds = sorted(per_seed)
+    runs = per_seed[seeds[0]]
+    if not all(run.robustness for by_name in per_seed.values() for run in by_name.values()):
+        return []
+    corrupted = {name: [corrupted_accuracy(drop_table(per_seed[s][name].robustness)) for s in seeds]
+                 for name in runs}
+    label = {name: run.label for name, run in runs.items()}
+    accuracy = {name: seed_statistics(rows) for name, rows in corrupted.items()}
+    drop = {name: seed_statistics(rows, 'mean_drop') for name, rows in corrupted.items()}
+    plot = plot_accuracy({label[n]: rows for n, rows in accuracy.items()}, 'gmacs',
+                         report_dir / 'corrupted_accuracy_vs_gmacs.png', 'Top-1 under corruption vs GMACs',
+                         error_bars='top1_ci')
+    return ['## Robustness over seeds', '', f'{describe_scored(runs[next(iter(runs))].robustness)}. Cells: mean ± '
+            'sample std [95 % t-interval] over the seeds.', '', 'Top-1 (%) averaged over the corrupted sets:', '',
+            _interval_table(accuracy, label), '', 'Mean drop (p.p., clean minus corrupted top-1):', '',
+            _interval_table(drop, label, 'mean_drop'), '', f'![{plot.stem}]({plot.name})', '',
+            *_paired_gap_lines(corrupted, runs, ' under corruption')]
+
+
+def write_seed_comparison(per_seed: Mapping[int, Mapping[str, Run]], out_dir: str | Path, *,
+                          title: str = 'Nested-width methods compared') -> Dict[str, Path]:
+    """``out_dir/report``: per method and k the mean ± std [95 % t-interval] of top-1 over the seeds, Pareto
+    plots with those intervals as error bars, every gap paired by seed with its interval and, where every run
+    was scored under corruptions, the same for top-1 under corruption.
+
+    Gaps: separate ViTs minus every run at equal k (where its k are HydraViT's shapes), HydraViT minus every
+    other run at equal GMACs (HydraViT interpolated).
+    """
+    seeds = sorted(per_seed)
+    runs = per_seed[seeds[0]]
+    results = {name: [per_seed[s][name].results for s in seeds] for name in runs}
+    label = {name: run.label for name, run in runs.items()}
+    stats = {name: seed_statistics(rows) for name, rows in results.items()}
+    first = next(iter(runs.values())).config
     out_dir = Path(out_dir)
-    flat = [{'method': label[name], **r} for name in names for r in stats[name]]
+    lines = ['## Over seeds', '',
+             f'{first.model} on {first.dataset}, {first.epochs} epochs, {len(seeds)} seeds '
+             f'({", ".join(map(str, seeds))}; '
+             'every method of a seed has the same data order and init seed). Cells: mean ± sample std [95 % '
+             't-interval] of top-1 (%).', '', _interval_table(stats, label), '',
+             *_paired_gap_lines(results, runs), *_seed_robustness_lines(per_seed, out_dir / 'report')]
+    flat = [{'method': label[name], **r} for name in runs for r in stats[name]]
     write_results(flat, out_dir / 'report', 'seeds', verbose=False)
-    paths = write_report({label[name]: stats[name] for name in names}, None, out_dir / 'report',
+    paths = write_report({label[name]: stats[name] for name in runs}, None, out_dir / 'report',
                          title=f'{title} over {len(seeds)} seeds', extra_sections=lines,
                          error_bars='top1_ci')
     logger.info('%s', '\n'.join(lines))
