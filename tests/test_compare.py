@@ -275,6 +275,10 @@ def test_compare_scores_every_method_on_the_same_corrupted_sets_and_reuses_the_s
     compare_methods(base, ['hydravit'], out, benchmark=False, corruptions=suite)
     assert any('robustness scored earlier' in m for m in caplog.messages)
     assert (out / 'hydravit' / 'robustness.csv').stat().st_mtime_ns == stamp
+    saved = out / 'separate' / 'robustness.csv'  # scores of other weights: scored again
+    saved.write_text(saved.read_text().replace(scores['separate'][0]['checkpoint_sha256'], '0' * 64))
+    compare_methods(base, ['separate'], out, benchmark=False, corruptions=suite)
+    assert read_results(saved) == scores['separate']
     compare_methods(base, ['hydravit'], out, benchmark=False,
                     corruptions=CorruptionSuite(('contrast',), (1, 5), seed=3, max_samples=32))  # another suite
     assert sorted({(r['corruption'], r['severity']) for r in read_results(out / 'hydravit' / 'robustness.csv')}) == [

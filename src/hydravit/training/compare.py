@@ -31,7 +31,7 @@ from ..evaluation.statistics import mean_interval, paired_interval
 from ..models.factory import create_model
 from ..models.kchoices import check_k_choices, is_int
 from ..storage.checkpoint import load_model
-from ..storage.provenance import with_identity
+from ..storage.provenance import file_sha256, with_identity
 from ..storage.results import markdown_table, read_results, write_results
 from ..storage.run_folder import RunFolder
 from .config import TrainConfig
@@ -120,13 +120,15 @@ def _benchmark(run: Run, batch_size: int, seconds: float, measure_memory: bool) 
 
 def score_robustness(run: Run, suite: CorruptionSuite, batch_size: int = 256) -> None:
     """Every k of a finished run on the suite's corrupted test sets, saved as ``robustness.csv`` in its folder
-    and reused while the suite and the number of test images stay the same."""
+    and reused while the weights, the suite and the number of test images stay the same."""
     weights = RunFolder(run.folder).weights('last')
     model, ks = load_for_eval(weights)
     dataset = eval_dataset(model, run.config.dataset, run.config.data_dir, 'val',
                            max_samples=suite.max_samples or run.config.max_val_samples)
     saved = run.folder / 'robustness.csv'
-    if saved.is_file() and suite.matches(read_results(saved), len(dataset)):
+    earlier = read_results(saved) if saved.is_file() else []
+    if (earlier and suite.matches(earlier, len(dataset))
+            and {r.get('checkpoint_sha256') for r in earlier} == {file_sha256(weights)}):
         logger.info('%s: robustness scored earlier on the same corrupted sets, reusing %s', run.label, saved)
         run.robustness = read_results(saved)
         return
