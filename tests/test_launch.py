@@ -13,13 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hydravit.evaluation.benchmark import torch_threads
 from hydravit.training.config import TrainConfig
 from hydravit.training.launch import (
     _check_processes,
     available_cores,
     default_threads_per_process,
     node_threads,
-    torch_threads,
 )
 from hydravit.training.recipe import load_train_config
 from hydravit.training.trainer import train

@@ -25,6 +25,7 @@ import torch
 
 from ..cascade.policy import CascadePolicy
 from ..cascade.runner import Cascade
+from ..evaluation.benchmark import torch_threads
 from ..models.factory import UniversalModel
 from ..models.kchoices import check_k_choices
 
@@ -371,13 +372,10 @@ def applied_load(phase: LoadPhase) -> Iterator[List[subprocess.Popen]]:
         raise ValueError(f'phase {phase.name!r}: busy must be >= 0 and threads >= 1')
     procs: List[subprocess.Popen] = [subprocess.Popen([sys.executable, '-c', 'while True: pass'])
                                      for _ in range(phase.busy)]
-    threads = torch.get_num_threads()
     try:
-        if phase.threads is not None:
-            torch.set_num_threads(phase.threads)
-        yield procs
+        with torch_threads(phase.threads or torch.get_num_threads()):
+            yield procs
     finally:
-        torch.set_num_threads(threads)
         for p in procs:
             p.kill()
         for p in procs:

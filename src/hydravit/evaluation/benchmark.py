@@ -23,8 +23,9 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -40,13 +41,25 @@ from ..models.subnet import extract_subnet, subnet_vit, subnet_vit_kwargs
 
 __all__ = [
     'BENCH_MODES', 'MALLOC_ENV', 'benchmark_subnets', 'measure_switching', 'build_runner', 'flop_counter_gmacs',
-    'peak_memory_mb', 'reexec_with_malloc_env', 'spread_pct', 'NOISY_SPREAD_PCT',
+    'peak_memory_mb', 'reexec_with_malloc_env', 'spread_pct', 'torch_threads', 'NOISY_SPREAD_PCT',
 ]
 
 BENCH_MODES = ('sliced', 'extracted', 'timm')
 MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': str(1 << 28), 'MALLOC_TRIM_THRESHOLD_': str(1 << 28)}
 Runner = Callable[[torch.Tensor], torch.Tensor]
 NOISY_SPREAD_PCT = 10.0  # rounds further apart than this: the timing is marked noisy
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` inside the block, restored after it: a timing is only
+    comparable with one taken at the same count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def reexec_with_malloc_env(argv: Sequence[str]) -> None:

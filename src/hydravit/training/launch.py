@@ -22,9 +22,8 @@ import signal
 import socket
 import sys
 import threading
-from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Callable, Iterator, List, Tuple, TypeVar
+from typing import Any, Callable, List, Tuple, TypeVar
 
 import torch
 import torch.multiprocessing as mp
@@ -32,7 +31,7 @@ import torch.multiprocessing as mp
 from .config import TrainConfig
 
 __all__ = ['launch_local', 'inside_launched_process', 'default_threads_per_process', 'available_cores',
-           'node_threads', 'torch_threads']
+           'node_threads']
 
 logger = logging.getLogger(__name__)
 T = TypeVar('T')
@@ -64,17 +63,6 @@ def node_threads(threads_per_process: int) -> int:
     (torchrun and :func:`launch_local` set ``LOCAL_WORLD_SIZE``), capped at the cores it may run on."""
     local_processes = int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
     return max(1, min(threads_per_process * local_processes, available_cores()))
-
-
-@contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """torch's intra-op thread count set to ``threads`` inside the block, restored after it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _free_loopback_port() -> int:

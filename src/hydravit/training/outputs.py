@@ -6,13 +6,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from ..evaluation.benchmark import benchmark_subnets
+from ..evaluation.benchmark import benchmark_subnets, torch_threads
 from ..evaluation.report import plot_accuracy, plot_per_k_curves, write_report
 from ..models.costs import cost_row
 from ..models.factory import UniversalModel
 from ..storage.results import write_results
 from ..storage.run_folder import RunFolder
-from .launch import torch_threads
 
 __all__ = ['PerK', 'summary_row', 'metric_value', 'results_table', 'write_run_results', 'TRAIN_CURVES_FILE']
 
