@@ -111,6 +111,8 @@ def test_torch_threads_restores_the_count_after_the_block():
             assert torch.get_num_threads() == before + 1
             raise RuntimeError('inside')
     assert torch.get_num_threads() == before
+    with torch_threads(None):  # None: the count is left as it is
+        assert torch.get_num_threads() == before
 
 
 def test_cli_refuses_a_bad_process_count():

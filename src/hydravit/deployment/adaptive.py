@@ -373,7 +373,7 @@ def applied_load(phase: LoadPhase) -> Iterator[List[subprocess.Popen]]:
     procs: List[subprocess.Popen] = [subprocess.Popen([sys.executable, '-c', 'while True: pass'])
                                      for _ in range(phase.busy)]
     try:
-        with torch_threads(phase.threads or torch.get_num_threads()):
+        with torch_threads(phase.threads):
             yield procs
     finally:
         for p in procs:

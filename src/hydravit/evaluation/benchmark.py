@@ -51,11 +51,11 @@ NOISY_SPREAD_PCT = 10.0  # rounds further apart than this: the timing is marked 
 
 
 @contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """torch's intra-op thread count set to ``threads`` inside the block, restored after it: a timing is only
-    comparable with one taken at the same count."""
+def torch_threads(threads: Optional[int]) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` inside the block (``None``: left as it is), restored
+    after it: a timing is only comparable with one taken at the same count."""
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads or before)
     try:
         yield
     finally:

@@ -412,7 +412,7 @@ def _seed_robustness_lines(per_seed: Mapping[int, Mapping[str, Run]], report_dir
     plot = plot_accuracy({label[n]: rows for n, rows in accuracy.items()}, 'gmacs',
                          report_dir / 'corrupted_accuracy_vs_gmacs.png', 'Top-1 under corruption vs GMACs',
                          error_bars='top1_ci')
-    return ['## Robustness over seeds', '', f'{describe_scored(runs[next(iter(runs))].robustness)}. Cells: mean ± '
+    return ['## Robustness over seeds', '', f'{describe_scored(next(iter(runs.values())).robustness)}. Cells: mean ± '
             'sample std [95 % t-interval] over the seeds.', '', 'Top-1 (%) averaged over the corrupted sets:', '',
             _interval_table(accuracy, label), '', 'Mean drop (p.p., clean minus corrupted top-1):', '',
             _interval_table(drop, label, 'mean_drop'), '', f'![{plot.stem}]({plot.name})', '',

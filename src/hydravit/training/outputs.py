@@ -73,7 +73,7 @@ def write_run_results(run: RunFolder, results: Sequence[Row], model: UniversalMo
     logger.info('results: %s, %s', run.results, run.plot)
     if report:
         # as `hydravit benchmark` times: interleaved rounds (every k in each), median, the spread as error bars
-        with torch_threads(bench_threads or torch.get_num_threads()):
+        with torch_threads(bench_threads):
             bench = benchmark_subnets(model, [r['k'] for r in results], modes=('sliced',), device=device,
                                       rounds=5, min_seconds=0.1, latency_iters=3, measure_memory=False,
                                       flop_count=False, interleave_ks=True)
